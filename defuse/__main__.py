@@ -1,0 +1,5 @@
+import sys
+
+from defuse.cli import main
+
+sys.exit(main())

@@ -1,0 +1,287 @@
+"""Typed run configuration: dataclasses per stage, YAML loading, overrides, validation.
+
+A run is described by one :class:`RunConfig`. Its defaults *are* the embedded
+default run (scikit-learn digits); ``configs/*.yaml`` override them. Every key is
+checked: an unknown key, a wrong type or an out-of-range value is refused with a
+message naming the key, the value, and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TORCHVISION_SOURCES = ("mnist", "fashion-mnist", "kmnist", "svhn", "cifar10", "gtsrb")
+SOURCES = ("digits", *TORCHVISION_SOURCES, "idx", "folder", "npz")
+CLASSIFIER_ARCHS = ("small_cnn", "resnet18")
+GENERATOR_SIZES = (28, 32, 64)
+
+
+@dataclass
+class DataConfig:
+    """Where images come from and how they are split."""
+
+    source: str = "digits"  # one of SOURCES
+    root: str | None = None  # folder/file for idx, folder, npz and torchvision sources
+    image_size: int = 28  # images are resized to image_size x image_size
+    download: bool = False  # torchvision sources only; off so nothing is fetched silently
+    test_size: float = 0.25  # fraction (<1) or count (>=1); ignored when the source has an official test split
+    val_size: float = 0.1  # fraction (<1) or count (>=1) of the training part, for early checks and model selection
+    shuffle: bool = True  # False: keep file order, the *last* test_size images are the test split
+    batch_size: int = 128
+    num_workers: int = 0  # in-memory tensors: worker processes only add start-up cost on small data
+
+    def validate(self) -> None:
+        _check_choice("data.source", self.source, SOURCES)
+        _check_range("data.image_size", self.image_size, 8, 512)
+        _check_positive("data.test_size", self.test_size)
+        if self.val_size < 0:
+            raise ValueError(f"`data.val_size` must be >= 0, got {self.val_size} instead.")
+        _check_range("data.batch_size", self.batch_size, 1, 1 << 20)
+        if self.num_workers < 0:
+            raise ValueError(f"`data.num_workers` must be >= 0, got {self.num_workers} instead.")
+        if self.source in ("folder", "npz") and not self.root:
+            raise ValueError(
+                f"`data.root` must name the {self.source} source's "
+                f"{'folder' if self.source == 'folder' else '.npz file'}, got nothing instead. "
+                f"Set it in the config or pass --set data.root=PATH."
+            )
+
+
+@dataclass
+class ClassifierConfig:
+    """The classifier under test: trained here, or brought by the user."""
+
+    arch: str = "small_cnn"  # small_cnn | resnet18
+    epochs: int = 12
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    # Bring your own (instead of training): a TorchScript file, or factory + weights.
+    torchscript: str | None = None  # path to a TorchScript classifier mapping [0,1] images to logits
+    factory: str | None = None  # "package.module:function" returning an nn.Module
+    weights: str | None = None  # .safetensors or a state-dict file for `factory`
+
+    def validate(self) -> None:
+        _check_choice("classifier.arch", self.arch, CLASSIFIER_ARCHS)
+        _check_range("classifier.epochs", self.epochs, 1, 10_000)
+        _check_positive("classifier.lr", self.lr)
+        if self.torchscript and self.factory:
+            raise ValueError(
+                "`classifier.torchscript` and `classifier.factory` are exclusive, got both instead. "
+                "Keep one of them."
+            )
+        if self.factory and ":" not in self.factory:
+            raise ValueError(
+                f"`classifier.factory` must look like 'package.module:function', got {self.factory!r} instead."
+            )
+        if self.weights and not self.factory:
+            raise ValueError(
+                "`classifier.weights` needs `classifier.factory` to build the module they belong to, "
+                "got weights only. Set classifier.factory=package.module:function."
+            )
+
+    @property
+    def user_supplied(self) -> bool:
+        return bool(self.torchscript or self.factory)
+
+
+@dataclass
+class GeneratorConfig:
+    """The convolutional beta-VAE whose latent space is searched."""
+
+    latent_dim: int = 16
+    beta: float = 1.0  # weight of the KL term; >1 gives smoother, blurrier latents
+    width: int = 32  # channels of the first conv layer; doubled at each down-sampling
+    epochs: int = 60
+    lr: float = 2e-3
+
+    def validate(self) -> None:
+        _check_range("generator.latent_dim", self.latent_dim, 1, 4096)
+        if self.beta < 0:
+            raise ValueError(f"`generator.beta` must be >= 0, got {self.beta} instead.")
+        _check_range("generator.width", self.width, 4, 1024)
+        _check_range("generator.epochs", self.epochs, 1, 100_000)
+        _check_positive("generator.lr", self.lr)
+
+
+@dataclass
+class TrainerConfig:
+    """What Lightning's Trainer gets for every fit."""
+
+    accelerator: str = "cpu"  # "auto" uses a GPU when there is one; cpu keeps runs reproducible
+    devices: str = "auto"
+    progress_bar: bool = True
+    deterministic: bool = True
+
+    def validate(self) -> None:
+        _check_choice("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda", "mps"))
+
+
+@dataclass
+class RunConfig:
+    """Everything a `defuse run` needs; its defaults are the embedded digits run."""
+
+    name: str = "digits"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> "RunConfig":
+        if not self.name or any(c in self.name for c in "/\\"):
+            raise ValueError(f"`name` must be a plain, non-empty name, got {self.name!r} instead.")
+        if self.seed < 0:
+            raise ValueError(f"`seed` must be >= 0, got {self.seed} instead.")
+        for section in (self.data, self.classifier, self.generator, self.trainer):
+            section.validate()
+        if self.generator and self.data.image_size not in GENERATOR_SIZES:
+            raise ValueError(
+                f"`data.image_size` must be one of {GENERATOR_SIZES} for the VAE, got {self.data.image_size} instead."
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def section(self, *names: str) -> dict[str, Any]:
+        """The named sections (plus the seed) as plain data, for stage fingerprints."""
+        full = self.to_dict()
+        return {"seed": self.seed, **{n: full[n] for n in names}}
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        extra = f" Did you mean {hint[0]!r}?" if hint else ""
+        raise ValueError(f"`{name}` must be one of {', '.join(choices)}; got {value!r} instead.{extra}")
+
+
+def _check_range(name: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"`{name}` must be an int in the range [{low}, {high}], got {value} instead.")
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"`{name}` must be > 0, got {value} instead.")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or take the defaults), apply ``key.path=value`` overrides, validate.
+
+    Args:
+        path: a YAML file, or the name of one in ``./configs`` (``mnist-test-split``), or None for defaults.
+        overrides: strings like ``"classifier.epochs=3"``; values are parsed as YAML.
+    """
+    data: dict[str, Any] = {}
+    origin = "the defaults"
+    if path is not None:
+        file = resolve_config_path(path)
+        origin = str(file)
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{file} is not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{file} must hold a mapping of config keys, got a {type(loaded).__name__} instead.")
+        data = loaded
+        data.setdefault("name", file.stem)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"An override must look like key.path=value (e.g. seed=3), got {item!r} instead.")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw))
+    config = _build(RunConfig, data, prefix="", origin=origin)
+    return config.validate()
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    named = Path("configs") / f"{path}.yaml"
+    if candidate.suffix == "" and named.is_file():
+        return named
+    available = sorted(p.stem for p in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+    listing = f" Configs in ./configs: {', '.join(available)}." if available else ""
+    raise FileNotFoundError(f"Config file {str(path)!r} does not exist.{listing}")
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"Cannot set {key!r}: {part!r} is not a section.")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str, origin: str) -> Any:
+    if not isinstance(data, dict):
+        raise ValueError(f"`{prefix.rstrip('.')}` in {origin} must be a mapping, got {data!r} instead.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            extra = f" Did you mean '{prefix}{hint[0]}'?" if hint else f" Known keys: {', '.join(prefix + n for n in names)}."
+            raise ValueError(f"Unknown config key '{prefix}{key}' in {origin}.{extra}")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value or {}, f"{prefix}{key}.", origin)
+        else:
+            kwargs[key] = _coerce(value, kind, f"{prefix}{key}", origin)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: Any, name: str, origin: str) -> Any:
+    args = typing.get_args(kind)
+    optional = (typing.get_origin(kind) in (typing.Union, types.UnionType)) and type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"`{name}` in {origin} must be set, got null instead.")
+    base = next(a for a in args if a is not type(None)) if optional else kind
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+    elif base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    else:  # pragma: no cover - only the types above are used in configs
+        return value
+    raise ValueError(f"`{name}` in {origin} must be a {base.__name__}, got {value!r} instead.")
+
+
+def describe_options(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, default) pairs for every config key, to print in ``--help``."""
+    rows: list[tuple[str, str]] = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_options(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value)))
+    return rows

@@ -1,0 +1,152 @@
+"""Generators whose latent space is searched, and the beta-VAE that implements one.
+
+A generator maps images ``(N, C, H, W)`` in [0, 1] to a Gaussian posterior
+``(mu, logvar)``, each ``(N, latent_dim)``, and latents back to images in [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_DOWNSAMPLINGS = {28: 2, 32: 2, 64: 3}
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """What the search needs of a generative model."""
+
+    latent_dim: int
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (N, C, H, W) in [0, 1] -> posterior mean and log-variance, each (N, latent_dim)."""
+        ...
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (N, latent_dim) -> images (N, C, H, W) in [0, 1]."""
+        ...
+
+
+class ConvVAE(nn.Module):
+    """A convolutional VAE for 1 or 3 channels at 28, 32 or 64 px.
+
+    Args:
+        in_channels: C, 1 or 3.
+        image_size: H = W, one of 28, 32, 64.
+        latent_dim: size of z.
+        width: channels after the first stride-2 conv; doubled at each further one.
+    """
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, latent_dim: int = 16, width: int = 32) -> None:
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"`in_channels` must be 1 or 3, got {in_channels} instead.")
+        if image_size not in _DOWNSAMPLINGS:
+            raise ValueError(f"`image_size` must be one of 28, 32, 64; got {image_size} instead.")
+        self.latent_dim = latent_dim
+        self.in_channels = in_channels
+        self.image_size = image_size
+        n = _DOWNSAMPLINGS[image_size]
+        channels = [in_channels] + [width * 2**i for i in range(n)]
+        self._base = image_size // 2**n
+        self._top = channels[-1]
+        flat = self._top * self._base * self._base
+        hidden = 256
+
+        down: list[nn.Module] = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            down += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        self.encoder = nn.Sequential(*down, nn.Flatten(), nn.Linear(flat, hidden), nn.LeakyReLU(0.2))
+        self.to_mu = nn.Linear(hidden, latent_dim)
+        self.to_logvar = nn.Linear(hidden, latent_dim)
+
+        up: list[nn.Module] = []
+        reversed_channels = channels[::-1]
+        for i, (c_in, c_out) in enumerate(zip(reversed_channels[:-1], reversed_channels[1:])):
+            up.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
+            if i < n - 1:
+                up += [nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+        self.decoder_fc = nn.Sequential(
+            nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, flat), nn.LeakyReLU(0.2)
+        )
+        self.decoder_conv = nn.Sequential(*up)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return self.to_mu(h), self.to_logvar(h).clamp(-12.0, 8.0)
+
+    def decode_logits(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.decoder_fc(z).view(-1, self._top, self._base, self._base)
+        return self.decoder_conv(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.decode_logits(z))
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(mu): the deterministic reconstruction used to vet search sources."""
+        return self.decode(self.encode(x)[0])
+
+
+def elbo_terms(
+    vae: ConvVAE, x: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-batch mean reconstruction loss and KL divergence of a Bernoulli-decoder VAE.
+
+    Both are summed over pixels / latent dims and averaged over the batch, so
+    ``recon + beta * kl`` is the negative beta-ELBO per image. The sample uses the
+    reparameterisation trick, so both terms carry gradient to the encoder.
+    """
+    mu, logvar = vae.encode(x)
+    eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+    z = mu + eps * torch.exp(0.5 * logvar)
+    logits = vae.decode_logits(z)
+    recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+    kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.shape[0]
+    return recon, kl
+
+
+class VAEModule(pl.LightningModule):
+    """Trains a :class:`ConvVAE` on the negative beta-ELBO.
+
+    Args:
+        in_channels, image_size, latent_dim, width: see :class:`ConvVAE`.
+        beta: weight of the KL term.
+        lr: Adam learning rate (cosine-annealed to zero).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        image_size: int = 28,
+        latent_dim: int = 16,
+        width: int = 32,
+        beta: float = 1.0,
+        lr: float = 2e-3,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.vae = ConvVAE(in_channels, image_size, latent_dim, width)
+
+    def _common_step(self, batch, stage: str) -> torch.Tensor:
+        x = batch[0]
+        recon, kl = elbo_terms(self.vae, x)
+        loss = recon + self.hparams.beta * kl
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
+        self.log(f"{stage}_recon", recon, on_epoch=True, on_step=False)
+        self.log(f"{stage}_kl", kl, on_epoch=True, on_step=False)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._common_step(batch, "val")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": schedule}

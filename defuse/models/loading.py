@@ -1,0 +1,173 @@
+"""Saving and loading classifiers and generators, with torch's weights-only loading only.
+
+defuse's own checkpoints are plain dicts ``{"format", "hparams", "state_dict", ...}``
+of tensors and primitives, which ``torch.load(weights_only=True)`` reads without
+running any pickled code. A file that needs more (a pickled class, a lambda, a
+``__reduce__`` payload) is refused. A user's classifier comes as a TorchScript
+file, or as ``package.module:function`` plus a safetensors / state-dict file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from defuse.models.classifiers import build_classifier
+from defuse.models.generators import ConvVAE
+from defuse.rundir import atomic_torch_save, sha256_file
+
+CLASSIFIER_FORMAT = "defuse.classifier/1"
+GENERATOR_FORMAT = "defuse.generator/1"
+
+
+def safe_load(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; a file carrying pickled code is refused with a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"Refusing to load {path}: it carries pickled Python objects that weights-only loading rejects "
+            f"({reason}). defuse never unpickles code from a file. Re-save the weights as a plain state dict "
+            f"(torch.save(model.state_dict(), path)) or as .safetensors."
+        ) from None
+    except (RuntimeError, EOFError, OSError) as err:
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(err).__name__}: {err}).") from None
+
+
+@dataclass(frozen=True)
+class LoadedClassifier:
+    """A classifier ready for inference: ``model`` maps [0,1] images (N,C,H,W) to logits (N,K)."""
+
+    model: nn.Module
+    classes: tuple[str, ...]
+    hparams: dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- classifiers
+
+
+def save_classifier(path: str | Path, model: nn.Module, hparams: dict[str, Any]) -> None:
+    """Save a defuse-built classifier (``build_classifier`` output) with the hparams that rebuild it."""
+    atomic_torch_save(
+        Path(path),
+        {"format": CLASSIFIER_FORMAT, "kind": "builtin", "hparams": _plain(hparams), "state_dict": model.state_dict()},
+    )
+
+
+def save_classifier_pointer(path: str | Path, kind: str, source: dict[str, str], classes: tuple[str, ...]) -> None:
+    """Record where a user's classifier lives (and the hashes of its files) instead of copying it."""
+    hashes = {key: sha256_file(Path(value)) for key, value in source.items() if key in ("torchscript", "weights") and value}
+    atomic_torch_save(
+        Path(path),
+        {"format": CLASSIFIER_FORMAT, "kind": kind, "source": source, "sha256": hashes,
+         "hparams": {"classes": list(classes), "num_classes": len(classes)}},
+    )
+
+
+def load_classifier(path: str | Path) -> LoadedClassifier:
+    """Load any classifier checkpoint defuse wrote (built-in weights or a pointer to a user's model)."""
+    payload = _expect_format(safe_load(path), CLASSIFIER_FORMAT, path)
+    hparams = payload.get("hparams", {})
+    classes = tuple(hparams.get("classes") or [str(i) for i in range(hparams.get("num_classes", 0))])
+    kind = payload.get("kind", "builtin")
+    if kind == "builtin":
+        model = build_classifier(
+            hparams["arch"], hparams["in_channels"], hparams["num_classes"], hparams["mean"], hparams["std"]
+        )
+        model.load_state_dict(payload["state_dict"])
+    elif kind == "torchscript":
+        model = load_torchscript(payload["source"]["torchscript"])
+    elif kind == "factory":
+        model = load_factory(payload["source"]["factory"], payload["source"].get("weights"))
+    else:
+        raise ValueError(f"{path}: unknown classifier kind {kind!r}; it was written by a newer defuse?")
+    return LoadedClassifier(model.eval(), classes, dict(hparams))
+
+
+def load_torchscript(path: str | Path) -> nn.Module:
+    """A TorchScript classifier (TorchScript archives hold TorchScript code, not pickled Python)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"TorchScript classifier {path} does not exist.")
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except RuntimeError as err:
+        raise ValueError(f"{path} is not a TorchScript file ({str(err).splitlines()[0]}). "
+                         f"Export one with torch.jit.script(model).save(path).") from None
+
+
+def load_factory(factory: str, weights: str | Path | None) -> nn.Module:
+    """Build ``package.module:function()`` and load a safetensors or state-dict file into it."""
+    module_name, _, attr = factory.partition(":")
+    try:
+        builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"Cannot import classifier factory {factory!r} ({err}). "
+                         f"It must be importable as package.module:function.") from None
+    model = builder()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Classifier factory {factory!r} must return an nn.Module, got {type(model).__name__} instead.")
+    if weights:
+        state = _load_state_dict(Path(weights))
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{weights} does not fit the module built by {factory!r}: {str(err).splitlines()[0]}") from None
+    return model
+
+
+def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise FileNotFoundError(f"Weights file {path} does not exist.")
+        return load_file(str(path))
+    state = safe_load(path)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} must hold a state dict (parameter name -> tensor).")
+    return state
+
+
+# ----------------------------------------------------------------------------- generators
+
+
+def save_generator(path: str | Path, vae: ConvVAE, hparams: dict[str, Any]) -> None:
+    atomic_torch_save(Path(path), {"format": GENERATOR_FORMAT, "hparams": _plain(hparams), "state_dict": vae.state_dict()})
+
+
+def load_generator(path: str | Path) -> ConvVAE:
+    payload = _expect_format(safe_load(path), GENERATOR_FORMAT, path)
+    h = payload["hparams"]
+    vae = ConvVAE(h["in_channels"], h["image_size"], h["latent_dim"], h["width"])
+    vae.load_state_dict(payload["state_dict"])
+    return vae.eval()
+
+
+def _expect_format(payload: Any, expected: str, path: str | Path) -> dict[str, Any]:
+    if not isinstance(payload, dict) or payload.get("format") != expected:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a {expected} checkpoint (found {found!r}).")
+    return payload
+
+
+def _plain(hparams: dict[str, Any]) -> dict[str, Any]:
+    """Hyperparameters as builtins only, so weights-only loading accepts them."""
+    out: dict[str, Any] = {}
+    for key, value in dict(hparams).items():
+        if isinstance(value, tuple):
+            value = list(value)
+        out[key] = value
+    return out
