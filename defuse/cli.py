@@ -99,10 +99,12 @@ def _print_results(console: Console, run: RunDir, results: list[StageResult]) ->
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    console = Console(stderr=False)
+    console = Console()
+    errors = Console(stderr=True, soft_wrap=True)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning's own use of a torch API
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         config, run = _resolve(args)
@@ -113,10 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, TypeError) as err:
         if os.environ.get("DEFUSE_DEBUG"):
             raise
-        console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         return 2
     except KeyboardInterrupt:
-        console.print("[yellow]interrupted:[/] finished stages are kept; run the same command again to resume.")
+        errors.print("[yellow]interrupted:[/] finished stages are kept; run the same command again to resume.")
         return 130
     _print_results(console, run, results)
     if args.command == "run":

@@ -83,7 +83,8 @@ def load_source(config: DataConfig) -> LoadedSource:
     elif source in TORCHVISION_SOURCES:
         loaded = _load_torchvision(source, Path(config.root or "data"), config.download)
     elif source == "idx":
-        loaded = _load_idx(Path(config.root) if config.root else default_mnist_raw())
+        # The default folder is the official MNIST test split: verify it; a user's own IDX files need not be MNIST.
+        loaded = _load_idx(Path(config.root) if config.root else default_mnist_raw(), verify_md5=not config.root)
     elif source == "folder":
         loaded = LoadedSource(_load_folder(Path(config.root)))
     elif source == "npz":
@@ -159,13 +160,13 @@ def _find_idx_pair(folder: Path, prefix: str) -> tuple[Path, Path] | None:
     return (images, labels) if images and labels else None
 
 
-def _read_idx(path: Path) -> torch.Tensor:
+def _read_idx(path: Path, verify_md5: bool) -> torch.Tensor:
     """Read one IDX file with torchvision's reader, decompressing a .gz copy first (the reader wants raw files)."""
     from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
     from torchvision.datasets.utils import check_integrity
 
     expected = _KNOWN_IDX_MD5.get(path.name)
-    if expected and not check_integrity(str(path), expected):
+    if verify_md5 and expected and not check_integrity(str(path), expected):
         raise ValueError(
             f"{path} does not match the official MNIST md5 {expected}: the file is corrupt or truncated. "
             f"Replace it with a fresh copy."
@@ -182,7 +183,7 @@ def _read_idx(path: Path) -> torch.Tensor:
         raise ValueError(f"{path} is not a valid IDX file ({type(err).__name__}: {err}).") from None
 
 
-def _load_idx(folder: Path) -> LoadedSource:
+def _load_idx(folder: Path, verify_md5: bool = False) -> LoadedSource:
     if not folder.is_dir():
         raise FileNotFoundError(
             f"IDX folder {folder} does not exist. Set --set data.root=DIR (or ${MNIST_RAW_ENV}) to a folder holding "
@@ -193,7 +194,7 @@ def _load_idx(folder: Path) -> LoadedSource:
         pair = _find_idx_pair(folder, prefix)
         if pair is None:
             continue
-        images, labels = _read_idx(pair[0]), _read_idx(pair[1])
+        images, labels = _read_idx(pair[0], verify_md5), _read_idx(pair[1], verify_md5)
         if images.dim() != 3 or labels.dim() != 1:
             raise ValueError(
                 f"{pair[0].name} must hold (N, H, W) images and {pair[1].name} (N,) labels, "
@@ -291,7 +292,10 @@ def _load_npz(path: Path) -> ImageSet:
     missing = [key for key in ("x", "y") if key not in arrays.files]
     if missing:
         raise ValueError(f"{path} must hold arrays 'x' and 'y', missing {missing}; found {arrays.files}.")
-    x, y = arrays["x"], arrays["y"]
+    try:
+        x, y = arrays["x"], arrays["y"]
+    except ValueError as err:  # object arrays need unpickling, which we never do
+        raise ValueError(f"{path} is not a readable .npz file without pickled objects ({err}).") from None
     if x.ndim == 4 and x.shape[-1] not in (1, 3):
         raise ValueError(f"{path}: x must be (N, H, W) or (N, H, W, C) with C in (1, 3), got {x.shape} instead.")
     if x.ndim not in (3, 4):

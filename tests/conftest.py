@@ -1,0 +1,61 @@
+"""Shared fixtures: tiny configs and tiny image sets, so every test runs in seconds on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from defuse.config import load_config
+from defuse.data import default_mnist_raw
+
+
+@pytest.fixture
+def tiny_overrides() -> list[str]:
+    """Digits with 1-epoch models: enough to exercise every code path, fast enough for CI."""
+    return [
+        "classifier.epochs=2", "generator.epochs=1", "generator.width=8", "generator.latent_dim=4",
+        "trainer.progress_bar=false", "data.batch_size=64",
+    ]
+
+
+@pytest.fixture
+def tiny_config(tiny_overrides):
+    return load_config(None, tiny_overrides)
+
+
+@pytest.fixture
+def mnist_raw():
+    folder = default_mnist_raw()
+    if not (folder / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip(f"MNIST IDX test files not found in {folder}")
+    return folder
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """Write an uint8 array in the MNIST IDX format (magic 0x0000 08 ndim, big-endian dims)."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def make_npz(path, n=30, k=3, size=8, channels=None, seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (n, size, size) if channels is None else (n, size, size, channels)
+    np.savez(path, x=rng.integers(0, 256, size=shape, dtype=np.uint8), y=np.arange(n) % k)
+
+
+def make_folder(root, classes=("cat", "dog"), per_class=4, size=(10, 10), mode="L") -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+            Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8)).save(root / name / f"{i}.png")
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)
+    yield

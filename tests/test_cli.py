@@ -1,0 +1,111 @@
+"""The CLI and the stage wiring, end to end on tiny digits models."""
+
+import json
+
+import pytest
+import torch
+
+from defuse.cli import main
+from defuse.models import load_classifier, load_generator
+from defuse.rundir import RunDir
+
+
+def _args(tiny_overrides, run_dir, *extra):
+    args = [f"--run-dir={run_dir}"]
+    for item in tiny_overrides:
+        args += ["--set", item]
+    return [*args, *extra]
+
+
+def test_run_trains_both_models_records_them_then_skips(tmp_path, tiny_overrides, capsys):
+    assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "Not built yet" in out and "identify" in out
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    stages = manifest["stages"]
+    assert stages["fit-classifier"]["status"] == stages["fit-generator"]["status"] == "done"
+    assert 0.0 <= stages["fit-generator"]["metrics"]["reconstruction_accuracy"] <= 1.0
+    assert stages["fit-classifier"]["metrics"]["test_accuracy"] > 0.3  # one epoch is far above chance (0.1)
+    assert manifest["config"]["classifier"]["epochs"] == 2
+    first = {k: v["finished"] for k, v in stages.items()}
+
+    assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
+    assert "skipped (current)" in capsys.readouterr().out
+    again = json.loads((tmp_path / "manifest.json").read_text())["stages"]
+    assert {k: v.get("finished") for k, v in again.items()} == first
+
+
+def test_changing_the_classifier_reruns_it_and_everything_downstream(tmp_path, tiny_overrides, capsys):
+    assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
+    before = RunDir(tmp_path).manifest()["stages"]
+    assert main(["run", *_args(tiny_overrides, tmp_path, "--set", "classifier.lr=0.001")]) == 0
+    after = RunDir(tmp_path).manifest()["stages"]
+    assert after["fit-classifier"]["fingerprint"] != before["fit-classifier"]["fingerprint"]
+    assert after["fit-generator"]["fingerprint"] != before["fit-generator"]["fingerprint"]
+
+
+def test_force_reruns_a_current_stage(tmp_path, tiny_overrides):
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0
+    first = RunDir(tmp_path).stage("fit-classifier")["finished"]
+    import time
+
+    time.sleep(1.1)
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path), "--force"]) == 0
+    assert RunDir(tmp_path).stage("fit-classifier")["finished"] != first
+
+
+def test_same_seed_same_models_and_metrics_other_seed_differs(tmp_path, tiny_overrides):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert main(["run", *_args(tiny_overrides, tmp_path / name), "--seed", str(seed)]) == 0
+    runs = {n: RunDir(tmp_path / n) for n in "abc"}
+
+    def metrics(run):
+        return {k: v["metrics"] for k, v in run.manifest()["stages"].items() if k != "fit-classifier"} | {
+            "clf": {k: v for k, v in run.metrics("fit-classifier").items() if k != "train_seconds"}}
+
+    strip = lambda m: {k: {kk: vv for kk, vv in v.items() if kk != "train_seconds"} for k, v in m.items()}  # noqa: E731
+    assert strip(metrics(runs["a"])) == strip(metrics(runs["b"]))
+    sd = {n: load_classifier(r.path("classifier.ckpt")).model.state_dict() for n, r in runs.items()}
+    assert all(torch.equal(sd["a"][k], sd["b"][k]) for k in sd["a"])
+    assert not all(torch.equal(sd["a"][k], sd["c"][k]) for k in sd["a"])
+    ga, gb = (load_generator(runs[n].path("generator.ckpt")).state_dict() for n in "ab")
+    assert all(torch.equal(ga[k], gb[k]) for k in ga)
+    assert runs["a"].artifact_hash("classifier.ckpt") == runs["b"].artifact_hash("classifier.ckpt")
+
+
+def test_fit_generator_without_a_classifier_says_what_to_run(tmp_path, tiny_overrides, capsys):
+    assert main(["fit-generator", *_args(tiny_overrides, tmp_path)]) == 2
+    out = capsys.readouterr().err
+    assert "classifier.ckpt is missing" in out and "defuse fit-classifier" in out
+
+
+def test_bad_config_exits_2_with_the_message(tmp_path, capsys):
+    assert main(["run", "--run-dir", str(tmp_path), "--set", "data.sorce=x"]) == 2
+    assert "Unknown config key 'data.sorce' in the defaults. Did you mean 'data.source'?" in capsys.readouterr().err
+    assert not (tmp_path / "manifest.json").exists()
+
+
+def test_unknown_force_stage_is_refused(tmp_path, capsys):
+    assert main(["run", "--run-dir", str(tmp_path), "--force", "fit-everything"]) == 2
+    assert "Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator." in capsys.readouterr().err
+
+
+def test_help_lists_config_keys_with_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit-generator", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "generator.latent_dim" in out and "generator.beta" in out and "--set KEY=VALUE" in out
+
+
+def test_user_torchscript_classifier_is_adopted_not_trained(tmp_path, tiny_overrides):
+    from torch import nn
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    torch.jit.script(model).save(str(tmp_path / "user.pt"))
+    run_dir = tmp_path / "run"
+    assert main(["fit-classifier", *_args(tiny_overrides, run_dir), "--set", f"classifier.torchscript={tmp_path / 'user.pt'}"]) == 0
+    loaded = load_classifier(run_dir / "classifier.ckpt")
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.allclose(loaded.model(x), model(x))
+    assert RunDir(run_dir).metrics("fit-classifier")["test_accuracy"] < 0.5  # an untrained model stays untrained

@@ -1,0 +1,70 @@
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from defuse.config import RunConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_digits_yaml_equals_the_built_in_defaults():
+    assert load_config(CONFIGS / "digits.yaml").to_dict() == RunConfig().to_dict()
+
+
+def test_mnist_test_split_config_is_the_fixed_8k_2k_split():
+    config = load_config(CONFIGS / "mnist-test-split.yaml")
+    assert config.name == "mnist-test-split"
+    assert (config.data.source, config.data.test_size, config.data.shuffle) == ("idx", 2000, False)
+
+
+def test_overrides_parse_values_as_yaml():
+    config = load_config(None, ["classifier.epochs=3", "data.shuffle=false", "generator.beta=0.5", "seed=7"])
+    assert (config.classifier.epochs, config.data.shuffle, config.generator.beta, config.seed) == (3, False, 0.5, 7)
+
+
+def test_unknown_key_suggests_the_closest_one(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"sorce": "digits"}}))
+    with pytest.raises(ValueError, match=re.escape(f"Unknown config key 'data.sorce' in {path}. Did you mean 'data.source'?")):
+        load_config(path)
+
+
+def test_wrong_type_names_key_value_and_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("classifier:\n  epochs: many\n")
+    with pytest.raises(ValueError, match=re.escape(f"`classifier.epochs` in {path} must be a int, got 'many' instead.")):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.source=mnsit", "`data.source` must be one of digits, mnist, fashion-mnist, kmnist, svhn, cifar10, gtsrb, "
+                              "idx, folder, npz; got 'mnsit' instead. Did you mean 'mnist'?"),
+        ("classifier.epochs=0", "`classifier.epochs` must be an int in the range [1, 10000], got 0 instead."),
+        ("data.image_size=30", "`data.image_size` must be one of (28, 32, 64) for the VAE, got 30 instead."),
+        ("seed=-1", "`seed` must be >= 0, got -1 instead."),
+        ("data.source=npz", "`data.root` must name the npz source's .npz file, got nothing instead."),
+        ("classifier.weights=w.pt", "`classifier.weights` needs `classifier.factory`"),
+        ("epochs", "An override must look like key.path=value (e.g. seed=3), got 'epochs' instead."),
+    ],
+)
+def test_invalid_values_are_refused_with_the_fix(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_missing_config_lists_the_available_ones(monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)
+    with pytest.raises(FileNotFoundError, match="Config file 'nope' does not exist. Configs in ./configs: digits"):
+        load_config("nope")
+    assert load_config("mnist-test-split").name == "mnist-test-split"
+
+
+def test_config_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ValueError, match=re.escape(f"{path} must hold a mapping of config keys, got a list instead.")):
+        load_config(path)

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from defuse.rundir import RunDir, atomic_write_bytes, fingerprint, sha256_file
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    atomic_write_bytes(tmp_path / "a" / "f.bin", b"123")
+    assert (tmp_path / "a" / "f.bin").read_bytes() == b"123"
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["f.bin"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"old")
+
+
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, object())  # type: ignore[arg-type]
+    assert path.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_stage_records_outputs_and_becomes_current(tmp_path):
+    run = RunDir(tmp_path)
+    with run.running("s", {"a": 1}, 3, "fp") as record:
+        (tmp_path / "out.txt").write_text("x")
+        record.outputs = {"out.txt": ""}
+        record.metrics = {"acc": 0.5}
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["seed"] == 3 and manifest["config"] == {"a": 1}
+    assert manifest["stages"]["s"]["outputs"]["out.txt"] == sha256_file(tmp_path / "out.txt")
+    assert "torch" in manifest["versions"]
+    assert run.is_current("s", "fp") and not run.is_current("s", "other")
+    (tmp_path / "out.txt").write_text("changed")
+    assert not run.is_current("s", "fp")
+
+
+def test_a_failing_stage_is_recorded_as_failed(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(RuntimeError):
+        with run.running("s", {}, 0, "fp"):
+            raise RuntimeError("bad")
+    record = run.stage("s")
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: bad"
+    assert not run.is_current("s", "fp")
+
+
+def test_fingerprint_ignores_key_order():
+    assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
