@@ -23,6 +23,10 @@ _DESCRIPTIONS = {
     "and write classifier.ckpt.",
     "fit-generator": "Train the convolutional beta-VAE and write generator.ckpt; records in manifest.json the "
     "fraction of test images whose reconstruction the classifier still gets right.",
+    "identify": "Search the generator's latent space around correctly classified images for natural failures; "
+    "write failures.parquet, failures_z.npy and the validity model (validity.npz).",
+    "distill": "Group the failures into ranked misclassification regions (a Dirichlet-process mixture per confusion "
+    "pair); write regions.json, regions/*.png and umap.png.",
 }
 
 

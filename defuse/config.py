@@ -60,6 +60,7 @@ class ClassifierConfig:
     """The classifier under test: trained here, or brought by the user."""
 
     arch: str = "small_cnn"  # small_cnn | resnet18
+    width: int = 32  # small_cnn channels of the first conv; the search's speed scales with it
     epochs: int = 12
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -70,6 +71,7 @@ class ClassifierConfig:
 
     def validate(self) -> None:
         _check_choice("classifier.arch", self.arch, CLASSIFIER_ARCHS)
+        _check_range("classifier.width", self.width, 4, 1024)
         _check_range("classifier.epochs", self.epochs, 1, 10_000)
         _check_positive("classifier.lr", self.lr)
         if self.torchscript and self.factory:
@@ -112,6 +114,74 @@ class GeneratorConfig:
 
 
 @dataclass
+class IdentifyConfig:
+    """The latent search for failures (see defuse.identify)."""
+
+    split: str = "test"  # which split's correctly classified images the search starts from
+    max_sources: int | None = None  # a seeded random subset of the eligible images; None = all
+    mode: str = "shell"  # shell: random directions in expanding shells + bisection; gradient: Adam on z
+    budget: int = 256  # classifier queries per source (shell mode)
+    shells: int = 8
+    min_radius: float = 0.5  # in units of the encoder's posterior scale
+    max_radius: float = 16.0
+    refine_steps: int = 4  # bisection steps per failure: radius known to 1/16 of itself
+    failures_per_source: int = 4
+    gradient_steps: int = 30
+    gradient_lr: float = 0.1
+    gradient_penalty: float = 0.05
+    batch_sources: int = 64  # sources per predict batch; x (budget / shells) candidates per forward
+    validity_threshold: float = 0.5  # a failure is valid when the validity model gives its source class >= this
+
+    def validate(self) -> None:
+        _check_choice("identify.split", self.split, ("train", "val", "test"))
+        _check_choice("identify.mode", self.mode, ("shell", "gradient"))
+        if self.max_sources is not None:
+            _check_range("identify.max_sources", self.max_sources, 1, 1 << 31)
+        _check_range("identify.shells", self.shells, 1, 1000)
+        _check_range("identify.failures_per_source", self.failures_per_source, 1, 10_000)
+        _check_range("identify.refine_steps", self.refine_steps, 0, 64)
+        minimum = self.shells + self.failures_per_source * self.refine_steps
+        if self.budget < minimum:
+            raise ValueError(
+                f"`identify.budget` must be >= shells + failures_per_source * refine_steps = {minimum}, "
+                f"got {self.budget} instead. Raise the budget or lower those."
+            )
+        _check_positive("identify.min_radius", self.min_radius)
+        if not self.max_radius > self.min_radius:
+            raise ValueError(
+                f"`identify.max_radius` must be > identify.min_radius = {self.min_radius}, got {self.max_radius} instead."
+            )
+        _check_range("identify.gradient_steps", self.gradient_steps, 1, 100_000)
+        _check_positive("identify.gradient_lr", self.gradient_lr)
+        _check_range("identify.batch_sources", self.batch_sources, 1, 1 << 20)
+        if not 0 <= self.validity_threshold <= 1:
+            raise ValueError(f"`identify.validity_threshold` must be in [0, 1], got {self.validity_threshold} instead.")
+
+
+@dataclass
+class DistillConfig:
+    """Grouping failures into misclassification regions (see defuse.distill)."""
+
+    max_components: int = 6  # per (source -> predicted) pair; the Dirichlet process switches off unused ones
+    min_failures: int = 8  # a pair with fewer failures gets no region
+    min_region_size: int = 5  # a mixture component with fewer failures assigned is dropped
+    weight_concentration: float = 0.1  # Dirichlet-process prior: small favours few regions
+    tau: float = 1.0  # fresh samples come from N(mean, tau * cov)
+    fresh_samples: int = 128  # per region, to measure its error rate and validity
+    max_regions: int = 30  # keep the best-scored regions
+    umap: bool = True  # draw umap.png (umap-learn); off makes distill faster
+
+    def validate(self) -> None:
+        _check_range("distill.max_components", self.max_components, 1, 1000)
+        _check_range("distill.min_failures", self.min_failures, 2, 1 << 31)
+        _check_range("distill.min_region_size", self.min_region_size, 1, 1 << 31)
+        _check_positive("distill.weight_concentration", self.weight_concentration)
+        _check_positive("distill.tau", self.tau)
+        _check_range("distill.fresh_samples", self.fresh_samples, 4, 1 << 20)
+        _check_range("distill.max_regions", self.max_regions, 1, 10_000)
+
+
+@dataclass
 class TrainerConfig:
     """What Lightning's Trainer gets for every fit."""
 
@@ -133,6 +203,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    identify: IdentifyConfig = field(default_factory=IdentifyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> "RunConfig":
@@ -140,7 +212,7 @@ class RunConfig:
             raise ValueError(f"`name` must be a plain, non-empty name, got {self.name!r} instead.")
         if self.seed < 0:
             raise ValueError(f"`seed` must be >= 0, got {self.seed} instead.")
-        for section in (self.data, self.classifier, self.generator, self.trainer):
+        for section in (self.data, self.classifier, self.generator, self.identify, self.distill, self.trainer):
             section.validate()
         if self.generator and self.data.image_size not in GENERATOR_SIZES:
             raise ValueError(

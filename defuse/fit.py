@@ -87,7 +87,7 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
     else:
         mean, std = data.channel_stats()
         module = ClassifierModule(
-            arch=c.arch, in_channels=data.channels, num_classes=data.num_classes, mean=mean, std=std,
+            arch=c.arch, width=c.width, in_channels=data.channels, num_classes=data.num_classes, mean=mean, std=std,
             lr=c.lr, weight_decay=c.weight_decay, classes=list(data.classes),
         )
         trainer = make_trainer(config.trainer, c.epochs, str(run.root), num_sanity_val_steps=0)

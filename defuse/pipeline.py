@@ -12,16 +12,62 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import shutil
+
 from defuse.config import RunConfig
+from defuse.data import ImageDataModule
+from defuse.distill import REGIONS_DIR, REGIONS_JSON, UMAP_PNG, Regions, distill, region_grids, save_grid_png, save_umap
 from defuse.fit import CLASSIFIER_CKPT, GENERATOR_CKPT, fit_classifier, fit_generator
+from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Failures, identify, latent_means
+from defuse.models.loading import load_classifier, load_generator
 from defuse.rundir import RunDir, fingerprint
+from defuse.validity import ValidityModel
+
+
+def identify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
+    """Fit the validity model on the training latents, search the configured split, write the failures."""
+    import pytorch_lightning as pl
+
+    pl.seed_everything(config.seed, verbose=False)
+    data = ImageDataModule(config.data, config.seed)
+    classifier = load_classifier(run.path(CLASSIFIER_CKPT)).model
+    generator = load_generator(run.path(GENERATOR_CKPT))
+    train = data.split("train")
+    validity = ValidityModel.fit(latent_means(generator, train.float_images()).numpy(), train.labels.numpy(),
+                                 data.num_classes, seed=config.seed)
+    validity.save(run.path(VALIDITY_MODEL))
+    searched = data.split(config.identify.split)
+    failures = identify(classifier, generator, searched.float_images(), searched.labels, validity, config.identify,
+                        seed=config.seed, trainer=config.trainer)
+    failures.save(run)
+    return {**failures.stats, "validity_model_train_accuracy": round(validity.train_accuracy, 4)}
+
+
+def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
+    """Group the failures into ranked regions; draw each region's sample grid and the UMAP map."""
+    failures = Failures.load(run)
+    loaded = load_classifier(run.path(CLASSIFIER_CKPT))
+    generator = load_generator(run.path(GENERATOR_CKPT))
+    validity = ValidityModel.load(run.path(VALIDITY_MODEL))
+    classes = loaded.classes or tuple(str(i) for i in range(len(validity.intercept)))
+    regions = distill(failures, loaded.model, generator, validity, classes, config.distill, seed=config.seed)
+    shutil.rmtree(run.path(REGIONS_DIR), ignore_errors=True)  # no stale region files from an earlier run
+    run.path(REGIONS_DIR).mkdir(parents=True, exist_ok=True)
+    regions.save(run, classes)
+    for region_id, images in region_grids(regions, generator, config.distill.tau, config.seed).items():
+        save_grid_png(run.path(f"{REGIONS_DIR}/region_{region_id:02d}.png"), images)
+    run.path(UMAP_PNG).unlink(missing_ok=True)
+    if config.distill.umap and len(failures) >= 10:
+        save_umap(run.path(UMAP_PNG), failures, regions, config.seed)
+    top = regions.regions[0] if regions.regions else None
+    return {**regions.stats, "top_region": top.pair if top else None, "top_bug_score": top.bug_score if top else None}
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
     run: Callable[[RunConfig, RunDir], dict[str, Any]]
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...]  # file names, or glob patterns for a variable number of files
     sections: tuple[str, ...]  # config sections the stage reads
     inputs: tuple[str, ...] = ()  # artifacts of earlier stages it reads
 
@@ -37,9 +83,13 @@ class StageResult:
 STAGES: tuple[Stage, ...] = (
     Stage("fit-classifier", fit_classifier, (CLASSIFIER_CKPT,), ("data", "classifier", "trainer")),
     Stage("fit-generator", fit_generator, (GENERATOR_CKPT,), ("data", "generator", "trainer"), (CLASSIFIER_CKPT,)),
+    Stage("identify", identify_stage, (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL), ("data", "identify"),
+          (CLASSIFIER_CKPT, GENERATOR_CKPT)),
+    Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill",),
+          (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, GENERATOR_CKPT)),
 )
 # The pipeline of ../shared/DESIGN.md beyond what is built so far, in order.
-NOT_BUILT_YET: tuple[str, ...] = ("identify", "distill", "label", "correct", "verify", "check", "report")
+NOT_BUILT_YET: tuple[str, ...] = ("label", "correct", "verify", "check", "report")
 
 
 def stage_named(name: str) -> Stage:
@@ -69,7 +119,7 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
     start = time.perf_counter()
     with run.running(stage.name, config.to_dict(), config.seed, digest) as record:
         record.metrics = stage.run(config, run)
-        record.outputs = {name: "" for name in stage.outputs}
+        record.outputs = {name: "" for name in _expand(run, stage.outputs)}
     return StageResult(stage.name, False, time.perf_counter() - start, record.metrics)
 
 
@@ -79,3 +129,14 @@ def run_pipeline(config: RunConfig, run: RunDir, force: tuple[str, ...] = ()) ->
         if name != "all":
             stage_named(name)
     return [run_stage(s, config, run, force=s.name in force or "all" in force) for s in STAGES]
+
+
+def _expand(run: RunDir, patterns: tuple[str, ...]) -> list[str]:
+    """Output names with glob patterns resolved to the files that exist (an optional picture may be absent)."""
+    names: list[str] = []
+    for pattern in patterns:
+        if any(ch in pattern for ch in "*?["):
+            names += sorted(str(p.relative_to(run.root)) for p in run.root.glob(pattern) if p.is_file())
+        elif run.path(pattern).exists():
+            names.append(pattern)
+    return names

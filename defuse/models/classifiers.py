@@ -30,17 +30,20 @@ class Normalize(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """Two conv blocks and a small head: fast on CPU, >= 97% on MNIST-sized data."""
+    """A LeNet-style CNN: cheap enough to query ~10k times a second on CPU, ~99% on MNIST-sized data.
+
+    The search spends nearly all its time in this forward pass, so the full-resolution
+    layer is a single conv and the wide layers run at 1/2 and 1/4 resolution.
+    """
 
     def __init__(self, in_channels: int, num_classes: int, width: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
-            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, width, 5, padding=2), nn.BatchNorm2d(width), nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
             nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
-            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(inplace=True),
         )
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Dropout(0.25),
@@ -60,11 +63,11 @@ def resnet18_small(in_channels: int, num_classes: int) -> nn.Module:
 
 
 def build_classifier(
-    arch: str, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float]
+    arch: str, in_channels: int, num_classes: int, mean: Sequence[float], std: Sequence[float], width: int = 32
 ) -> nn.Sequential:
     """The network with its normalisation in front: a module mapping [0,1] images to logits."""
     if arch == "small_cnn":
-        body = SmallCNN(in_channels, num_classes)
+        body = SmallCNN(in_channels, num_classes, width)
     elif arch == "resnet18":
         body = resnet18_small(in_channels, num_classes)
     else:
@@ -77,6 +80,7 @@ class ClassifierModule(pl.LightningModule):
 
     Args:
         arch: ``small_cnn`` or ``resnet18``.
+        width: channels of the small CNN's first conv.
         in_channels: C.
         num_classes: K.
         mean, std: per-channel input statistics, baked into the model.
@@ -87,6 +91,7 @@ class ClassifierModule(pl.LightningModule):
     def __init__(
         self,
         arch: str = "small_cnn",
+        width: int = 32,
         in_channels: int = 1,
         num_classes: int = 10,
         mean: Sequence[float] = (0.5,),
@@ -97,7 +102,7 @@ class ClassifierModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_classifier(arch, in_channels, num_classes, mean, std)
+        self.model = build_classifier(arch, in_channels, num_classes, mean, std, width)
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)

@@ -82,7 +82,8 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     kind = payload.get("kind", "builtin")
     if kind == "builtin":
         model = build_classifier(
-            hparams["arch"], hparams["in_channels"], hparams["num_classes"], hparams["mean"], hparams["std"]
+            hparams["arch"], hparams["in_channels"], hparams["num_classes"], hparams["mean"], hparams["std"],
+            hparams.get("width", 32),
         )
         model.load_state_dict(payload["state_dict"])
     elif kind == "torchscript":

@@ -1,0 +1,316 @@
+"""Distillation: group failures into a few coherent, ranked misclassification regions.
+
+One Dirichlet-process Gaussian mixture (scikit-learn's ``BayesianGaussianMixture``)
+is fitted per (source -> predicted) pair, so no region mixes confusion pairs; the
+process switches off the components it does not need. Each surviving component is a
+region, checked on *fresh* samples drawn from N(mean, tau * cov), decoded and classified.
+
+Bug score (in [0, 1], comparable across models and datasets):
+
+    bug_score = error_rate * validity * confidence
+
+* ``error_rate``: share of fresh samples the classifier reads as the region's predicted
+  class. A region that is not consistently misclassified is not one bug.
+* ``validity``: mean probability, under the validity model (independent of the
+  classifier), that a fresh sample is still of the source class. Natural boundary
+  confusions (a 9 that could be a 4) are ambiguous here and score low; a sample that
+  plainly still is its source class and is misread scores high.
+* ``confidence``: the classifier's mean softmax on the predicted class over the
+  misread fresh samples. A bug is a confident mistake, not a coin flip at a boundary.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import chi2
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import BayesianGaussianMixture
+from torch import nn
+
+from defuse.config import DistillConfig
+from defuse.identify import Failures, make_evaluate
+from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
+from defuse.validity import ValidityModel
+
+REGIONS_JSON = "regions.json"
+REGIONS_DIR = "regions"
+UMAP_PNG = "umap.png"
+GRID_SAMPLES = 16
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One misclassification region: a Gaussian in latent space and what its fresh samples do."""
+
+    id: int  # rank by bug score, 1 = most likely a real bug
+    source_label: int
+    predicted_label: int
+    pair: str  # "7 -> 1", with class names
+    n_failures: int
+    weight: float  # share of all failures assigned to this region
+    purity: float  # share of all failures inside the region's 90% ellipsoid that have its pair
+    error_rate: float  # fresh samples read as predicted_label
+    flip_rate: float  # fresh samples read as anything but source_label
+    validity: float  # mean validity-model probability of the source class on fresh samples
+    confidence: float  # mean classifier confidence on predicted_label, over misread fresh samples
+    suggested_label: int  # validity model's majority class on fresh samples
+    median_radius: float
+    pair_median_radius: float
+    source_confidence: float
+    bug_score: float
+    mean: list[float] = field(repr=False)
+    cov: list[list[float]] = field(repr=False)
+
+    def sample(self, n: int, tau: float, generator: np.random.Generator) -> np.ndarray:
+        """Fresh latents from N(mean, tau * cov), (n, d)."""
+        return generator.multivariate_normal(np.asarray(self.mean), tau * np.asarray(self.cov), size=n,
+                                             method="cholesky").astype(np.float32)
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("mean")
+        out.pop("cov")
+        return out
+
+
+@dataclass(frozen=True)
+class Regions:
+    regions: list[Region]
+    stats: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def save(self, run: RunDir, classes: tuple[str, ...]) -> list[str]:
+        """Write regions.json and regions/region_XX.npz; return the artifact names written."""
+        written = [REGIONS_JSON]
+        for region in self.regions:
+            name = f"{REGIONS_DIR}/region_{region.id:02d}.npz"
+            buffer = io.BytesIO()
+            np.savez(buffer, mean=np.asarray(region.mean), cov=np.asarray(region.cov))
+            atomic_write_bytes(run.path(name), buffer.getvalue())
+            written.append(name)
+        atomic_write_json(run.path(REGIONS_JSON), {
+            "bug_score": "error_rate * validity * confidence (see defuse.distill)",
+            "classes": list(classes),
+            "stats": self.stats,
+            "regions": [{**r.summary(), "params": f"{REGIONS_DIR}/region_{r.id:02d}.npz",
+                         "grid": f"{REGIONS_DIR}/region_{r.id:02d}.png"} for r in self.regions],
+        })
+        return written
+
+    @classmethod
+    def load(cls, run: RunDir) -> "Regions":
+        path = run.path(REGIONS_JSON)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `defuse distill` first.")
+        data = json.loads(path.read_text())
+        regions = []
+        for entry in data["regions"]:
+            with np.load(run.path(entry["params"]), allow_pickle=False) as f:
+                mean, cov = f["mean"].tolist(), f["cov"].tolist()
+            fields = {k: v for k, v in entry.items() if k in Region.__dataclass_fields__}
+            regions.append(Region(**{**fields, "mean": mean, "cov": cov}))
+        return cls(regions, data.get("stats", {}))
+
+
+# ----------------------------------------------------------------------------- fitting
+
+
+def _fit_pair(z: np.ndarray, config: DistillConfig, seed: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
+    """DP mixture on one pair's latents; returns labels (n,) and (mean, cov) of each kept component."""
+    n = len(z)
+    components = max(1, min(config.max_components, n // config.min_region_size))
+    if components == 1:
+        cov = np.cov(z, rowvar=False) + 1e-3 * np.eye(z.shape[1])
+        return np.zeros(n, dtype=int), [(z.mean(axis=0), cov)]
+    mixture = BayesianGaussianMixture(
+        n_components=components, covariance_type="full", weight_concentration_prior_type="dirichlet_process",
+        weight_concentration_prior=config.weight_concentration, reg_covar=1e-3, max_iter=300, random_state=seed,
+        init_params="k-means++",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # a few EM steps short is harmless for ranking
+        labels = mixture.fit_predict(z)
+    return labels, [(mixture.means_[k], mixture.covariances_[k]) for k in range(components)]
+
+
+def distill(
+    failures: Failures,
+    classifier: nn.Module,
+    generator: nn.Module,
+    validity: ValidityModel,
+    classes: tuple[str, ...],
+    config: DistillConfig,
+    *,
+    seed: int = 0,
+) -> Regions:
+    """Fit regions per confusion pair, score them on fresh samples and rank them by bug score."""
+    z_all = failures.z
+    table = failures.table
+    if len(z_all) and not np.isfinite(z_all).all():
+        raise ValueError("failures_z.npy holds NaN or infinite latents: refusing to fit regions on them. "
+                         "Re-run `defuse identify --force`.")
+    stats: dict[str, Any] = {"failures": int(len(table)), "pairs": 0, "pairs_too_small": 0}
+    if len(table) == 0:
+        log.warning("No failures to distill: the search found none. regions.json will be empty.")
+        return Regions([], stats)
+    rng = np.random.default_rng(seed)
+    candidates: list[dict[str, Any]] = []
+    pairs = table.groupby(["source_label", "predicted_label"]).indices
+    for (source, predicted), rows in sorted(pairs.items()):
+        stats["pairs"] += 1
+        if len(rows) < config.min_failures:
+            stats["pairs_too_small"] += 1
+            continue
+        labels, params = _fit_pair(z_all[rows], config, seed)
+        for k, (mean, cov) in enumerate(params):
+            members = rows[labels == k]
+            if len(members) < config.min_region_size:
+                continue
+            candidates.append({"source": int(source), "predicted": int(predicted), "members": members,
+                               "mean": mean, "cov": cov, "pair_rows": rows})
+    if not candidates:
+        log.warning("No confusion pair has %d or more failures: no regions.", config.min_failures)
+        return Regions([], stats)
+    scored = _score(candidates, failures, classifier, generator, validity, config, rng)
+    scored.sort(key=lambda c: (-c["bug_score"], c["source"], c["predicted"]))
+    scored = scored[: config.max_regions]
+    regions = [
+        Region(
+            id=rank, source_label=c["source"], predicted_label=c["predicted"],
+            pair=f"{classes[c['source']]} -> {classes[c['predicted']]}", n_failures=int(len(c["members"])),
+            weight=round(len(c["members"]) / len(table), 4), purity=c["purity"], error_rate=c["error_rate"],
+            flip_rate=c["flip_rate"], validity=c["validity"], confidence=c["confidence"],
+            suggested_label=c["suggested_label"], median_radius=c["median_radius"],
+            pair_median_radius=c["pair_median_radius"], source_confidence=c["source_confidence"],
+            bug_score=c["bug_score"], mean=c["mean"].tolist(), cov=c["cov"].tolist(),
+        )
+        for rank, c in enumerate(scored, start=1)
+    ]
+    stats["regions"] = len(regions)
+    return Regions(regions, stats)
+
+
+@torch.no_grad()
+def _score(candidates, failures, classifier, generator, validity, config, rng) -> list[dict[str, Any]]:
+    """Fresh samples for every candidate region at once: decode, classify, judge validity."""
+    n = config.fresh_samples
+    fresh = np.concatenate([
+        rng.multivariate_normal(c["mean"], config.tau * c["cov"], size=n, method="cholesky") for c in candidates
+    ]).astype(np.float32)
+    evaluate = make_evaluate(generator.eval(), classifier.eval())
+    probs = torch.cat([F.softmax(evaluate(torch.from_numpy(fresh[i : i + 4096])).float(), dim=1)
+                       for i in range(0, len(fresh), 4096)]).numpy()
+    pred = probs.argmax(axis=1)
+    valid_probs = validity.predict_proba(fresh)
+    z_all = failures.z
+    pair_of = failures.table[["source_label", "predicted_label"]].to_numpy()
+    radius = failures.table["radius"].to_numpy()
+    source_conf = failures.table["source_confidence"].to_numpy()
+    threshold = chi2.ppf(0.9, df=z_all.shape[1])
+    out = []
+    for i, c in enumerate(candidates):
+        block = slice(i * n, (i + 1) * n)
+        p, vp, cp = pred[block], valid_probs[block], probs[block]
+        misread = p == c["predicted"]
+        error_rate = float(misread.mean())
+        validity_mean = float(vp[:, c["source"]].mean())
+        confidence = float(cp[misread, c["predicted"]].mean()) if misread.any() else 0.0
+        diff = z_all - c["mean"]
+        inside = np.einsum("nd,dk,nk->n", diff, np.linalg.inv(c["cov"]), diff) <= threshold
+        same_pair = (pair_of[:, 0] == c["source"]) & (pair_of[:, 1] == c["predicted"])
+        purity = float(same_pair[inside].mean()) if inside.any() else 1.0
+        out.append({
+            **c,
+            "error_rate": round(error_rate, 4),
+            "flip_rate": round(float((p != c["source"]).mean()), 4),
+            "validity": round(validity_mean, 4),
+            "confidence": round(confidence, 4),
+            "suggested_label": int(np.bincount(vp.argmax(axis=1), minlength=vp.shape[1]).argmax()),
+            "purity": round(purity, 4),
+            "median_radius": round(float(np.median(radius[c["members"]])), 4),
+            "pair_median_radius": round(float(np.median(radius[c["pair_rows"]])), 4),
+            "source_confidence": round(float(np.mean(source_conf[c["members"]])), 4),
+            "bug_score": round(error_rate * validity_mean * confidence, 4),
+        })
+    return out
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+@torch.no_grad()
+def region_grids(regions: Regions, generator: nn.Module, tau: float, seed: int) -> dict[int, torch.Tensor]:
+    """16 fresh decoded samples per region, (16, C, H, W) in [0, 1], keyed by region id."""
+    rng = np.random.default_rng(seed + 1)
+    out = {}
+    for region in regions.regions:
+        z = torch.from_numpy(region.sample(GRID_SAMPLES, tau, rng))
+        out[region.id] = generator.eval().decode(z).cpu()
+    return out
+
+
+def save_grid_png(path, images: torch.Tensor, scale: int = 3) -> None:
+    """A 4-column grid of images, upscaled with nearest neighbours, written atomically as PNG."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images, nrow=4, padding=2, pad_value=1.0)
+    array = (grid.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy())
+    if array.shape[2] == 1 or (array[..., 0] == array[..., 1]).all():
+        array = array[..., 0]
+    image = Image.fromarray(array).resize((array.shape[1] * scale, array.shape[0] * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points: int = 4000) -> None:
+    """2-D UMAP of failure latents, coloured by the region each failure was assigned to (grey: none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import umap
+
+    z = failures.z
+    rng = np.random.default_rng(seed)
+    keep = np.sort(rng.choice(len(z), size=min(len(z), max_points), replace=False))
+    z = z[keep]
+    assignment = np.full(len(z), -1)
+    best = np.full(len(z), np.inf)
+    pairs = failures.table[["source_label", "predicted_label"]].to_numpy()[keep]
+    for region in regions.regions:
+        same = (pairs[:, 0] == region.source_label) & (pairs[:, 1] == region.predicted_label)
+        diff = z - np.asarray(region.mean)
+        d2 = np.einsum("nd,dk,nk->n", diff, np.linalg.inv(np.asarray(region.cov)), diff)
+        better = same & (d2 < best)
+        assignment[better], best[better] = region.id, d2[better]
+    embedding = umap.UMAP(n_components=2, n_neighbors=min(15, max(2, len(z) - 1)), random_state=seed).fit_transform(z)
+    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
+    ax.scatter(*embedding[assignment < 0].T, s=4, c="#cccccc", label="no region")
+    cmap = plt.get_cmap("tab20")
+    for region in regions.regions[:20]:
+        mask = assignment == region.id
+        if mask.any():
+            ax.scatter(*embedding[mask].T, s=6, color=cmap((region.id - 1) % 20), label=f"#{region.id} {region.pair}")
+    ax.set_title("Failures in latent space (UMAP), coloured by region")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.legend(fontsize=6, markerscale=2, loc="best", ncol=2)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
