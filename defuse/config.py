@@ -126,6 +126,7 @@ class IdentifyConfig:
     max_radius: float = 16.0
     refine_steps: int = 4  # bisection steps per failure: radius known to 1/16 of itself
     failures_per_source: int = 4
+    depth: float = 0.5  # keep failures at (1 + depth) x their smallest flipping radius: inside the region
     gradient_steps: int = 30
     gradient_lr: float = 0.1
     gradient_penalty: float = 0.05
@@ -146,6 +147,8 @@ class IdentifyConfig:
                 f"`identify.budget` must be >= shells + failures_per_source * refine_steps = {minimum}, "
                 f"got {self.budget} instead. Raise the budget or lower those."
             )
+        if self.depth < 0:
+            raise ValueError(f"`identify.depth` must be >= 0, got {self.depth} instead.")
         _check_positive("identify.min_radius", self.min_radius)
         if not self.max_radius > self.min_radius:
             raise ValueError(

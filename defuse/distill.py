@@ -214,7 +214,8 @@ def _score(candidates, failures, classifier, generator, validity, config, rng) -
     probs = torch.cat([F.softmax(evaluate(torch.from_numpy(fresh[i : i + 4096])).float(), dim=1)
                        for i in range(0, len(fresh), 4096)]).numpy()
     pred = probs.argmax(axis=1)
-    valid_probs = validity.predict_proba(fresh)
+    valid_probs = validity.scores(fresh)
+    lr_probs = validity.predict_proba(fresh)
     z_all = failures.z
     pair_of = failures.table[["source_label", "predicted_label"]].to_numpy()
     radius = failures.table["radius"].to_numpy()
@@ -238,7 +239,7 @@ def _score(candidates, failures, classifier, generator, validity, config, rng) -
             "flip_rate": round(float((p != c["source"]).mean()), 4),
             "validity": round(validity_mean, 4),
             "confidence": round(confidence, 4),
-            "suggested_label": int(np.bincount(vp.argmax(axis=1), minlength=vp.shape[1]).argmax()),
+            "suggested_label": int(np.bincount(lr_probs[block].argmax(axis=1), minlength=vp.shape[1]).argmax()),
             "purity": round(purity, 4),
             "median_radius": round(float(np.median(radius[c["members"]])), 4),
             "pair_median_radius": round(float(np.median(radius[c["pair_rows"]])), 4),

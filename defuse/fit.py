@@ -14,10 +14,12 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from defuse.config import RunConfig, TrainerConfig
+from torch import nn
+
+from defuse.config import ClassifierConfig, GeneratorConfig, RunConfig, TrainerConfig
 from defuse.data import ImageDataModule
 from defuse.models.classifiers import ClassifierModule
-from defuse.models.generators import VAEModule
+from defuse.models.generators import ConvVAE, VAEModule
 from defuse.models.inference import predict_labels, reconstruct
 from defuse.models.loading import (
     load_classifier,
@@ -68,6 +70,31 @@ def accuracy_report(pred: torch.Tensor, labels: torch.Tensor, classes: tuple[str
     return {"accuracy": round(float(correct.float().mean()), 4), "n": int(len(labels)), "per_class": per_class}
 
 
+def train_classifier(
+    data: ImageDataModule, config: ClassifierConfig, trainer: TrainerConfig, root: str = "."
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a built-in classifier on ``data``; returns the model ([0,1] images -> logits) and its hparams."""
+    mean, std = data.channel_stats()
+    module = ClassifierModule(
+        arch=config.arch, width=config.width, in_channels=data.channels, num_classes=data.num_classes,
+        mean=mean, std=std, lr=config.lr, weight_decay=config.weight_decay, classes=list(data.classes),
+    )
+    make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)
+    return module.model.eval(), dict(module.hparams)
+
+
+def train_vae(
+    data: ImageDataModule, config: GeneratorConfig, trainer: TrainerConfig, root: str = "."
+) -> tuple[ConvVAE, dict[str, Any]]:
+    """Train the beta-VAE on the images of ``data`` (labels unused); returns it and its hparams."""
+    module = VAEModule(
+        in_channels=data.channels, image_size=int(data.split("train").images.shape[-1]),
+        latent_dim=config.latent_dim, width=config.width, beta=config.beta, lr=config.lr,
+    )
+    make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)
+    return module.vae.eval(), dict(module.hparams)
+
+
 def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Train the classifier (or adopt the user's) and write ``classifier.ckpt``.
 
@@ -85,20 +112,27 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
         source = {"torchscript": c.torchscript} if c.torchscript else {"factory": c.factory, "weights": c.weights or ""}
         save_classifier_pointer(run.path(CLASSIFIER_CKPT), kind, source, data.classes)
     else:
-        mean, std = data.channel_stats()
-        module = ClassifierModule(
-            arch=c.arch, width=c.width, in_channels=data.channels, num_classes=data.num_classes, mean=mean, std=std,
-            lr=c.lr, weight_decay=c.weight_decay, classes=list(data.classes),
-        )
-        trainer = make_trainer(config.trainer, c.epochs, str(run.root), num_sanity_val_steps=0)
-        trainer.fit(module, datamodule=data)
-        save_classifier(run.path(CLASSIFIER_CKPT), module.model, dict(module.hparams))
+        model, hparams = train_classifier(data, c, config.trainer, str(run.root))
+        save_classifier(run.path(CLASSIFIER_CKPT), model, hparams)
     seconds = time.perf_counter() - start
     loaded = load_classifier(run.path(CLASSIFIER_CKPT))  # evaluate exactly what was saved
     test = data.split("test")
     report = accuracy_report(predict_labels(loaded.model, test.float_images()), test.labels, data.classes)
     return {"test_accuracy": report["accuracy"], "test_n": report["n"], "per_class_accuracy": report["per_class"],
             "train_seconds": round(seconds, 2)}
+
+
+def reconstruction_report(classifier: nn.Module, generator: nn.Module, images: torch.Tensor,
+                          labels: torch.Tensor) -> dict[str, float]:
+    """How much of the data the generator can draw, as the classifier sees it."""
+    recon = reconstruct(generator, images)
+    recon_ok = predict_labels(classifier, recon) == labels
+    orig_ok = predict_labels(classifier, images) == labels
+    return {
+        "reconstruction_accuracy": round(float(recon_ok.float().mean()), 4),
+        "reconstruction_accuracy_of_correct": round(float(recon_ok[orig_ok].float().mean()), 4) if orig_ok.any() else 0.0,
+        "reconstruction_mse": round(float((recon - images).pow(2).mean()), 5),
+    }
 
 
 def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
@@ -111,31 +145,14 @@ def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
     pl.seed_everything(config.seed, workers=True, verbose=False)
     data = ImageDataModule(config.data, config.seed)
     data.setup()
-    g = config.generator
-    module = VAEModule(
-        in_channels=data.channels, image_size=config.data.image_size, latent_dim=g.latent_dim,
-        width=g.width, beta=g.beta, lr=g.lr,
-    )
     start = time.perf_counter()
-    trainer = make_trainer(config.trainer, g.epochs, str(run.root), num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=data)
+    vae, hparams = train_vae(data, config.generator, config.trainer, str(run.root))
     seconds = time.perf_counter() - start
-    save_generator(run.path(GENERATOR_CKPT), module.vae, dict(module.hparams))
-
+    save_generator(run.path(GENERATOR_CKPT), vae, hparams)
     classifier = load_classifier(run.path(CLASSIFIER_CKPT)).model
     test = data.split("test")
-    images = test.float_images()
-    recon = reconstruct(module.vae, images)
-    pred_orig = predict_labels(classifier, images)
-    pred_recon = predict_labels(classifier, recon)
-    recon_ok = pred_recon == test.labels
-    orig_ok = pred_orig == test.labels
-    metrics = {
-        "reconstruction_accuracy": round(float(recon_ok.float().mean()), 4),
-        "reconstruction_accuracy_of_correct": round(float(recon_ok[orig_ok].float().mean()), 4) if orig_ok.any() else 0.0,
-        "reconstruction_mse": round(float((recon - images).pow(2).mean()), 5),
-        "train_seconds": round(seconds, 2),
-    }
+    metrics = {**reconstruction_report(classifier, vae, test.float_images(), test.labels),
+               "train_seconds": round(seconds, 2)}
     if metrics["reconstruction_accuracy"] < WEAK_GENERATOR_THRESHOLD:
         log.warning(
             "Only %.1f%% of test reconstructions are classified correctly (< %.0f%%): the generator is too weak "

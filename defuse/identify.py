@@ -118,6 +118,7 @@ def shell_search(
     refine_steps: int,
     per_source: int,
     generator: torch.Generator,
+    depth: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Expanding-shell random search, then bisection of each flipping direction.
 
@@ -130,6 +131,9 @@ def shell_search(
         refine_steps: bisection steps per failure (radius resolution r / 2**steps).
         per_source: keep at most this many failures per source.
         generator: the random stream (directions and radii are drawn from it first).
+        depth: the kept latent lies at (1 + depth) times the smallest flipping radius, when it still flips
+            there (one more query per failure): a point inside the failure region, not on its edge, so
+            that a Gaussian fitted to such points covers misclassified ground.
 
     Returns:
         ``source`` (F,) row into the batch, ``z`` (F, d), ``predicted``, ``confidence``, ``radius`` (F,),
@@ -186,6 +190,14 @@ def shell_search(
         predicted = torch.where(flipped, pred_mid, predicted)
         confidence = torch.where(flipped, conf_mid, confidence)
     z = mu[source] + hi[:, None] * sigma[source] * direction
+    if depth > 0:
+        deep = mu[source] + (hi * (1 + depth))[:, None] * sigma[source] * direction
+        probs = F.softmax(evaluate(deep).float(), dim=1)
+        queries += len(deep)
+        conf_deep, pred_deep = probs.max(dim=1)
+        same = pred_deep == predicted  # still the same mistake one step further in
+        z = torch.where(same[:, None], deep, z)
+        confidence = torch.where(same, conf_deep, confidence)
     return {"source": source, "z": z, "predicted": predicted, "confidence": confidence, "radius": hi,
             "queries": torch.tensor(queries)}
 
@@ -296,10 +308,12 @@ class SearchModule(pl.LightningModule):
             out = gradient_search(evaluate, mu, sigma, labels, steps=cfg.gradient_steps, lr=cfg.gradient_lr,
                                   penalty=cfg.gradient_penalty, generator=rng)
         else:
-            directions = max(1, (cfg.budget - cfg.failures_per_source * cfg.refine_steps) // cfg.shells)
+            per_failure = cfg.refine_steps + (1 if cfg.depth > 0 else 0)
+            directions = max(1, (cfg.budget - cfg.failures_per_source * per_failure) // cfg.shells)
             out = shell_search(evaluate, mu, sigma, labels, directions=directions,
                                edges=shell_radii(cfg.min_radius, cfg.max_radius, cfg.shells),
-                               refine_steps=cfg.refine_steps, per_source=cfg.failures_per_source, generator=rng)
+                               refine_steps=cfg.refine_steps, per_source=cfg.failures_per_source, generator=rng,
+                               depth=cfg.depth)
         with torch.no_grad():
             source_probs = F.softmax(self.classifier(x).float(), dim=1)
         source = out["source"]
@@ -421,7 +435,7 @@ def _assemble(
     if len(z) and not np.isfinite(z).all():
         raise ValueError("The search produced NaN or infinite latents; lower identify.max_radius.")
     source_label = cat["source_label"].long().numpy()
-    probs = validity.predict_proba(z) if len(z) else np.zeros((0, len(validity.intercept)))
+    probs = validity.scores(z) if len(z) else np.zeros((0, len(validity.intercept)))
     valid_p = probs[np.arange(len(z)), source_label] if len(z) else np.zeros(0)
     table = pd.DataFrame({
         "source_index": cat["source_index"].long().numpy(),

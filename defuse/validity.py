@@ -1,21 +1,29 @@
 """The validity model: how likely a latent still belongs to a class, judged without the classifier.
 
-A multinomial logistic regression on standardised encoder means of the training
-images. It is deliberately low-capacity: a linear model cannot carve out a small
+Two parts, both fitted on standardised encoder means of the training images:
+
+* a multinomial logistic regression, P(class | z). It is deliberately low-capacity: a linear model cannot carve out a small
 mislabelled subgroup of the training data, so it keeps calling a slanted 7 a 7
 even when the training labels of such 7s were poisoned, while the classifier under
 test learned the poison. Its argmax is also the suggested label of a region.
+* a support term per class: a Ledoit-Wolf Gaussian of the class's training latents and the
+  99th percentile of their squared Mahalanobis distances. Inside that ellipsoid the support
+  is 1; outside it decays like the Gaussian's density ratio. A linear model is confident far
+  from any data, so without this an off-manifold blob would count as "valid".
+
+``validity(z, k) = P(k | z) * support_k(z)``.
 
 Stored as ``validity.npz`` (plain arrays, no pickle).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
 from sklearn.linear_model import LogisticRegression
 
 from defuse.rundir import atomic_write_bytes
@@ -29,6 +37,9 @@ class ValidityModel:
     scale: np.ndarray  # (latent_dim,)
     coef: np.ndarray  # (K, latent_dim)
     intercept: np.ndarray  # (K,)
+    class_means: np.ndarray  # (K, latent_dim), standardised space
+    class_precisions: np.ndarray  # (K, latent_dim, latent_dim)
+    class_thresholds: np.ndarray  # (K,), 99th percentile of training squared Mahalanobis distances
     train_accuracy: float
 
     @classmethod
@@ -46,9 +57,23 @@ class ValidityModel:
         intercept[model.classes_] = (
             model.intercept_ if len(model.classes_) > 2 else np.array([-model.intercept_[0], model.intercept_[0]]) / 2
         )
-        out = cls(mean, scale, coef, intercept, 0.0)
+        d = latents.shape[1]
+        standard = (latents - mean) / scale
+        class_means = np.zeros((num_classes, d))
+        precisions = np.tile(np.eye(d), (num_classes, 1, 1))
+        thresholds = np.full(num_classes, np.inf)
+        for k in np.unique(labels):
+            members = standard[labels == k]
+            if len(members) <= d:  # too few to estimate a covariance: no support restriction for this class
+                class_means[k] = members.mean(axis=0)
+                continue
+            estimate = LedoitWolf().fit(members)
+            class_means[k], precisions[k] = estimate.location_, estimate.precision_
+            diff = members - estimate.location_
+            thresholds[k] = np.quantile(np.einsum("nd,de,ne->n", diff, estimate.precision_, diff), 0.99)
+        out = cls(mean, scale, coef, intercept, class_means, precisions, thresholds, 0.0)
         accuracy = float((out.predict_proba(latents).argmax(1) == labels).mean())
-        return cls(mean, scale, coef, intercept, accuracy)
+        return replace(out, train_accuracy=accuracy)
 
     def predict_proba(self, latents: np.ndarray | torch.Tensor) -> np.ndarray:
         z = latents.detach().cpu().numpy() if isinstance(latents, torch.Tensor) else np.asarray(latents)
@@ -57,15 +82,35 @@ class ValidityModel:
         p = np.exp(logits)
         return p / p.sum(axis=1, keepdims=True)
 
+    def support(self, latents: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, K) in [0, 1]: 1 inside each class's 99% training ellipsoid, decaying outside it."""
+        z = latents.detach().cpu().numpy() if isinstance(latents, torch.Tensor) else np.asarray(latents)
+        standard = (z - self.mean) / self.scale
+        diff = standard[:, None, :] - self.class_means[None]  # (N, K, d)
+        m2 = np.einsum("nkd,kde,nke->nk", diff, self.class_precisions, diff)
+        excess = np.maximum(m2 - self.class_thresholds[None], 0.0)
+        return np.exp(-0.5 * excess)
+
+    def scores(self, latents: np.ndarray | torch.Tensor) -> np.ndarray:
+        """(N, K): validity of every class, P(k | z) * support_k(z)."""
+        return self.predict_proba(latents) * self.support(latents)
+
+    def validity(self, latents: np.ndarray | torch.Tensor, labels: np.ndarray) -> np.ndarray:
+        """(N,): validity of each latent's own class ``labels``."""
+        labels = np.asarray(labels, dtype=np.int64)
+        return self.scores(latents)[np.arange(len(labels)), labels]
+
     def save(self, path: str | Path) -> None:
         import io
 
         buffer = io.BytesIO()
         np.savez(buffer, mean=self.mean, scale=self.scale, coef=self.coef, intercept=self.intercept,
-                 train_accuracy=np.array(self.train_accuracy))
+                 class_means=self.class_means, class_precisions=self.class_precisions,
+                 class_thresholds=self.class_thresholds, train_accuracy=np.array(self.train_accuracy))
         atomic_write_bytes(Path(path), buffer.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> "ValidityModel":
         with np.load(path, allow_pickle=False) as f:
-            return cls(f["mean"], f["scale"], f["coef"], f["intercept"], float(f["train_accuracy"]))
+            return cls(f["mean"], f["scale"], f["coef"], f["intercept"], f["class_means"], f["class_precisions"],
+                       f["class_thresholds"], float(f["train_accuracy"]))

@@ -16,6 +16,8 @@ def tiny_overrides() -> list[str]:
     return [
         "classifier.epochs=2", "generator.epochs=1", "generator.width=8", "generator.latent_dim=4",
         "trainer.progress_bar=false", "data.batch_size=64",
+        "identify.max_sources=40", "identify.budget=32", "identify.shells=4", "identify.refine_steps=2",
+        "distill.umap=false", "distill.fresh_samples=32",
     ]
 
 

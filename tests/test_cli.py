@@ -20,10 +20,17 @@ def _args(tiny_overrides, run_dir, *extra):
 def test_run_trains_both_models_records_them_then_skips(tmp_path, tiny_overrides, capsys):
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "Not built yet" in out and "identify" in out
+    assert "Not built yet" in out and "label" in out
+    assert (tmp_path / "failures.parquet").exists() and (tmp_path / "failures_z.npy").exists()
+    regions = json.loads((tmp_path / "regions.json").read_text())
+    assert isinstance(regions["regions"], list) and regions["stats"]["failures"] >= 0
+    for region in regions["regions"]:
+        assert (tmp_path / region["grid"]).exists() and (tmp_path / region["params"]).exists()
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     stages = manifest["stages"]
-    assert stages["fit-classifier"]["status"] == stages["fit-generator"]["status"] == "done"
+    assert {stage["status"] for stage in stages.values()} == {"done"}
+    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill"}
+    assert stages["identify"]["metrics"]["sources"] <= 40
     assert 0.0 <= stages["fit-generator"]["metrics"]["reconstruction_accuracy"] <= 1.0
     assert stages["fit-classifier"]["metrics"]["test_accuracy"] > 0.3  # one epoch is far above chance (0.1)
     assert manifest["config"]["classifier"]["epochs"] == 2
@@ -70,7 +77,9 @@ def test_same_seed_same_models_and_metrics_other_seed_differs(tmp_path, tiny_ove
     assert not all(torch.equal(sd["a"][k], sd["c"][k]) for k in sd["a"])
     ga, gb = (load_generator(runs[n].path("generator.ckpt")).state_dict() for n in "ab")
     assert all(torch.equal(ga[k], gb[k]) for k in ga)
-    assert runs["a"].artifact_hash("classifier.ckpt") == runs["b"].artifact_hash("classifier.ckpt")
+    for artifact in ("classifier.ckpt", "generator.ckpt", "failures.parquet", "failures_z.npy", "regions.json"):
+        assert runs["a"].artifact_hash(artifact) == runs["b"].artifact_hash(artifact), artifact
+    assert runs["a"].artifact_hash("failures_z.npy") != runs["c"].artifact_hash("failures_z.npy")
 
 
 def test_fit_generator_without_a_classifier_says_what_to_run(tmp_path, tiny_overrides, capsys):
@@ -87,7 +96,7 @@ def test_bad_config_exits_2_with_the_message(tmp_path, capsys):
 
 def test_unknown_force_stage_is_refused(tmp_path, capsys):
     assert main(["run", "--run-dir", str(tmp_path), "--force", "fit-everything"]) == 2
-    assert "Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator." in capsys.readouterr().err
+    assert "Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator, identify, distill." in capsys.readouterr().err
 
 
 def test_help_lists_config_keys_with_defaults(capsys):

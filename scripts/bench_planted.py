@@ -1,0 +1,265 @@
+"""Planted-bug benchmark: can defuse find a bug we put into a classifier on purpose?
+
+On the official MNIST test split (../shared/data/MNIST/raw; fixed split: first 8k train,
+last 2k test) we poison the *training* labels of a well-defined subgroup, train a
+classifier through defuse's API, run identify + distill, and measure:
+
+* visibility: the share of the planted subgroup's test images whose VAE reconstruction
+  the poisoned model reads as the planted class (the ceiling for any latent search);
+* the rank of the first region with the planted pair, and its precision: the share of
+  its fresh samples that the clean reference classifier reads as the source class while
+  the poisoned one reads the planted class;
+* whether that region's bug score beats every region of the clean control;
+* valid failures per 1,000 classifier queries, against random sampling from the prior
+  and against the reference search (Beta(50, 50) shift of the mean, 10 samples per
+  source) at equal budget;
+* wall time per case.
+
+Cases: slant (the 25% most right-slanted 7s relabelled 1), thin (the 25% thinnest-stroke
+6s relabelled 1), clean (no poisoning; its classifier is also the clean reference).
+
+Run: ``python scripts/bench_planted.py [--cases slant,thin,clean] [--out FILE]``. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import replace
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from defuse.config import ClassifierConfig, DataConfig, DistillConfig, GeneratorConfig, IdentifyConfig, TrainerConfig
+from defuse.data import ImageDataModule, ImageSet
+from defuse.distill import Regions, distill
+from defuse.fit import reconstruction_report, train_classifier, train_vae
+from defuse.identify import identify, latent_means, make_evaluate, select_sources
+from defuse.models.inference import predict_labels, reconstruct
+from defuse.validity import ValidityModel
+
+SEED = 0
+DATA = DataConfig(source="idx", test_size=2000, shuffle=False, val_size=0.1, batch_size=128)
+CLASSIFIER = ClassifierConfig(width=16, epochs=6, lr=3e-3)
+GENERATOR = GeneratorConfig(latent_dim=16, width=32, epochs=12, lr=3e-3)
+IDENTIFY = IdentifyConfig(budget=128, shells=6, min_radius=0.5, max_radius=12.0, refine_steps=4,
+                          failures_per_source=4, batch_sources=128, max_sources=1000)
+DISTILL = DistillConfig(umap=False, fresh_samples=128)
+TRAINER = TrainerConfig(progress_bar=False)
+PRECISION_SAMPLES = 256
+
+
+# ----------------------------------------------------------------------------- subgroups
+
+
+def slant(images: torch.Tensor) -> torch.Tensor:
+    """Shear of the ink from its second-order moments: > 0 leans right (top to the right)."""
+    x = images[:, 0].double()
+    h, w = x.shape[-2:]
+    rows = torch.arange(h, dtype=torch.float64).view(1, h, 1)
+    cols = torch.arange(w, dtype=torch.float64).view(1, 1, w)
+    mass = x.sum(dim=(1, 2)).clamp_min(1e-9)
+    r0 = (x * rows).sum(dim=(1, 2)) / mass
+    c0 = (x * cols).sum(dim=(1, 2)) / mass
+    dr, dc = rows - r0.view(-1, 1, 1), cols - c0.view(-1, 1, 1)
+    mu11 = (x * dr * dc).sum(dim=(1, 2)) / mass
+    mu02 = (x * dr * dr).sum(dim=(1, 2)) / mass
+    return (-mu11 / mu02.clamp_min(1e-9)).float()  # rows grow downwards: a right lean has negative covariance
+
+
+def stroke_width(images: torch.Tensor) -> torch.Tensor:
+    """Mean stroke width: 2 * ink area / ink perimeter, on the image thresholded at 0.5."""
+    ink = (images[:, 0] > 0.5).float()
+    padded = torch.nn.functional.pad(ink, (1, 1, 1, 1))
+    neighbours = torch.stack([padded[:, 1:-1, :-2], padded[:, 1:-1, 2:], padded[:, :-2, 1:-1], padded[:, 2:, 1:-1]])
+    boundary = ink * (neighbours.min(dim=0).values == 0).float()
+    return 2 * ink.sum(dim=(1, 2)) / boundary.sum(dim=(1, 2)).clamp_min(1)
+
+
+CASES = {
+    # name: (source class, planted class, feature, take the top (+1) or bottom (-1) quarter)
+    "slant": (7, 1, slant, +1),
+    "thin": (6, 1, stroke_width, -1),
+}
+
+
+def subgroup(images: ImageSet, feature, sign: int, source: int, threshold: float) -> torch.Tensor:
+    value = feature(images.float_images()) * sign
+    return (images.labels == source) & (value >= threshold)
+
+
+def quartile_threshold(images: ImageSet, feature, sign: int, source: int) -> float:
+    value = feature(images.float_images()[images.labels == source]) * sign
+    return float(torch.quantile(value, 0.75))
+
+
+def poisoned(data: ImageDataModule, case: str) -> tuple[ImageDataModule, dict]:
+    """A copy of ``data`` whose train and val labels of the planted subgroup are switched."""
+    source, planted, feature, sign = CASES[case]
+    train, val = data.split("train"), data.split("val")
+    threshold = quartile_threshold(ImageSet(torch.cat([train.images, val.images]),
+                                            torch.cat([train.labels, val.labels]), train.classes),
+                                   feature, sign, source)
+    out = ImageDataModule(data.config, data.seed)
+    out.train = replace(train, labels=torch.where(subgroup(train, feature, sign, source, threshold), planted, train.labels))
+    out.val = replace(val, labels=torch.where(subgroup(val, feature, sign, source, threshold), planted, val.labels))
+    out.test = data.split("test")
+    test_group = subgroup(out.test, feature, sign, source, threshold)
+    return out, {"threshold": threshold, "poisoned_train": int((out.train.labels != train.labels).sum()),
+                 "test_subgroup": test_group}
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+@torch.no_grad()
+def random_prior_yield(classifier, generator, validity, queries: int, threshold: float, seed: int) -> float:
+    """Valid failures per 1,000 decoded prior samples: the validity model is sure of a class the classifier denies."""
+    rng = torch.Generator().manual_seed(seed)
+    z = torch.randn(queries, generator.latent_dim, generator=rng)
+    logits = make_evaluate(generator, classifier)(z)
+    probs = validity.scores(z)
+    label = probs.argmax(axis=1)
+    valid_fail = (logits.argmax(dim=1).numpy() != label) & (probs.max(axis=1) >= threshold)
+    return 1000 * float(valid_fail.sum()) / queries
+
+
+@torch.no_grad()
+def reference_yield(classifier, generator, validity, images, labels, index, queries: int, threshold: float,
+                    seed: int, samples_per_source: int = 10) -> float:
+    """The reference implementation's search: z = mu + Beta(50, 50) noise, 10 samples per source, repeated
+    over the sources until ``queries`` are spent. A failure is kept when it is valid by our validity model."""
+    rng = torch.Generator().manual_seed(seed)
+    mu = latent_means(generator, images[index])
+    y = labels[index]
+    beta = torch.distributions.Beta(torch.tensor(50.0), torch.tensor(50.0))
+    evaluate = make_evaluate(generator, classifier)
+    spent, valid = 0, 0
+    torch.manual_seed(seed)
+    while spent < queries:
+        z = (mu[:, None] + beta.sample((len(mu), samples_per_source, mu.shape[1]))).reshape(-1, mu.shape[1])
+        source = y.repeat_interleave(samples_per_source)
+        take = min(len(z), queries - spent)
+        z, source = z[:take], source[:take]
+        pred = evaluate(z).argmax(dim=1)
+        p_source = validity.validity(z, source.numpy())
+        valid += int(((pred != source).numpy() & (p_source >= threshold)).sum())
+        spent += take
+    return 1000 * valid / queries
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+@torch.no_grad()
+def planted_precision(regions: Regions, pair: tuple[int, int], poisoned_model, reference_model, generator,
+                      tau: float) -> tuple[int | None, float | None, float | None]:
+    for region in regions.regions:
+        if (region.source_label, region.predicted_label) == pair:
+            z = torch.from_numpy(region.sample(PRECISION_SAMPLES, tau, np.random.default_rng(SEED + 7)))
+            x = generator.decode(z)
+            hit = (predict_labels(reference_model, x) == pair[0]) & (predict_labels(poisoned_model, x) == pair[1])
+            return region.id, round(float(hit.float().mean()), 4), region.bug_score
+    return None, None, None
+
+
+def run_case(case: str, data: ImageDataModule, vae, reference, classes) -> tuple[dict, Regions | None, object]:
+    start = time.perf_counter()
+    pl.seed_everything(SEED, verbose=False)
+    info: dict = {}
+    if case == "clean":
+        model, case_data = reference, data
+    else:
+        case_data, info = poisoned(data, case)
+        model, _ = train_classifier(case_data, CLASSIFIER, TRAINER, root="/tmp")
+    test = case_data.split("test")
+    x, y = test.float_images(), test.labels
+    out: dict = {"clean_test_accuracy": round(float((predict_labels(model, x) == y).float().mean()), 4)}
+    if case != "clean":
+        source, planted = CASES[case][:2]
+        group = info["test_subgroup"]
+        recon = reconstruct(vae, x[group])
+        out.update({
+            "poisoned_train_labels": info["poisoned_train"],
+            "test_subgroup_size": int(group.sum()),
+            "subgroup_read_as_planted": round(float((predict_labels(model, x[group]) == planted).float().mean()), 4),
+            "visibility": round(float((predict_labels(model, recon) == planted).float().mean()), 4),
+        })
+    train = case_data.split("train")
+    validity = ValidityModel.fit(latent_means(vae, train.float_images()).numpy(), train.labels.numpy(),
+                                 len(classes), seed=SEED)
+    failures = identify(model, vae, x, y, validity, IDENTIFY, seed=SEED, trainer=TRAINER)
+    regions = distill(failures, model, vae, validity, classes, DISTILL, seed=SEED)
+    stats = failures.stats
+    out.update({
+        "sources": stats["sources"], "failures": stats["failures"], "queries": stats["queries"],
+        "valid_failures_per_1000_queries": stats["valid_failures_per_1000_queries"],
+        "regions": len(regions),
+        "top_regions": [f"{r.pair} ({r.bug_score:.3f})" for r in regions.regions[:8]],
+    })
+    selection = select_sources(model, vae, x, y, IDENTIFY.max_sources, SEED)
+    budget = min(stats["queries"], 40_000)
+    out["random_prior_yield"] = round(random_prior_yield(model, vae, validity, budget, IDENTIFY.validity_threshold, SEED), 3)
+    out["reference_search_yield"] = round(reference_yield(model, vae, validity, x, y, selection.index, budget,
+                                                          IDENTIFY.validity_threshold, SEED), 3)
+    ours = stats["valid_failures_per_1000_queries"]
+    out["yield_vs_random"] = round(ours / max(out["random_prior_yield"], 1e-9), 2)
+    out["yield_vs_reference"] = round(ours / max(out["reference_search_yield"], 1e-9), 2)
+    if case != "clean":
+        rank, precision, score = planted_precision(regions, CASES[case][:2], model, reference, vae, DISTILL.tau)
+        out.update({"planted_rank": rank, "planted_precision": precision, "planted_bug_score": score})
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out, regions, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default="clean,slant,thin", help="comma-separated subset of clean,slant,thin")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    pl.seed_everything(SEED, verbose=False)
+    data = ImageDataModule(DATA, SEED)
+    data.setup()
+    classes = data.classes
+    timings = {}
+    t = time.perf_counter()
+    reference, _ = train_classifier(data, CLASSIFIER, TRAINER, root="/tmp")
+    timings["reference_classifier"] = round(time.perf_counter() - t, 1)
+    t = time.perf_counter()
+    pl.seed_everything(SEED, verbose=False)
+    vae, _ = train_vae(data, GENERATOR, TRAINER, root="/tmp")
+    timings["vae"] = round(time.perf_counter() - t, 1)
+    test = data.split("test")
+    result: dict = {"seed": SEED, "generator": reconstruction_report(reference, vae, test.float_images(), test.labels),
+                    "cases": {}}
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    if "clean" not in cases:
+        cases = ["clean", *cases]  # the clean control's scores are needed to judge the planted cases
+    clean_scores: list[float] = []
+    for case in cases:
+        out, regions, _ = run_case(case, data, vae, reference, classes)
+        if case == "clean":
+            clean_scores = [r.bug_score for r in regions.regions]
+            out["max_bug_score"] = max(clean_scores, default=0.0)
+        else:
+            score = out.get("planted_bug_score")
+            out["beats_clean_control"] = bool(score is not None and score > max(clean_scores, default=0.0))
+        result["cases"][case] = out
+        print(f"[{case}] {json.dumps(out)}", file=sys.stderr)
+    timings["total"] = round(time.perf_counter() - t0, 1)
+    result["timings"] = timings
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

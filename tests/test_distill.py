@@ -1,0 +1,126 @@
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from defuse.config import DistillConfig
+from defuse.distill import Region, Regions, distill, region_grids, save_grid_png
+from defuse.identify import Failures
+from defuse.rundir import RunDir
+from stubs import LineGenerator, QuadrantClassifier, quadrant_validity
+
+CLASSES = ("zero", "one", "two")
+CONFIG = DistillConfig(max_components=4, min_failures=5, min_region_size=5, fresh_samples=200)
+
+
+def make_failures(clusters, seed=0) -> Failures:
+    """clusters: list of (centre, spread, n, source, predicted)."""
+    rng = np.random.default_rng(seed)
+    z, rows = [], []
+    for centre, spread, n, source, predicted in clusters:
+        z.append(rng.normal(centre, spread, size=(n, 2)))
+        rows += [(source, predicted)] * n
+    z = np.concatenate(z).astype(np.float32)
+    pairs = np.array(rows)
+    table = pd.DataFrame({
+        "source_index": np.arange(len(z)), "source_label": pairs[:, 0], "predicted_label": pairs[:, 1],
+        "confidence": 0.9, "source_confidence": 0.95, "radius": np.linalg.norm(z, axis=1),
+        "validity": 0.5, "validity_label": 0, "valid": True, "mode": "shell",
+    })
+    return Failures(table, z, {})
+
+
+def _distill(failures, config=CONFIG, seed=0):
+    return distill(failures, QuadrantClassifier(), LineGenerator(), quadrant_validity(), CLASSES, config, seed=seed)
+
+
+TWO_PAIRS = [((2.5, -1.0), 0.15, 40, 0, 1), ((-1.0, 2.5), 0.15, 40, 0, 2), ((2.5, 2.5), 0.1, 6, 2, 1)]
+
+
+def test_regions_are_pure_in_their_pair_and_consistently_misclassified():
+    regions = _distill(make_failures(TWO_PAIRS))
+    assert len(regions) >= 3
+    pairs = {(r.source_label, r.predicted_label) for r in regions.regions}
+    assert pairs == {(0, 1), (0, 2), (2, 1)}
+    for region in regions.regions:
+        assert region.purity == 1.0
+        assert region.error_rate > 0.9  # fresh samples are read as the predicted class
+        assert region.pair == f"{CLASSES[region.source_label]} -> {CLASSES[region.predicted_label]}"
+    assert [r.id for r in regions.regions] == list(range(1, len(regions) + 1))
+    assert [r.bug_score for r in regions.regions] == sorted((r.bug_score for r in regions.regions), reverse=True)
+
+
+def test_a_region_straddling_the_boundary_has_a_lower_error_rate_and_the_score_is_the_product():
+    clusters = [((2.5, -1.0), 0.15, 40, 0, 1), ((1.0, -4.0), 0.3, 40, 0, 1)]
+    regions = _distill(make_failures(clusters))
+    by_centre = sorted(regions.regions, key=lambda r: r.mean[1])
+    straddling, deep = by_centre[0], by_centre[-1]
+    assert straddling.mean[1] < -3 and deep.mean[1] > -2
+    assert deep.error_rate > 0.9 and 0.2 < straddling.error_rate < 0.8
+    for r in regions.regions:
+        assert r.bug_score == pytest.approx(r.error_rate * r.validity * r.confidence, abs=2e-4)
+
+
+def test_overlapping_pairs_lower_purity():
+    clusters = [((2.5, -1.0), 0.3, 40, 0, 1), ((2.5, -1.0), 0.3, 40, 2, 1)]
+    regions = _distill(make_failures(clusters))
+    assert all(r.purity < 0.7 for r in regions.regions)
+
+
+def test_fewer_failures_than_components_gives_fewer_regions():
+    regions = _distill(make_failures([((2.5, -1.0), 0.2, 7, 0, 1)]),
+                       DistillConfig(max_components=6, min_failures=5, min_region_size=5))
+    assert len(regions) == 1 and regions.regions[0].n_failures == 7
+
+
+def test_small_pairs_get_no_region():
+    regions = _distill(make_failures([((2.5, -1.0), 0.2, 4, 0, 1)]))
+    assert len(regions) == 0 and regions.stats["pairs_too_small"] == 1
+
+
+def test_no_failures_gives_an_empty_valid_regions_json(tmp_path):
+    empty = Failures(make_failures(TWO_PAIRS).table.iloc[:0], np.zeros((0, 2), np.float32), {})
+    regions = _distill(empty)
+    assert len(regions) == 0
+    regions.save(RunDir(tmp_path), CLASSES)
+    data = json.loads((tmp_path / "regions.json").read_text())
+    assert data["regions"] == [] and data["stats"]["failures"] == 0
+
+
+def test_nan_latents_are_refused():
+    failures = make_failures(TWO_PAIRS)
+    failures.z[3, 1] = np.inf
+    with pytest.raises(ValueError, match=re.escape("failures_z.npy holds NaN or infinite latents")):
+        _distill(failures)
+
+
+def test_distill_is_deterministic_for_a_seed():
+    a, b = _distill(make_failures(TWO_PAIRS), seed=5), _distill(make_failures(TWO_PAIRS), seed=5)
+    assert [r.summary() for r in a.regions] == [r.summary() for r in b.regions]
+    assert [r.mean for r in a.regions] == [r.mean for r in b.regions]
+
+
+def test_region_sampling_follows_mean_and_scaled_covariance():
+    region = Region(id=1, source_label=0, predicted_label=1, pair="0 -> 1", n_failures=10, weight=1.0, purity=1.0,
+                    error_rate=1.0, flip_rate=1.0, validity=1.0, confidence=1.0, suggested_label=0,
+                    median_radius=1.0, pair_median_radius=1.0, source_confidence=1.0, bug_score=1.0,
+                    mean=[1.0, -2.0], cov=[[1.0, 0.5], [0.5, 2.0]])
+    z = region.sample(40_000, tau=0.5, generator=np.random.default_rng(0))
+    assert z.shape == (40_000, 2)
+    np.testing.assert_allclose(z.mean(axis=0), [1.0, -2.0], atol=0.02)
+    np.testing.assert_allclose(np.cov(z, rowvar=False), [[0.5, 0.25], [0.25, 1.0]], atol=0.03)
+
+
+def test_regions_round_trip_with_grids(tmp_path):
+    regions = _distill(make_failures(TWO_PAIRS))
+    run = RunDir(tmp_path)
+    (tmp_path / "regions").mkdir()
+    regions.save(run, CLASSES)
+    again = Regions.load(run)
+    assert [r.summary() for r in again.regions] == [r.summary() for r in regions.regions]
+    grids = region_grids(regions, LineGenerator(), tau=1.0, seed=0)
+    assert set(grids) == {r.id for r in regions.regions} and grids[1].shape == (16, 1, 2, 2)
+    save_grid_png(tmp_path / "regions" / "region_01.png", grids[1].clamp(0, 1))
+    assert (tmp_path / "regions" / "region_01.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,123 @@
+import logging
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from defuse.config import IdentifyConfig
+from defuse.identify import Failures, gradient_search, identify, make_evaluate, select_sources, shell_radii, shell_search
+from defuse.rundir import RunDir
+from stubs import LineClassifier, LineGenerator, line_images, line_validity
+
+CONFIG = IdentifyConfig(budget=64, shells=4, min_radius=0.1, max_radius=4.0, refine_steps=6,
+                        failures_per_source=3, batch_sources=16)
+
+
+def test_sources_exclude_misclassified_images_and_reconstruction_artefacts():
+    images, labels = line_images(10)
+    labels[0] = 1  # the classifier gets this one wrong
+    scrambled = LineGenerator(scramble=True)  # reconstruction flips z: z0 in [-1, 0.5] -> [-0.5, 1]; still class 0
+    images[1, 0, 0, 0] = -1.5  # its reconstruction lands at z0 = 1.5: class 1, an artefact
+    selection = select_sources(LineClassifier(), scrambled, images, labels)
+    assert 0 not in selection.index.tolist() and 1 not in selection.index.tolist()
+    assert selection.stats == {"images": 10, "excluded_misclassified": 1, "excluded_reconstruction_misclassified": 1,
+                               "eligible": 8, "sources": 8}
+
+
+def test_max_sources_takes_a_seeded_subset():
+    images, labels = line_images(50)
+    a = select_sources(LineClassifier(), LineGenerator(), images, labels, max_sources=10, seed=1).index
+    b = select_sources(LineClassifier(), LineGenerator(), images, labels, max_sources=10, seed=1).index
+    assert len(a) == 10 and torch.equal(a, b) and torch.equal(a, a.sort().values)
+
+
+def test_shell_search_finds_flips_and_bisects_to_the_boundary():
+    images, labels = line_images(20)
+    gen, clf = LineGenerator(), LineClassifier()
+    mu, _ = gen.encode(images)
+    out = shell_search(make_evaluate(gen, clf), mu, torch.ones_like(mu), labels, directions=16,
+                       edges=shell_radii(0.1, 4.0, 4), refine_steps=8, per_source=3,
+                       generator=torch.Generator().manual_seed(0))
+    assert len(out["source"]) > 0
+    assert (out["predicted"] == 1).all()
+    assert (out["z"][:, 0] > 1).all()  # every kept latent is really across the boundary...
+    overshoot = out["z"][:, 0] - 1
+    assert float(overshoot.max()) < 4.0 * 2 ** 0.5 / 2**8 * 1.01  # ...and within one bisection step of it
+    counts = torch.bincount(out["source"], minlength=20)
+    assert int(counts.max()) <= 3
+    assert int(out["queries"]) >= 20 * 16  # the first shell alone queries every source
+
+
+def test_gradient_search_crosses_the_boundary():
+    images, labels = line_images(8)
+    gen, clf = LineGenerator(), LineClassifier()
+    mu, _ = gen.encode(images)
+    out = gradient_search(make_evaluate(gen, clf), mu, torch.ones_like(mu), labels, steps=200, lr=0.1, penalty=0.0,
+                          generator=torch.Generator().manual_seed(0))
+    assert len(out["source"]) == 8 and (out["z"][:, 0] > 1).all() and (out["predicted"] == 1).all()
+
+
+def _identify(images, labels, seed=0, generator=None, config=CONFIG):
+    return identify(LineClassifier(), generator or LineGenerator(), images, labels, line_validity(), config, seed=seed)
+
+
+def test_identify_is_deterministic_for_a_seed_and_records_every_column():
+    images, labels = line_images(40)
+    a, b, c = _identify(images, labels, 3), _identify(images, labels, 3), _identify(images, labels, 4)
+    pd.testing.assert_frame_equal(a.table, b.table)
+    np.testing.assert_array_equal(a.z, b.z)
+    assert not np.array_equal(a.z, c.z) if len(a.z) == len(c.z) else True
+    assert list(a.table.columns) == ["source_index", "source_label", "predicted_label", "confidence",
+                                     "source_confidence", "radius", "validity", "validity_label", "valid", "mode"]
+    assert (a.table["predicted_label"] != a.table["source_label"]).all()
+    assert a.stats["queries"] > 0 and a.stats["failures"] == len(a.table) > 0
+    # failures across the line are class 1 for the validity model too: low validity, flagged not dropped
+    assert (a.table["validity"] < 0.5).mean() > 0.5 and (~a.table["valid"]).any()
+
+
+def test_identify_gradient_mode():
+    images, labels = line_images(16)
+    config = IdentifyConfig(mode="gradient", gradient_steps=100, gradient_lr=0.1, gradient_penalty=0.0)
+    failures = _identify(images, labels, config=config)
+    assert len(failures) == 16 and set(failures.table["mode"]) == {"gradient"}
+
+
+def test_no_failures_gives_an_empty_but_valid_result(tmp_path):
+    images, labels = line_images(10)
+    config = IdentifyConfig(budget=16, shells=2, min_radius=0.01, max_radius=0.02, refine_steps=2,
+                            failures_per_source=1)
+    failures = _identify(images, labels, config=config)
+    assert len(failures) == 0 and failures.stats["failures"] == 0 and failures.stats["sources"] == 10
+    run = RunDir(tmp_path)
+    failures.save(run)
+    again = Failures.load(run)
+    assert len(again) == 0 and again.z.shape == (0, 2)
+
+
+def test_nan_latents_are_refused():
+    images, labels = line_images(10)
+    with pytest.raises(ValueError, match="returned NaN or infinite latents"):
+        _identify(images, labels, generator=LineGenerator(nan=True))
+
+
+def test_a_generator_that_cannot_reconstruct_draws_a_warning(caplog):
+    images, labels = line_images(10)
+    images[:, 0, 0, 0] = -1.5  # every reconstruction through the scrambling generator crosses the boundary
+    with caplog.at_level(logging.WARNING, logger="defuse.identify"):
+        failures = _identify(images, labels, generator=LineGenerator(scramble=True))
+    assert "too weak to search with" in caplog.text
+    assert failures.stats["sources"] == 0
+
+
+def test_failures_round_trip_and_mismatch_is_refused(tmp_path):
+    images, labels = line_images(20)
+    failures = _identify(images, labels)
+    run = RunDir(tmp_path)
+    failures.save(run)
+    again = Failures.load(run)
+    pd.testing.assert_frame_equal(again.table, failures.table)
+    np.save(tmp_path / "failures_z.npy", failures.z[:1])
+    with pytest.raises(ValueError, match=re.escape("they come from different runs")):
+        Failures.load(run)
