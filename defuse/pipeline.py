@@ -25,15 +25,15 @@ from defuse.validity import ValidityModel
 
 
 def identify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Fit the validity model on the training latents, search the configured split, write the failures."""
+    """Fit the validity model on a held-out split's latents, search the configured split, write the failures."""
     import pytorch_lightning as pl
 
     pl.seed_everything(config.seed, verbose=False)
     data = ImageDataModule(config.data, config.seed)
     classifier = load_classifier(run.path(CLASSIFIER_CKPT)).model
     generator = load_generator(run.path(GENERATOR_CKPT))
-    train = data.split("train")
-    validity = ValidityModel.fit(latent_means(generator, train.float_images()).numpy(), train.labels.numpy(),
+    judged = data.split(config.identify.validity_split)
+    validity = ValidityModel.fit(latent_means(generator, judged.float_images()).numpy(), judged.labels.numpy(),
                                  data.num_classes, seed=config.seed)
     validity.save(run.path(VALIDITY_MODEL))
     searched = data.split(config.identify.split)

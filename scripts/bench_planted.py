@@ -10,6 +10,8 @@ classifier through defuse's API, run identify + distill, and measure:
   its fresh samples that the clean reference classifier reads as the source class while
   the poisoned one reads the planted class;
 * whether that region's bug score beats every region of the clean control;
+* the validity judge fitted on the poisoned training labels instead (as the prototype did), for comparison
+  of how much of the planted subgroup it still calls the source class;
 * valid failures per 1,000 classifier queries, against random sampling from the prior
   and against the reference search (Beta(50, 50) shift of the mean, 10 samples per
   source) at equal budget;
@@ -182,15 +184,23 @@ def run_case(case: str, data: ImageDataModule, vae, reference, classes) -> tuple
         source, planted = CASES[case][:2]
         group = info["test_subgroup"]
         recon = reconstruct(vae, x[group])
+        train = case_data.split("train")
+        poisoned_judge = ValidityModel.fit(latent_means(vae, train.float_images()).numpy(), train.labels.numpy(),
+                                           len(classes), seed=SEED)
+        held_out_judge = ValidityModel.fit(latent_means(vae, x).numpy(), y.numpy(), len(classes), seed=SEED)
+        group_z = latent_means(vae, x[group]).numpy()
         out.update({
+            "subgroup_validity_judge_fitted_on_poisoned_train": round(float(
+                poisoned_judge.predict_proba(group_z)[:, source].mean()), 4),
+            "subgroup_validity_judge_fitted_on_held_out": round(float(
+                held_out_judge.predict_proba(group_z)[:, source].mean()), 4),
             "poisoned_train_labels": info["poisoned_train"],
             "test_subgroup_size": int(group.sum()),
             "subgroup_read_as_planted": round(float((predict_labels(model, x[group]) == planted).float().mean()), 4),
             "visibility": round(float((predict_labels(model, recon) == planted).float().mean()), 4),
         })
-    train = case_data.split("train")
-    validity = ValidityModel.fit(latent_means(vae, train.float_images()).numpy(), train.labels.numpy(),
-                                 len(classes), seed=SEED)
+    # As in the pipeline: the validity judge is fitted on the held-out (clean) split, not the poisoned training labels.
+    validity = ValidityModel.fit(latent_means(vae, x).numpy(), y.numpy(), len(classes), seed=SEED)
     failures = identify(model, vae, x, y, validity, IDENTIFY, seed=SEED, trainer=TRAINER)
     regions = distill(failures, model, vae, validity, classes, DISTILL, seed=SEED)
     stats = failures.stats
