@@ -27,6 +27,8 @@ _DESCRIPTIONS = {
     "write failures.parquet, failures_z.npy and the validity model (validity.npz).",
     "distill": "Group the failures into ranked misclassification regions (a Dirichlet-process mixture per confusion "
     "pair); write regions.json, regions/*.png and umap.png.",
+    "label": "Give each region one label: a class (a bug), n (not a bug) or s (skip), at a prompt showing the "
+    "region's samples; or --labels FILE / --labels auto. Answers go to labels.jsonl at once; run again to resume.",
 }
 
 
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text, description=text, epilog=_options_epilog(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p)
+        if name in ("run", "label"):
+            p.add_argument("--labels", default=None, metavar="prompt|auto|FILE",
+                           help="where labels come from: the prompt (default; auto when stdin is not a terminal), "
+                                "the regions' suggestions, or a JSON/YAML file mapping region id -> class or not-a-bug")
         if name == "run":
             p.add_argument("--force", action="append", default=[], metavar="STAGE",
                            help=f"re-run STAGE even if current (repeatable; 'all' for every stage). "
@@ -82,6 +88,8 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, RunDir]:
     overrides = list(args.overrides)
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
+    if getattr(args, "labels", None):
+        overrides.append(f"label.mode={args.labels}")
     if args.no_progress or not sys.stderr.isatty():
         overrides.append("trainer.progress_bar=false")
     config = load_config(args.config, overrides)

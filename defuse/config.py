@@ -190,6 +190,17 @@ class DistillConfig:
 
 
 @dataclass
+class LabelConfig:
+    """Where each region's label comes from (see defuse.label)."""
+
+    mode: str = "prompt"  # prompt (a person, in the terminal; auto when stdin is not one) | auto | a JSON/YAML file
+
+    def validate(self) -> None:
+        if not self.mode:
+            raise ValueError("`label.mode` must be prompt, auto or a labels file, got nothing instead.")
+
+
+@dataclass
 class TrainerConfig:
     """What Lightning's Trainer gets for every fit."""
 
@@ -213,6 +224,7 @@ class RunConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     identify: IdentifyConfig = field(default_factory=IdentifyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    label: LabelConfig = field(default_factory=LabelConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> "RunConfig":
@@ -220,7 +232,7 @@ class RunConfig:
             raise ValueError(f"`name` must be a plain, non-empty name, got {self.name!r} instead.")
         if self.seed < 0:
             raise ValueError(f"`seed` must be >= 0, got {self.seed} instead.")
-        for section in (self.data, self.classifier, self.generator, self.identify, self.distill, self.trainer):
+        for section in (self.data, self.classifier, self.generator, self.identify, self.distill, self.label, self.trainer):
             section.validate()
         if self.generator and self.data.image_size not in GENERATOR_SIZES:
             raise ValueError(

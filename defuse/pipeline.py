@@ -12,12 +12,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import json
+import logging
 import shutil
+import sys
 
 from defuse.config import RunConfig
 from defuse.data import ImageDataModule
 from defuse.distill import REGIONS_DIR, REGIONS_JSON, UMAP_PNG, Regions, distill, region_grids, save_grid_png, save_umap
 from defuse.fit import CLASSIFIER_CKPT, GENERATOR_CKPT, fit_classifier, fit_generator
+from defuse.label import LABELS_FILE, label_stage
 from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Failures, identify, latent_means
 from defuse.models.loading import load_classifier, load_generator
 from defuse.rundir import RunDir, fingerprint
@@ -63,6 +67,33 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     return {**regions.stats, "top_region": top.pair if top else None, "top_bug_score": top.bug_score if top else None}
 
 
+LABELS_FOR = "labels.regions-sha256"  # which regions.json the answers in labels.jsonl belong to
+
+log = logging.getLogger(__name__)
+
+
+def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
+    """One label per region from a person (prompt), a labels file, or the suggestions (auto).
+
+    Answers are keyed by region id, and ids are reassigned when distill runs again: answers given for
+    an earlier regions.json are moved aside (never deleted) before labelling the new regions.
+    """
+    regions = Regions.load(run)
+    classes = tuple(json.loads(run.path(REGIONS_JSON).read_text())["classes"])
+    regions_hash = run.artifact_hash(REGIONS_JSON)
+    labels, owner = run.path(LABELS_FILE), run.path(LABELS_FOR)
+    if labels.exists() and (not owner.exists() or owner.read_text().strip() != regions_hash):
+        aside = labels.with_name(f"labels.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        labels.rename(aside)
+        log.warning("regions.json changed since %s was written: its answers were moved to %s.", labels, aside)
+    owner.write_text(regions_hash + "\n")
+    mode = None if config.label.mode == "prompt" else config.label.mode
+    previews = None
+    if mode is None and sys.stdin.isatty():  # decoding previews is only worth it when a person looks
+        previews = region_grids(regions, load_generator(run.path(GENERATOR_CKPT)), config.distill.tau, config.seed)
+    return label_stage(run, regions, classes, mode, previews=previews)
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -70,6 +101,7 @@ class Stage:
     outputs: tuple[str, ...]  # file names, or glob patterns for a variable number of files
     sections: tuple[str, ...]  # config sections the stage reads
     inputs: tuple[str, ...] = ()  # artifacts of earlier stages it reads
+    always: bool = False  # never skipped (labelling resumes where the person stopped)
 
 
 @dataclass(frozen=True)
@@ -87,9 +119,10 @@ STAGES: tuple[Stage, ...] = (
           (CLASSIFIER_CKPT, GENERATOR_CKPT)),
     Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill",),
           (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, GENERATOR_CKPT)),
+    Stage("label", labelling_stage, (LABELS_FILE,), ("label",), (REGIONS_JSON,), always=True),
 )
 # The pipeline of ../shared/DESIGN.md beyond what is built so far, in order.
-NOT_BUILT_YET: tuple[str, ...] = ("label", "correct", "verify", "check", "report")
+NOT_BUILT_YET: tuple[str, ...] = ("correct", "verify", "check", "report")
 
 
 def stage_named(name: str) -> Stage:
@@ -114,7 +147,7 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
                 f"{run.path(name)} is missing: stage {stage.name!r} needs it. Run `defuse {producer}` first."
             )
     digest = stage_fingerprint(stage, config, run)
-    if not force and run.is_current(stage.name, digest):
+    if not force and not stage.always and run.is_current(stage.name, digest):
         return StageResult(stage.name, True, 0.0, run.metrics(stage.name))
     start = time.perf_counter()
     with run.running(stage.name, config.to_dict(), config.seed, digest) as record:

@@ -10,6 +10,10 @@ from defuse.models import load_classifier, load_generator
 from defuse.rundir import RunDir
 
 
+def regions_of(run_dir):
+    return json.loads((run_dir / "regions.json").read_text())["regions"]
+
+
 def _args(tiny_overrides, run_dir, *extra):
     args = [f"--run-dir={run_dir}"]
     for item in tiny_overrides:
@@ -29,17 +33,21 @@ def test_run_trains_both_models_records_them_then_skips(tmp_path, tiny_overrides
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     stages = manifest["stages"]
     assert {stage["status"] for stage in stages.values()} == {"done"}
-    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill"}
+    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "label"}
+    # no terminal here: labelling falls back to the suggestions, one automatic answer per region
+    answers = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert [a["region"] for a in answers] == [r["id"] for r in regions_of(tmp_path)]
+    assert {a["source"] for a in answers} <= {"auto"}
     assert stages["identify"]["metrics"]["sources"] <= 40
     assert 0.0 <= stages["fit-generator"]["metrics"]["reconstruction_accuracy"] <= 1.0
     assert stages["fit-classifier"]["metrics"]["test_accuracy"] > 0.3  # one epoch is far above chance (0.1)
     assert manifest["config"]["classifier"]["epochs"] == 2
-    first = {k: v["finished"] for k, v in stages.items()}
+    first = {k: v["finished"] for k, v in stages.items() if k != "label"}
 
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
     assert "skipped (current)" in capsys.readouterr().out
     again = json.loads((tmp_path / "manifest.json").read_text())["stages"]
-    assert {k: v.get("finished") for k, v in again.items()} == first
+    assert {k: v.get("finished") for k, v in again.items() if k != "label"} == first
 
 
 def test_changing_the_classifier_reruns_it_and_everything_downstream(tmp_path, tiny_overrides, capsys):
@@ -96,7 +104,7 @@ def test_bad_config_exits_2_with_the_message(tmp_path, capsys):
 
 def test_unknown_force_stage_is_refused(tmp_path, capsys):
     assert main(["run", "--run-dir", str(tmp_path), "--force", "fit-everything"]) == 2
-    assert "Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator, identify, distill." in capsys.readouterr().err
+    assert "Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator, identify, distill, label." in capsys.readouterr().err
 
 
 def test_help_lists_config_keys_with_defaults(capsys):
@@ -118,3 +126,20 @@ def test_user_torchscript_classifier_is_adopted_not_trained(tmp_path, tiny_overr
     x = torch.rand(2, 1, 28, 28)
     assert torch.allclose(loaded.model(x), model(x))
     assert RunDir(run_dir).metrics("fit-classifier")["test_accuracy"] < 0.5  # an untrained model stays untrained
+
+
+def test_labels_file_through_the_cli_and_new_regions_move_old_answers_aside(tmp_path, tiny_overrides, capsys):
+    assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
+    regions = regions_of(tmp_path)
+    if not regions:
+        pytest.skip("the tiny models produced no region to label")
+    labels = tmp_path / "answers.yaml"
+    labels.write_text(f"{regions[0]['id']}: not-a-bug\n")
+    assert main(["label", *_args(tiny_overrides, tmp_path), "--labels", str(labels)]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
+    assert answers[-1]["label"] == "not-a-bug" and answers[-1]["source"] == "file"
+    labels.write_text("999: 3\n")
+    assert main(["label", *_args(tiny_overrides, tmp_path), "--labels", str(labels)]) == 2
+    assert "999" in capsys.readouterr().err
+    assert main(["run", *_args(tiny_overrides, tmp_path), "--force", "distill", "--set", "distill.tau=0.5"]) == 0
+    assert list(tmp_path.glob("labels.before-*.jsonl"))  # answers for the old regions were kept, aside

@@ -1,0 +1,685 @@
+"""Labelling: a person gives each misclassification region one label.
+
+A label is what the region's images truly are: a class index (a bug: the classifier
+should have said this class, and ``correct`` fine-tunes it to), ``"not-a-bug"`` (the
+images are ambiguous or not of their source class) or ``"skip"`` (no decision; left out).
+
+Answers come from a prompt (:func:`interactive_labels`), a JSON/YAML file
+(:func:`file_labels`) or the regions' suggested labels (:func:`auto_labels`), and all
+end in ``labels.jsonl``, an append-only :class:`LabelBook`: one JSON line per answer,
+written, flushed and fsynced at once, so killing the process at any moment loses no
+answer already given, and the prompt resumes at the first unanswered region.
+
+Notation: K classes, ``classes[k]`` the name of class k; regions are in rank order
+(``Regions.regions``, id 1 = most likely a real bug).
+
+This module imports nothing heavy at load time (torch only inside :func:`render_preview`),
+so a prompt starts at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Union
+
+import yaml
+
+if TYPE_CHECKING:
+    import torch
+
+    from defuse.distill import Region, Regions
+    from defuse.rundir import RunDir
+
+LABELS_FILE = "labels.jsonl"
+NOT_A_BUG = "not-a-bug"
+SKIP = "skip"
+SOURCES = ("prompt", "file", "auto")
+Label = Union[int, str]  # a class index, NOT_A_BUG or SKIP
+
+_RESET = "\x1b[0m"
+_UPPER_HALF = "\u2580"  # "▀": foreground paints the upper pixel, background the lower one
+_HELP = """\
+  a class index or name   the class this region's images truly show (a bug: the classifier should say it)
+  Enter                   take the suggested label
+  n                       not a bug (the images are ambiguous or not of their source class)
+  s                       skip: no label, the region is left out of the repair
+  u                       undo the last answer and go back to its region
+  ?                       this help
+  q                       quit; every answer is already saved, run the same command again to resume
+A class named like a command (n, s, u, q) is given by its index."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One region's label.
+
+    Args:
+        region: the region id (as in regions.json).
+        label: a class index, ``"not-a-bug"`` or ``"skip"``.
+        source: ``"prompt"``, ``"file"`` or ``"auto"``.
+        time: when it was given, ISO 8601 (UTC).
+    """
+
+    region: int
+    label: Label
+    source: str
+    time: str
+
+    @property
+    def is_bug(self) -> bool:
+        """True when the label is a class (a bug to repair)."""
+        return isinstance(self.label, int)
+
+    def to_record(self) -> dict[str, Any]:
+        return {"region": self.region, "label": self.label, "source": self.source, "time": self.time}
+
+
+# ----------------------------------------------------------------------------- the book
+
+
+class LabelBook:
+    """An append-only ``labels.jsonl``: answers and undos, one JSON line each.
+
+    Answer line: ``{"region": 3, "label": 7 | "not-a-bug" | "skip", "source": "prompt", "time": "..."}``;
+    undo line: ``{"region": 3, "undo": true, "time": "..."}``. Replaying the file in order gives the
+    answers: a later line overrides an earlier one, an undo removes the region's answer.
+
+    Args:
+        path: the ``labels.jsonl`` file; created (with its folder) on the first answer.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def record(self, region: int, label: Label, source: str) -> Answer:
+        """Append one answer now (flushed and fsynced before this returns) and return it."""
+        answer = Answer(_check_region_id(region), _check_label(label), _check_source(source), _now())
+        self.add(answer)
+        return answer
+
+    def add(self, answer: Answer) -> None:
+        """Append an existing :class:`Answer` (its time is kept)."""
+        _check_region_id(answer.region)
+        _check_label(answer.label)
+        _check_source(answer.source)
+        self._append(answer.to_record())
+
+    def undo(self, region: int) -> None:
+        """Append an undo line: the region has no answer any more."""
+        self._append({"region": _check_region_id(region), "undo": True, "time": _now()})
+
+    def answers(self) -> dict[int, Answer]:
+        """The standing answer of every answered region, by region id."""
+        return self._replay()[0]
+
+    def last_answered(self) -> int | None:
+        """The region whose standing answer was given last (what ``u`` undoes), or None."""
+        order = self._replay()[1]
+        return order[-1] if order else None
+
+    # ------------------------------------------------------------ internals
+    def _replay(self) -> tuple[dict[int, Answer], list[int]]:
+        answers: dict[int, Answer] = {}
+        order: list[int] = []  # answered regions, oldest answer first
+        for entry in self._entries():
+            region = entry if isinstance(entry, int) else entry.region
+            if region in order:
+                order.remove(region)
+            if isinstance(entry, int):  # an undo
+                answers.pop(region, None)
+            else:
+                answers[region] = entry
+                order.append(region)
+        return answers, order
+
+    def _entries(self) -> list[Answer | int]:
+        """Parsed lines in order (an int is an undo of that region); a torn last line is left out."""
+        if not self.path.exists():
+            return []
+        *complete, tail = self.path.read_bytes().split(b"\n")
+        entries = []
+        for number, raw in enumerate(complete, start=1):
+            if raw.strip():
+                try:
+                    entries.append(_parse_line(raw))
+                except ValueError as err:
+                    raise ValueError(
+                        f"Line {number} of {self.path} must be a label record like "
+                        f'{{"region": 1, "label": 7, "source": "prompt", "time": "..."}}, got {_shorten(raw)} '
+                        f"instead ({err}). Fix or delete that line; the other answers are kept."
+                    ) from None
+        if tail.strip():  # no newline at the end: the process was killed while writing it
+            try:
+                entries.append(_parse_line(tail))
+            except ValueError:
+                pass
+        return entries
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        created = not self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as handle:
+            _repair_tail(handle)
+            handle.write((json.dumps(entry) + "\n").encode())
+            handle.flush()
+            os.fsync(handle.fileno())
+        if created:
+            _fsync_directory(self.path.parent)
+
+
+def _repair_tail(handle) -> None:
+    """Before appending: complete or cut a last line a killed process left without its newline."""
+    handle.seek(0, os.SEEK_END)
+    if handle.tell() == 0:
+        return
+    handle.seek(0)
+    data = handle.read()
+    if data.endswith(b"\n"):
+        return
+    start = data.rfind(b"\n") + 1
+    try:
+        _parse_line(data[start:])
+    except ValueError:
+        handle.truncate(start)  # a torn line: never a given answer, and it would corrupt the next one
+    else:
+        handle.write(b"\n")  # a whole record that only missed its newline
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a new file's directory entry durable too (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _parse_line(raw: bytes) -> Answer | int:
+    try:
+        entry = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"not JSON: {err}") from None
+    if not isinstance(entry, dict):
+        raise ValueError("not a JSON object")
+    region = entry.get("region")
+    if not _is_int(region):
+        raise ValueError("'region' must be an integer")
+    if not isinstance(entry.get("time"), str):
+        raise ValueError("'time' must be a string")
+    if entry.get("undo") is True:
+        return int(region)
+    label, source = entry.get("label"), entry.get("source")
+    if not (_is_int(label) and label >= 0 or label in (NOT_A_BUG, SKIP)):
+        raise ValueError(f"'label' must be a class index, {NOT_A_BUG!r} or {SKIP!r}")
+    if source not in SOURCES:
+        raise ValueError(f"'source' must be one of {', '.join(SOURCES)}")
+    return Answer(int(region), label, source, entry["time"])
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def render_preview(images: torch.Tensor, columns: int = 8, *, max_side: int = 16) -> str:
+    """Draw images in a terminal with upper half blocks and 24-bit ANSI colour.
+
+    Each character cell shows two pixels: its foreground the upper row, its background the
+    lower one. Images are downscaled (area interpolation) to at most ``max_side`` pixels a
+    side, laid side by side ``columns`` to a row with one space between them and one blank
+    line between rows; an odd height leaves the last cell's lower half in the terminal's
+    own background. Every line ends with a colour reset.
+
+    Args:
+        images: ``(N, C, H, W)`` floats in [0, 1], C = 1 or 3.
+        columns: images per row.
+        max_side: the largest side, in pixels, of a drawn image.
+
+    Returns:
+        The lines joined by ``"\\n"`` (no trailing newline): ``ceil(N / columns)`` rows of
+        ``ceil(h / 2)`` lines each, plus the blank lines between rows, where h is the drawn height.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"`images` must be a (N, C, H, W) tensor with C = 1 or 3, got {shape} instead.")
+    if not images.is_floating_point():
+        raise ValueError(f"`images` must hold floats in [0, 1], got {images.dtype} instead. Divide uint8 images by 255.")
+    if not _is_int(columns) or columns < 1:
+        raise ValueError(f"`columns` must be an int >= 1, got {columns!r} instead.")
+    if not _is_int(max_side) or max_side < 1:
+        raise ValueError(f"`max_side` must be an int >= 1, got {max_side!r} instead.")
+    n, channels, height, width = images.shape
+    if n == 0 or height == 0 or width == 0:
+        return ""
+    x = torch.nan_to_num(images.detach().float().cpu())
+    if max(height, width) > max_side:
+        scale = max_side / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        x = F.interpolate(x, size=size, mode="area")
+    x = x.clamp(0, 1).mul(255).round().to(torch.uint8)
+    if channels == 1:
+        x = x.expand(-1, 3, -1, -1)
+    pixels = x.permute(0, 2, 3, 1).tolist()  # (N, h, w, 3) nested lists of ints
+    drawn_height = x.shape[2]
+    lines: list[str] = []
+    for start in range(0, n, columns):
+        if start:
+            lines.append("")
+        block = pixels[start : start + columns]
+        for top in range(0, drawn_height, 2):
+            cells = [_cell_row(image[top], image[top + 1] if top + 1 < drawn_height else None) for image in block]
+            lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def _cell_row(upper: list[list[int]], lower: list[list[int]] | None) -> str:
+    """One text line of one image: colour codes only where the colours change, then a reset."""
+    out = []
+    previous = None
+    for i, top in enumerate(upper):
+        bottom = None if lower is None else lower[i]
+        if (top, bottom) != previous:
+            background = "\x1b[49m" if bottom is None else "\x1b[48;2;{};{};{}m".format(*bottom)
+            out.append("\x1b[38;2;{};{};{}m".format(*top) + background)
+            previous = (top, bottom)
+        out.append(_UPPER_HALF)
+    return "".join(out) + _RESET
+
+
+# ----------------------------------------------------------------------------- labellers
+
+
+def interactive_labels(
+    regions: Regions | Sequence[Region],
+    classes: Sequence[str],
+    book: LabelBook,
+    *,
+    ask: Callable[[str], str] = input,
+    out: Callable[[str], Any] = print,
+    previews: Mapping[int, torch.Tensor] | None = None,
+    grid_path: Callable[[int], str | Path | None] | None = None,
+) -> dict[int, Answer]:
+    """Ask a person for one label per region, in rank order, resuming where the book stops.
+
+    A region counts as answered once a person answered it (at the prompt or in a labels file);
+    an automatic answer (a fallback run without a terminal) is asked again, its suggestion the default.
+    Every answer is in ``book`` the moment it is given; ``q`` (or end of input) only stops asking.
+
+    Args:
+        regions: the ranked regions (``Regions`` or its ``.regions`` list).
+        classes: the K class names; the regions' labels index them.
+        book: where answers go and where a resumed session reads what is done.
+        ask: reads one answer, given the prompt text (``input`` in a terminal, a script in tests).
+        out: writes one block of text.
+        previews: region id -> ``(N, C, H, W)`` sample images in [0, 1], drawn in the terminal.
+        grid_path: region id -> the region's PNG grid (shown as a path), or None.
+
+    Returns:
+        The book's answers, by region id.
+    """
+    region_list = _region_list(regions)
+    _check_classes(region_list, classes)
+    by_id = {region.id: region for region in region_list}
+    current = _first_pending(region_list, book.answers())
+    if current is None:
+        out(f"All {len(region_list)} regions are labelled ({book.path}).")
+        return book.answers()
+    out(f"Label {len(region_list)} regions: Enter takes the suggestion, ? lists the answers.")
+    show = True
+    while current is not None:
+        if show:
+            _show_region(current, region_list, classes, out, previews, grid_path)
+        show = True
+        command, label = _read_answer(current, classes, ask, out)
+        if command == "quit":
+            answered = sum(1 for a in book.answers() if a in by_id)
+            out(f"Stopped: {answered} of {len(region_list)} regions labelled, saved in {book.path}. "
+                f"Run the same command again to resume at region #{current.id}.")
+            return book.answers()
+        if command == "undo":
+            last = book.last_answered()
+            if last is None:
+                out("Nothing to undo.")
+                show = False
+                continue
+            book.undo(last)
+            out(f"Undid the answer for region #{last}.")
+            current = by_id.get(last) or _first_pending(region_list, book.answers())
+            continue
+        book.record(current.id, label, "prompt")
+        out(f"region #{current.id}: {_describe(label, classes)}")
+        current = _first_pending(region_list, book.answers())
+    out(f"All {len(region_list)} regions are labelled ({book.path}).")
+    return book.answers()
+
+
+def file_labels(path: str | Path, regions: Regions | Sequence[Region], classes: Sequence[str]) -> dict[int, Answer]:
+    """Read labels from a JSON or YAML file mapping region ids to labels.
+
+    Example (YAML): ``{1: 7, 2: seven, 3: not-a-bug, 4: skip}``; a label is a class index, a class
+    name (case-insensitive), ``not-a-bug`` or ``skip``. Regions the file leaves out stay unanswered.
+
+    Args:
+        path: the file (JSON is YAML, so one reader takes both).
+        regions: the run's regions; every id in the file must be one of theirs.
+        classes: the K class names.
+
+    Returns:
+        One answer (source ``"file"``) per entry, by region id.
+    """
+    file = Path(path)
+    region_list = _region_list(regions)
+    _check_classes(region_list, classes)
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"Labels file {file} does not exist. Labels come from prompt, auto, or a JSON/YAML file "
+            f"mapping region ids to labels, e.g. {{1: 7, 2: not-a-bug}}."
+        )
+    try:
+        data = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} must be JSON or YAML, got a parse error instead: {err}") from None
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise ValueError(
+            f"{file} must map region ids to labels, e.g. {{1: 7, 2: not-a-bug}}, got {got} instead."
+        )
+    ids = [region.id for region in region_list]
+    listing = ", ".join(map(str, ids)) or "none"
+    time = _now()
+    answers: dict[int, Answer] = {}
+    for key, value in data.items():
+        region = _as_region_id(key)
+        if region is None or region not in ids:
+            raise ValueError(
+                f"Region ids in {file} must be regions of this run ({listing}), got {key!r} instead. "
+                f"Remove that entry or re-check regions.json."
+            )
+        if region in answers:
+            raise ValueError(f"Region ids in {file} must appear once each, got region {region} twice instead.")
+        label = _parse_label(value, classes)
+        if label is None:
+            raise ValueError(
+                f"The label of region {region} in {file} must be a class index in [0, {len(classes) - 1}], "
+                f"a class name ({_class_listing(classes)}), {NOT_A_BUG!r} or {SKIP!r}, got {value!r} instead."
+            )
+        answers[region] = Answer(region, label, "file", time)
+    return answers
+
+
+def auto_labels(regions: Regions | Sequence[Region]) -> dict[int, Answer]:
+    """Each region's suggested label (the validity model's majority class), source ``"auto"``."""
+    time = _now()
+    return {r.id: Answer(r.id, int(r.suggested_label), "auto", time) for r in _region_list(regions)}
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def label_stage(
+    run: RunDir,
+    regions: Regions | Sequence[Region],
+    classes: Sequence[str],
+    mode: str | Path | None,
+    *,
+    ask: Callable[[str], str] = input,
+    out: Callable[[str], Any] = print,
+    stdin_is_tty: bool | None = None,
+    previews: Mapping[int, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """The label stage: record one answer per region in ``run/labels.jsonl``.
+
+    Modes:
+
+    * ``None`` or ``"prompt"``: ask in the terminal (:func:`interactive_labels`), resuming at the
+      first unanswered region. Without a terminal on stdin it says so and falls back to ``"auto"``,
+      so scripts and CI never wait for an answer.
+    * ``"auto"``: the suggested label of every region that has no answer yet.
+    * anything else: a JSON/YAML labels file (:func:`file_labels`). A file is explicit: its entries
+      replace earlier answers (only changed ones are appended, so re-running it appends nothing).
+
+    Args:
+        run: the run directory.
+        regions: the ranked regions.
+        classes: the K class names.
+        mode: see above.
+        ask: reads one answer at the prompt.
+        out: writes one block of text.
+        stdin_is_tty: whether a person can answer; default ``sys.stdin.isatty()``.
+        previews: region id -> ``(N, C, H, W)`` sample images drawn at the prompt.
+
+    Returns:
+        Metrics: ``regions``, ``answered``, ``bugs`` (labelled with a class), ``not_a_bug``, ``skipped``,
+        ``pending`` (no answer yet), ``mode`` (``prompt``, ``auto`` or ``file``) and, in file mode,
+        ``labels_file``.
+    """
+    region_list = _region_list(regions)
+    _check_classes(region_list, classes)
+    book = LabelBook(run.path(LABELS_FILE))
+    kind = _mode_kind(mode)
+    if kind == "prompt":
+        if stdin_is_tty is None:
+            stdin_is_tty = sys.stdin is not None and sys.stdin.isatty()
+        if not stdin_is_tty:
+            out("stdin is not a terminal, so nobody can answer the prompt: labelling every unanswered region "
+                "with its suggested label (auto). Run `defuse label` in a terminal to answer yourself, "
+                "or pass --labels FILE (JSON/YAML: region id -> class).")
+            kind = "auto"
+    if kind == "prompt":
+        interactive_labels(region_list, classes, book, ask=ask, out=out, previews=previews,
+                           grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}.png")))
+    elif kind == "auto":
+        answered = book.answers()
+        added = [a for a in auto_labels(region_list).values() if a.region not in answered]
+        for answer in added:
+            book.add(answer)
+        out(f"auto: {len(added)} regions labelled with their suggested label ({book.path}).")
+    else:
+        _apply_file(book, file_labels(mode, region_list, classes), classes, out)
+    metrics = _metrics(region_list, book.answers(), kind)
+    if kind == "file":
+        metrics["labels_file"] = str(mode)
+    return metrics
+
+
+def _apply_file(book: LabelBook, answers: dict[int, Answer], classes: Sequence[str], out: Callable) -> None:
+    current = book.answers()
+    written = 0
+    for region, answer in answers.items():
+        before = current.get(region)
+        if before is not None and before.label == answer.label and before.source != "auto":
+            continue
+        if before is not None and before.source != "auto":
+            out(f"region #{region}: {_describe(before.label, classes)} -> {_describe(answer.label, classes)} "
+                f"(from {before.source} to file)")
+        book.add(answer)
+        written += 1
+    out(f"file: {written} answers recorded, {len(answers) - written} already standing ({book.path}).")
+
+
+def _metrics(region_list: list[Region], answers: dict[int, Answer], kind: str) -> dict[str, Any]:
+    mine = [answers[r.id] for r in region_list if r.id in answers]
+    return {
+        "regions": len(region_list),
+        "answered": len(mine),
+        "bugs": sum(a.is_bug for a in mine),
+        "not_a_bug": sum(a.label == NOT_A_BUG for a in mine),
+        "skipped": sum(a.label == SKIP for a in mine),
+        "pending": len(region_list) - len(mine),
+        "mode": kind,
+    }
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _mode_kind(mode: str | Path | None) -> str:
+    if mode is None or mode == "prompt":
+        return "prompt"
+    if mode == "auto":
+        return "auto"
+    if isinstance(mode, (str, Path)) and str(mode):
+        return "file"
+    raise ValueError(f"`mode` must be prompt, auto or a labels file path, got {mode!r} instead.")
+
+
+def _show_region(region: Region, region_list: list[Region], classes: Sequence[str], out: Callable,
+                 previews: Mapping[int, Any] | None, grid_path: Callable | None) -> None:
+    position = region_list.index(region) + 1
+    out("")
+    out(f"Region #{region.id} ({position} of {len(region_list)}): {region.pair} | {region.n_failures} failures | "
+        f"error rate {region.error_rate:.2f} | validity {region.validity:.2f}")
+    if previews is not None and region.id in previews:
+        out(render_preview(previews[region.id]))
+    if grid_path is not None:
+        path = grid_path(region.id)
+        if path is not None:
+            out(f"samples: {path}")
+    suggested = int(region.suggested_label)
+    out(f"suggested label: {classes[suggested]} (index {suggested})")
+
+
+def _read_answer(region: Region, classes: Sequence[str], ask: Callable[[str], str],
+                 out: Callable) -> tuple[str, Label | None]:
+    """Ask until the answer is a label or a command; returns ("label", label), ("undo", None) or ("quit", None)."""
+    suggested = int(region.suggested_label)
+    prompt = f"label for region #{region.id} [{classes[suggested]}]: "
+    while True:
+        try:
+            text = ask(prompt)
+        except EOFError:
+            out("")
+            return "quit", None
+        text = text.strip()
+        command = text.lower()
+        if command == "":
+            return "label", suggested
+        if command == "q":
+            return "quit", None
+        if command == "u":
+            return "undo", None
+        if command == "?":
+            out(_HELP)
+            continue
+        if command == "n":
+            return "label", NOT_A_BUG
+        if command == "s":
+            return "label", SKIP
+        label = _parse_label(text, classes)
+        if label is None:
+            out(f"{text!r} is not a class. Classes (index name): {_class_listing(classes, indexed=True)}; "
+                f"or n (not a bug), s (skip), u (undo), ? (help), q (quit).")
+            continue
+        return "label", label
+
+
+def _parse_label(value: Any, classes: Sequence[str]) -> Label | None:
+    """A class index, a class name (exact, then case-insensitive, before an index), not-a-bug or skip; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value if 0 <= value < len(classes) else None
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if text.lower() in (NOT_A_BUG, SKIP):
+        return text.lower()
+    if text in classes:
+        return list(classes).index(text)
+    folded = [name.lower() for name in classes]
+    if text.lower() in folded:
+        return folded.index(text.lower())
+    if text.isdigit() and int(text) < len(classes):
+        return int(text)
+    return None
+
+
+def _first_pending(region_list: list[Region], answers: dict[int, Answer]) -> Region | None:
+    """The best-ranked region no person has answered yet."""
+    for region in region_list:
+        answer = answers.get(region.id)
+        if answer is None or answer.source == "auto":
+            return region
+    return None
+
+
+def _region_list(regions: Regions | Iterable[Region]) -> list[Region]:
+    return list(getattr(regions, "regions", regions))
+
+
+def _check_classes(region_list: list[Region], classes: Sequence[str]) -> None:
+    if isinstance(classes, str) or len(classes) < 2:
+        raise ValueError(f"`classes` must be a sequence of at least 2 class names, got {classes!r} instead.")
+    for region in region_list:
+        if not 0 <= int(region.suggested_label) < len(classes):
+            raise ValueError(
+                f"`classes` must name every class the regions use, got {len(classes)} classes but region "
+                f"#{region.id} suggests class {region.suggested_label} instead. Pass the classes of regions.json."
+            )
+
+
+def _check_region_id(region: Any) -> int:
+    if not _is_int(region):
+        raise ValueError(f"`region` must be an int region id, got {region!r} instead.")
+    return int(region)
+
+
+def _check_label(label: Any) -> Label:
+    if not (_is_int(label) and label >= 0 or label in (NOT_A_BUG, SKIP)):
+        raise ValueError(f"`label` must be a class index >= 0, {NOT_A_BUG!r} or {SKIP!r}, got {label!r} instead.")
+    return label
+
+
+def _check_source(source: Any) -> str:
+    if source not in SOURCES:
+        raise ValueError(f"`source` must be one of {', '.join(SOURCES)}, got {source!r} instead.")
+    return source
+
+
+def _as_region_id(key: Any) -> int | None:
+    if _is_int(key):
+        return int(key)
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key.strip())
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _describe(label: Label, classes: Sequence[str]) -> str:
+    return f"{classes[label]} (index {label})" if isinstance(label, int) else label
+
+
+def _class_listing(classes: Sequence[str], indexed: bool = False) -> str:
+    if not indexed:
+        return ", ".join(classes)
+    return ", ".join(name if name == str(i) else f"{i} {name}" for i, name in enumerate(classes))
+
+
+def _existing(path: Path) -> Path | None:
+    return path if path.exists() else None
+
+
+def _shorten(raw: bytes, limit: int = 80) -> str:
+    text = raw.decode("utf-8", errors="replace")
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -1,0 +1,462 @@
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from defuse.distill import Region, Regions
+from defuse.label import (
+    Answer,
+    LabelBook,
+    auto_labels,
+    file_labels,
+    interactive_labels,
+    label_stage,
+    render_preview,
+)
+from defuse.rundir import RunDir
+
+DIGITS = tuple(str(i) for i in range(10))
+PACKAGE_DIR = Path(__file__).resolve().parents[1] / "defuse"
+CLASS_LIST = "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
+
+
+def make_region(region_id: int, source: int, predicted: int, suggested: int) -> Region:
+    return Region(id=region_id, source_label=source, predicted_label=predicted, pair=f"{source} -> {predicted}",
+                  n_failures=10 + region_id, weight=0.25, purity=1.0, error_rate=0.9, flip_rate=0.95, validity=0.8,
+                  confidence=0.9, suggested_label=suggested, median_radius=1.0, pair_median_radius=1.0,
+                  source_confidence=0.99, bug_score=0.65, mean=[0.0, 0.0], cov=[[1.0, 0.0], [0.0, 1.0]])
+
+
+def make_regions() -> Regions:
+    return Regions([make_region(1, 7, 1, 7), make_region(2, 4, 9, 4), make_region(3, 2, 7, 2),
+                    make_region(4, 5, 3, 5)], {})
+
+
+def scripted(answers, prompts):
+    """An `ask` that records each prompt and plays the answers in order; past the end it is end of input."""
+    answers = iter(answers)
+
+    def ask(prompt: str) -> str:
+        prompts.append(prompt)
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    return ask
+
+
+def records(path: Path) -> list[dict]:
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for line in lines:
+        datetime.fromisoformat(line.pop("time"))
+    return lines
+
+
+# ----------------------------------------------------------------------------- prompt
+
+
+def test_interactive_labels_answers_commands_undo_and_resume(tmp_path):
+    book = LabelBook(tmp_path / "labels.jsonl")
+    prompts: list[str] = []
+    printed: list[str] = []
+    script = ["?", "cat", "12", "7",  # region 1: help, an unknown name, an index out of range, then class 7
+              "n",                    # region 2: not a bug
+              "u", "s",               # region 3: undo region 2's answer, which asks region 2 again: skip
+              "",                     # region 3: Enter takes the suggestion (2)
+              "q"]                    # region 4: quit
+    answers = interactive_labels(make_regions(), DIGITS, book, ask=scripted(script, prompts), out=printed.append)
+    assert {r: (a.label, a.source) for r, a in answers.items()} == {1: (7, "prompt"), 2: ("skip", "prompt"),
+                                                                     3: (2, "prompt")}
+    assert prompts == ["label for region #1 [7]: "] * 4 + ["label for region #2 [4]: ", "label for region #3 [2]: ",
+                                                           "label for region #2 [4]: ", "label for region #3 [2]: ",
+                                                           "label for region #4 [5]: "]
+    text = "\n".join(printed)
+    assert "n                       not a bug" in text  # the help
+    assert (f"'cat' is not a class. Classes (index name): {CLASS_LIST}; "
+            f"or n (not a bug), s (skip), u (undo), ? (help), q (quit).") in printed
+    assert f"'12' is not a class. Classes (index name): {CLASS_LIST}; " in text
+    assert "Region #1 (1 of 4): 7 -> 1 | 11 failures | error rate 0.90 | validity 0.80" in printed
+    assert "suggested label: 7 (index 7)" in printed
+    assert "Undid the answer for region #2." in printed
+    assert printed[-1] == (f"Stopped: 3 of 4 regions labelled, saved in {book.path}. "
+                           f"Run the same command again to resume at region #4.")
+    assert records(book.path) == [
+        {"region": 1, "label": 7, "source": "prompt"},
+        {"region": 2, "label": "not-a-bug", "source": "prompt"},
+        {"region": 2, "undo": True},
+        {"region": 2, "label": "skip", "source": "prompt"},
+        {"region": 3, "label": 2, "source": "prompt"},
+    ]
+
+    prompts.clear()
+    again = interactive_labels(make_regions(), DIGITS, LabelBook(book.path), ask=scripted([" 3 "], prompts),
+                               out=printed.append)
+    assert prompts == ["label for region #4 [5]: "]  # resumed at the first unanswered region
+    assert again[4].label == 3 and len(again) == 4
+    assert printed[-1] == f"All 4 regions are labelled ({book.path})."
+    assert records(book.path)[-1] == {"region": 4, "label": 3, "source": "prompt"}
+
+
+def test_interactive_labels_take_class_names_and_show_previews(tmp_path):
+    book = LabelBook(tmp_path / "labels.jsonl")
+    regions = [make_region(1, 0, 1, 0), make_region(2, 1, 2, 1)]
+    printed: list[str] = []
+    answers = interactive_labels(regions, ("cat", "dog", "bird"), book, ask=scripted(["DOG", "2"], []),
+                                 out=printed.append, previews={1: torch.rand(16, 1, 28, 28)},
+                                 grid_path=lambda region: tmp_path / f"region_{region:02d}.png")
+    assert [answers[1].label, answers[2].label] == [1, 2]  # a name (any case), then an index
+    assert sum("\u2580" in text for text in printed) == 1  # region 2 has no preview
+    assert f"samples: {tmp_path / 'region_01.png'}" in printed
+    assert "suggested label: cat (index 0)" in printed
+
+
+def test_end_of_input_quits_and_undo_with_nothing_to_undo_asks_again(tmp_path):
+    book = LabelBook(tmp_path / "labels.jsonl")
+    printed: list[str] = []
+    prompts: list[str] = []
+    answers = interactive_labels(make_regions(), DIGITS, book, ask=scripted(["u", "1", "u", "u", "2"], prompts),
+                                 out=printed.append)
+    assert "Nothing to undo." in printed
+    assert {r: a.label for r, a in answers.items()} == {1: 2}  # 1 for region 1, undone, then 2 for region 1
+    assert prompts[-1] == "label for region #2 [4]: "  # then end of input: stop, nothing lost
+    assert printed[-1].startswith("Stopped: 1 of 4 regions labelled")
+
+
+def test_undo_twice_goes_back_two_answers(tmp_path):
+    book = LabelBook(tmp_path / "labels.jsonl")
+    prompts: list[str] = []
+    interactive_labels(make_regions(), DIGITS, book, ask=scripted(["1", "2", "u", "u", "q"], prompts),
+                       out=lambda text: None)
+    assert book.answers() == {} and book.last_answered() is None
+    assert prompts[-1] == "label for region #1 [7]: "
+
+
+# ----------------------------------------------------------------------------- the book
+
+
+def test_a_torn_last_line_is_ignored_and_repaired_before_the_next_answer(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    book = LabelBook(path)
+    book.record(1, 7, "prompt")
+    book.record(2, "not-a-bug", "file")
+    with open(path, "ab") as handle:
+        handle.write(b'{"region": 3, "label": 2, "sou')  # killed mid-write
+    assert sorted(book.answers()) == [1, 2] and book.last_answered() == 2
+    book.record(3, 5, "prompt")
+    assert {r: a.label for r, a in book.answers().items()} == {1: 7, 2: "not-a-bug", 3: 5}
+    assert len(path.read_text().splitlines()) == 3
+
+
+def test_a_last_line_without_its_newline_still_counts(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"region": 1, "label": 4, "source": "auto", "time": "2024-01-01T00:00:00+00:00"}')
+    book = LabelBook(path)
+    assert book.answers() == {1: Answer(1, 4, "auto", "2024-01-01T00:00:00+00:00")}
+    book.undo(1)
+    assert book.answers() == {} and len(path.read_text().splitlines()) == 2
+
+
+def test_a_corrupt_line_in_the_middle_is_refused(tmp_path):
+    path = tmp_path / "labels.jsonl"
+    path.write_text('{"region": 1, "label": 4, "source": "auto", "time": "t"}\nnonsense\n'
+                    '{"region": 2, "label": 4, "source": "auto", "time": "t"}\n')
+    message = (f"Line 2 of {path} must be a label record like "
+               '{"region": 1, "label": 7, "source": "prompt", "time": "..."}, got \'nonsense\' instead '
+               "(not JSON: Expecting value: line 1 column 1 (char 0)). Fix or delete that line; "
+               "the other answers are kept.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        LabelBook(path).answers()
+
+
+def test_the_book_refuses_bad_answers(tmp_path):
+    book = LabelBook(tmp_path / "labels.jsonl")
+    with pytest.raises(ValueError, match=re.escape("`label` must be a class index >= 0, 'not-a-bug' or 'skip', "
+                                                   "got 'bug' instead.")):
+        book.record(1, "bug", "prompt")
+    with pytest.raises(ValueError, match=re.escape("`source` must be one of prompt, file, auto, got 'cli' instead.")):
+        book.record(1, 3, "cli")
+    assert not book.path.exists()
+
+
+# ----------------------------------------------------------------------------- a real terminal
+
+DRIVER = r"""
+import json, sys, types
+from types import SimpleNamespace
+
+# Load defuse.label and defuse.rundir without running defuse/__init__.py, which imports torch and Lightning
+# (seconds): the prompt itself needs neither, and the test restarts this process several times.
+package = types.ModuleType("defuse")
+package.__path__ = [sys.argv[1]]
+sys.modules["defuse"] = package
+from defuse.label import label_stage
+from defuse.rundir import RunDir
+
+def region(i, source, predicted, suggested):
+    return SimpleNamespace(id=i, pair=f"{source} -> {predicted}", n_failures=10 + i, error_rate=0.9, validity=0.8,
+                           suggested_label=suggested, source_label=source, predicted_label=predicted)
+
+regions = [region(1, 7, 1, 7), region(2, 4, 9, 4), region(3, 2, 7, 2)]
+metrics = label_stage(RunDir(sys.argv[2]), regions, tuple(str(i) for i in range(10)), None, stdin_is_tty=True)
+print("DRIVER DONE " + json.dumps(metrics), flush=True)
+"""
+
+
+class Terminal:
+    """A process whose stdin, stdout and stderr are a pseudo-terminal; every read has a deadline."""
+
+    def __init__(self, script: Path, run_dir: Path) -> None:
+        master, slave = os.openpty()
+        self.process = subprocess.Popen([sys.executable, str(script), str(PACKAGE_DIR), str(run_dir)],
+                                        stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                                        start_new_session=True)
+        os.close(slave)
+        self.master = master
+        self.seen = b""
+        self.position = 0
+
+    def expect(self, text: str, timeout: float = 30.0) -> str:
+        """Read until ``text`` appears after what earlier calls consumed; return what came before it."""
+        wanted = text.encode()
+        deadline = time.monotonic() + timeout
+        while wanted not in self.seen[self.position :]:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"no {text!r} within {timeout} s; the terminal shows:\n{self.seen.decode()}")
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if not ready:
+                continue
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:  # EIO: the process has gone and the terminal is closed
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"the process ended before {text!r}; the terminal shows:\n{self.seen.decode()}")
+            self.seen += chunk
+        end = self.seen.index(wanted, self.position)
+        before = self.seen[self.position : end].decode()
+        self.position = end + len(wanted)
+        return before
+
+    def send(self, line: str) -> None:
+        os.write(self.master, (line + "\n").encode())
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.process.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        os.close(self.master)
+
+
+@pytest.fixture
+def driver(tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    terminals: list[Terminal] = []
+
+    def start() -> Terminal:
+        terminals.append(Terminal(script, tmp_path / "run"))
+        return terminals[-1]
+
+    yield start
+    for terminal in terminals:
+        terminal.close()
+
+
+def test_prompt_in_a_real_terminal_quits_and_resumes(driver, tmp_path):
+    first = driver()
+    shown = first.expect("label for region #1 [7]: ")
+    assert "Region #1 (1 of 3): 7 -> 1 | 11 failures | error rate 0.90 | validity 0.80" in shown
+    first.send("7")
+    first.expect("label for region #2 [4]: ")
+    first.send("q")
+    first.expect("Run the same command again to resume at region #2.")
+    first.expect("DRIVER DONE ")
+    assert json.loads(first.expect("\n").strip()) == {"regions": 3, "answered": 1, "bugs": 1, "not_a_bug": 0,
+                                                      "skipped": 0, "pending": 2, "mode": "prompt"}
+    assert first.wait() == 0
+
+    second = driver()
+    shown = second.expect("label for region #")
+    assert "Region #2 (2 of 3)" in shown and "Region #1 " not in shown  # resumed at the first unanswered one
+    second.expect("2 [4]: ")
+    second.send("n")
+    second.expect("label for region #3 [2]: ")
+    second.send("")  # Enter: the suggestion
+    second.expect("All 3 regions are labelled")
+    second.expect("DRIVER DONE ")
+    assert json.loads(second.expect("\n").strip())["answered"] == 3
+    assert second.wait() == 0
+    assert records(tmp_path / "run" / "labels.jsonl") == [
+        {"region": 1, "label": 7, "source": "prompt"},
+        {"region": 2, "label": "not-a-bug", "source": "prompt"},
+        {"region": 3, "label": 2, "source": "prompt"},
+    ]
+
+
+def test_killing_the_prompt_loses_no_given_answer(driver, tmp_path):
+    terminal = driver()
+    terminal.expect("label for region #1 [7]: ")
+    terminal.send("1")
+    terminal.expect("label for region #2 [4]: ")
+    terminal.send("9")
+    terminal.expect("label for region #3 [2]: ")
+    path = tmp_path / "run" / "labels.jsonl"
+    deadline = time.monotonic() + 10
+    while len(path.read_text().splitlines()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.kill(terminal.process.pid, signal.SIGKILL)
+    assert terminal.wait() == -signal.SIGKILL
+    answers = LabelBook(path).answers()
+    assert {r: (a.label, a.source) for r, a in answers.items()} == {1: (1, "prompt"), 2: (9, "prompt")}
+
+
+# ----------------------------------------------------------------------------- files and auto
+
+
+def test_file_labels_read_json_and_yaml(tmp_path):
+    regions = make_regions()
+    as_json = tmp_path / "labels.json"
+    as_json.write_text(json.dumps({"1": 7, "2": "not-a-bug", "3": "skip", "4": "5"}))
+    answers = file_labels(as_json, regions, DIGITS)
+    assert {r: a.label for r, a in answers.items()} == {1: 7, 2: "not-a-bug", 3: "skip", 4: 5}
+    assert {a.source for a in answers.values()} == {"file"}
+    as_yaml = tmp_path / "labels.yaml"
+    as_yaml.write_text("1: 7\n3: Not-A-Bug\n")
+    assert {r: a.label for r, a in file_labels(as_yaml, regions, DIGITS).items()} == {1: 7, 3: "not-a-bug"}
+    named = tmp_path / "named.yaml"
+    named.write_text("1: Dog\n2: 0\n")
+    two = [make_region(1, 0, 1, 0), make_region(2, 1, 0, 1)]
+    assert {r: a.label for r, a in file_labels(named, two, ("cat", "dog")).items()} == {1: 1, 2: 0}
+
+
+def test_file_labels_refuse_an_unknown_region(tmp_path):
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps({"1": 7, "9": 1}))
+    message = (f"Region ids in {path} must be regions of this run (1, 2, 3, 4), got '9' instead. "
+               "Remove that entry or re-check regions.json.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        file_labels(path, make_regions(), DIGITS)
+
+
+def test_file_labels_refuse_an_unknown_class(tmp_path):
+    path = tmp_path / "labels.yaml"
+    path.write_text("1: 7\n2: cat\n")
+    message = (f"The label of region 2 in {path} must be a class index in [0, 9], a class name ({CLASS_LIST}), "
+               "'not-a-bug' or 'skip', got 'cat' instead.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        file_labels(path, make_regions(), DIGITS)
+    path.write_text("1: 10\n")
+    with pytest.raises(ValueError, match=re.escape("got 10 instead.")):
+        file_labels(path, make_regions(), DIGITS)
+
+
+def test_file_labels_refuse_a_file_that_is_no_mapping(tmp_path):
+    path = tmp_path / "labels.yaml"
+    path.write_text("- 7\n- 1\n")
+    message = f"{path} must map region ids to labels, e.g. {{1: 7, 2: not-a-bug}}, got a list instead."
+    with pytest.raises(ValueError, match=re.escape(message)):
+        file_labels(path, make_regions(), DIGITS)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"Labels file {tmp_path / 'nope.yaml'} does not exist.")):
+        file_labels(tmp_path / "nope.yaml", make_regions(), DIGITS)
+
+
+def test_auto_labels_are_the_suggestions():
+    answers = auto_labels(make_regions())
+    assert {r: (a.label, a.source) for r, a in answers.items()} == {1: (7, "auto"), 2: (4, "auto"),
+                                                                     3: (2, "auto"), 4: (5, "auto")}
+
+
+def test_without_a_terminal_the_stage_falls_back_to_auto_labels(tmp_path):
+    run = RunDir(tmp_path)
+    printed: list[str] = []
+
+    def never(prompt: str) -> str:
+        raise AssertionError("asked without a terminal")
+
+    metrics = label_stage(run, make_regions(), DIGITS, None, ask=never, out=printed.append, stdin_is_tty=False)
+    assert printed[0] == ("stdin is not a terminal, so nobody can answer the prompt: labelling every unanswered "
+                          "region with its suggested label (auto). Run `defuse label` in a terminal to answer "
+                          "yourself, or pass --labels FILE (JSON/YAML: region id -> class).")
+    assert metrics == {"regions": 4, "answered": 4, "bugs": 4, "not_a_bug": 0, "skipped": 0, "pending": 0,
+                       "mode": "auto"}
+    assert [r["source"] for r in records(tmp_path / "labels.jsonl")] == ["auto"] * 4
+
+
+def test_auto_keeps_given_answers_and_a_prompt_asks_auto_answered_regions_again(tmp_path):
+    run = RunDir(tmp_path)
+    book = LabelBook(run.path("labels.jsonl"))
+    book.record(2, "not-a-bug", "prompt")
+    metrics = label_stage(run, make_regions(), DIGITS, "auto", out=lambda text: None)
+    assert metrics["not_a_bug"] == 1 and metrics["bugs"] == 3 and len(records(book.path)) == 4
+    prompts: list[str] = []
+    metrics = label_stage(run, make_regions(), DIGITS, "prompt", ask=scripted(["1", "q"], prompts),
+                          out=lambda text: None, stdin_is_tty=True)
+    assert prompts == ["label for region #1 [7]: ", "label for region #3 [2]: "]
+    assert book.answers()[1].label == 1 and metrics["mode"] == "prompt"
+
+
+def test_a_labels_file_replaces_earlier_answers_once(tmp_path):
+    run = RunDir(tmp_path)
+    label_stage(run, make_regions(), DIGITS, "auto", out=lambda text: None)
+    file = tmp_path / "mine.yaml"
+    file.write_text("1: not-a-bug\n2: 4\n")
+    printed: list[str] = []
+    metrics = label_stage(run, make_regions(), DIGITS, str(file), out=printed.append)
+    assert metrics == {"regions": 4, "answered": 4, "bugs": 3, "not_a_bug": 1, "skipped": 0, "pending": 0,
+                       "mode": "file", "labels_file": str(file)}
+    assert len(records(run.path("labels.jsonl"))) == 6  # 4 auto, then the file's 2 (replacing auto answers)
+    label_stage(run, make_regions(), DIGITS, file, out=printed.append)
+    assert len(records(run.path("labels.jsonl"))) == 6  # the same file again appends nothing
+    assert printed[-1] == f"file: 0 answers recorded, 2 already standing ({run.path('labels.jsonl')})."
+
+
+def test_classes_must_cover_the_suggestions(tmp_path):
+    message = ("`classes` must name every class the regions use, got 3 classes but region #1 suggests class 7 "
+               "instead. Pass the classes of regions.json.")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        label_stage(RunDir(tmp_path), make_regions(), ("a", "b", "c"), "auto")
+
+
+# ----------------------------------------------------------------------------- preview
+
+
+def test_render_preview_draws_half_blocks_in_rows():
+    images = torch.rand(5, 1, 28, 28)
+    lines = render_preview(images, columns=2).split("\n")
+    assert len(lines) == 3 * 8 + 2  # 3 rows of images, 16 px high = 8 text lines each, a blank line between rows
+    assert lines[8] == "" and lines[17] == ""
+    assert all(line.endswith("\x1b[0m") for line in lines if line)
+    assert lines[0].count("\u2580") == 2 * 16 and lines[-1].count("\u2580") == 16  # the last row holds 1 image
+
+
+def test_render_preview_colours_and_odd_heights():
+    white_over_black = torch.zeros(1, 3, 5, 7)
+    white_over_black[:, :, 0] = 1.0
+    lines = render_preview(white_over_black).split("\n")
+    assert len(lines) == 3  # 5 pixel rows: 3 text lines, the last half empty
+    assert lines[0].startswith("\x1b[38;2;255;255;255m\x1b[48;2;0;0;0m\u2580")
+    assert "\x1b[49m" in lines[2] and "\x1b[49m" not in lines[0]
+    sixteen = render_preview(torch.rand(16, 3, 32, 20), columns=8).split("\n")
+    assert len(sixteen) == 2 * 8 + 1 and sixteen[0].count("\u2580") == 8 * 10
+
+
+def test_render_preview_refuses_other_shapes():
+    with pytest.raises(ValueError, match=re.escape("`images` must be a (N, C, H, W) tensor with C = 1 or 3, "
+                                                   "got (2, 2, 8, 8) instead.")):
+        render_preview(torch.rand(2, 2, 8, 8))
+    with pytest.raises(ValueError, match=re.escape("`columns` must be an int >= 1, got 0 instead.")):
+        render_preview(torch.rand(2, 1, 8, 8), columns=0)
