@@ -68,6 +68,7 @@ class Region:
     median_radius: float
     pair_median_radius: float
     source_confidence: float
+    coverage: float  # share of the failing sources of its source class that fail into this region
     bug_score: float
     mean: list[float] = field(repr=False)
     cov: list[list[float]] = field(repr=False)
@@ -195,6 +196,7 @@ def distill(
             flip_rate=c["flip_rate"], validity=c["validity"], confidence=c["confidence"],
             suggested_label=c["suggested_label"], median_radius=c["median_radius"],
             pair_median_radius=c["pair_median_radius"], source_confidence=c["source_confidence"],
+            coverage=c["coverage"],
             bug_score=c["bug_score"], mean=c["mean"].tolist(), cov=c["cov"].tolist(),
         )
         for rank, c in enumerate(scored, start=1)
@@ -220,6 +222,8 @@ def _score(candidates, failures, classifier, generator, validity, config, rng) -
     pair_of = failures.table[["source_label", "predicted_label"]].to_numpy()
     radius = failures.table["radius"].to_numpy()
     source_conf = failures.table["source_confidence"].to_numpy()
+    source_index = failures.table["source_index"].to_numpy()
+    failing_sources = failures.table.groupby("source_label")["source_index"].nunique()
     threshold = chi2.ppf(0.9, df=z_all.shape[1])
     out = []
     for i, c in enumerate(candidates):
@@ -244,6 +248,7 @@ def _score(candidates, failures, classifier, generator, validity, config, rng) -
             "median_radius": round(float(np.median(radius[c["members"]])), 4),
             "pair_median_radius": round(float(np.median(radius[c["pair_rows"]])), 4),
             "source_confidence": round(float(np.mean(source_conf[c["members"]])), 4),
+            "coverage": round(len(np.unique(source_index[c["members"]])) / int(failing_sources[c["source"]]), 4),
             "bug_score": round(error_rate * validity_mean * confidence, 4),
         })
     return out

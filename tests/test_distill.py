@@ -105,7 +105,7 @@ def test_distill_is_deterministic_for_a_seed():
 def test_region_sampling_follows_mean_and_scaled_covariance():
     region = Region(id=1, source_label=0, predicted_label=1, pair="0 -> 1", n_failures=10, weight=1.0, purity=1.0,
                     error_rate=1.0, flip_rate=1.0, validity=1.0, confidence=1.0, suggested_label=0,
-                    median_radius=1.0, pair_median_radius=1.0, source_confidence=1.0, bug_score=1.0,
+                    median_radius=1.0, pair_median_radius=1.0, source_confidence=1.0, coverage=1.0, bug_score=1.0,
                     mean=[1.0, -2.0], cov=[[1.0, 0.5], [0.5, 2.0]])
     z = region.sample(40_000, tau=0.5, generator=np.random.default_rng(0))
     assert z.shape == (40_000, 2)

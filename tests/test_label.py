@@ -33,7 +33,7 @@ def make_region(region_id: int, source: int, predicted: int, suggested: int) -> 
     return Region(id=region_id, source_label=source, predicted_label=predicted, pair=f"{source} -> {predicted}",
                   n_failures=10 + region_id, weight=0.25, purity=1.0, error_rate=0.9, flip_rate=0.95, validity=0.8,
                   confidence=0.9, suggested_label=suggested, median_radius=1.0, pair_median_radius=1.0,
-                  source_confidence=0.99, bug_score=0.65, mean=[0.0, 0.0], cov=[[1.0, 0.0], [0.0, 1.0]])
+                  source_confidence=0.99, coverage=0.5, bug_score=0.65, mean=[0.0, 0.0], cov=[[1.0, 0.0], [0.0, 1.0]])
 
 
 def make_regions() -> Regions:
