@@ -29,6 +29,9 @@ _DESCRIPTIONS = {
     "pair); write regions.json, regions/*.png and umap.png.",
     "label": "Give each region one label: a class (a bug), n (not a bug) or s (skip), at a prompt showing the "
     "region's samples; or --labels FILE / --labels auto. Answers go to labels.jsonl at once; run again to resume.",
+    "correct": "Fine-tune the classifier on fresh samples of the regions labelled with a class, choosing lambda and "
+    "epochs on validation data (clean accuracy may drop by at most correct.max_clean_drop); write repaired.ckpt. "
+    "An interrupted fine-tune resumes from its last checkpoint.",
 }
 
 

@@ -201,6 +201,28 @@ class LabelConfig:
 
 
 @dataclass
+class CorrectConfig:
+    """Fine-tuning the classifier on fresh samples of the labelled regions (see defuse.correct)."""
+
+    lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # weights of the region loss to try
+    epochs: int = 3  # per lambda; every epoch is a candidate
+    lr: float = 5e-4
+    samples_per_region: int = 256  # fresh training samples per labelled region
+    val_samples_per_region: int = 64  # fresh held-out samples per region, for choosing lambda and epoch
+    max_clean_drop: float = 0.005  # allowed drop of clean validation accuracy (0.005 = half a point)
+
+    def validate(self) -> None:
+        if not self.lambdas or any(not lam > 0 for lam in self.lambdas):
+            raise ValueError(f"`correct.lambdas` must be a non-empty list of numbers > 0, got {self.lambdas} instead.")
+        _check_range("correct.epochs", self.epochs, 1, 10_000)
+        _check_positive("correct.lr", self.lr)
+        _check_range("correct.samples_per_region", self.samples_per_region, 1, 1 << 24)
+        _check_range("correct.val_samples_per_region", self.val_samples_per_region, 1, 1 << 24)
+        if not 0 <= self.max_clean_drop < 1:
+            raise ValueError(f"`correct.max_clean_drop` must be in [0, 1), got {self.max_clean_drop} instead.")
+
+
+@dataclass
 class TrainerConfig:
     """What Lightning's Trainer gets for every fit."""
 
@@ -225,6 +247,7 @@ class RunConfig:
     identify: IdentifyConfig = field(default_factory=IdentifyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
+    correct: CorrectConfig = field(default_factory=CorrectConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> "RunConfig":
@@ -232,7 +255,8 @@ class RunConfig:
             raise ValueError(f"`name` must be a plain, non-empty name, got {self.name!r} instead.")
         if self.seed < 0:
             raise ValueError(f"`seed` must be >= 0, got {self.seed} instead.")
-        for section in (self.data, self.classifier, self.generator, self.identify, self.distill, self.label, self.trainer):
+        for section in (self.data, self.classifier, self.generator, self.identify, self.distill, self.label, self.correct,
+                        self.trainer):
             section.validate()
         if self.generator and self.data.image_size not in GENERATOR_SIZES:
             raise ValueError(
@@ -349,6 +373,11 @@ def _coerce(value: Any, kind: Any, name: str, origin: str) -> Any:
             return None
         raise ValueError(f"`{name}` in {origin} must be set, got null instead.")
     base = next(a for a in args if a is not type(None)) if optional else kind
+    if typing.get_origin(base) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"`{name}` in {origin} must be a list, got {value!r} instead.")
+        (item,) = typing.get_args(base)
+        return [_coerce(v, item, f"{name}[{i}]", origin) for i, v in enumerate(value)]
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -363,7 +392,7 @@ def _coerce(value: Any, kind: Any, name: str, origin: str) -> Any:
             return str(value)
     else:  # pragma: no cover - only the types above are used in configs
         return value
-    raise ValueError(f"`{name}` in {origin} must be a {base.__name__}, got {value!r} instead.")
+    raise ValueError(f"`{name}` in {origin} must be a {getattr(base, '__name__', base)}, got {value!r} instead.")
 
 
 def describe_options(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str]]:

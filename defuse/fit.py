@@ -38,9 +38,12 @@ WEAK_GENERATOR_THRESHOLD = 0.9
 log = logging.getLogger(__name__)
 
 
-def make_trainer(config: TrainerConfig, max_epochs: int, root: str, **kwargs: Any) -> pl.Trainer:
+def make_trainer(
+    config: TrainerConfig, max_epochs: int, root: str, callbacks: list | None = None, **kwargs: Any
+) -> pl.Trainer:
     """A Trainer with the run's accelerator, determinism and progress-bar settings; no logger files."""
-    callbacks = []
+    callbacks = list(callbacks or [])
+    kwargs.setdefault("enable_checkpointing", False)
     if config.progress_bar and sys.stderr.isatty():
         from pytorch_lightning.callbacks import RichProgressBar
 
@@ -52,7 +55,6 @@ def make_trainer(config: TrainerConfig, max_epochs: int, root: str, **kwargs: An
         deterministic=config.deterministic,
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
-        enable_checkpointing=False,
         logger=False,
         default_root_dir=root,
         callbacks=callbacks,

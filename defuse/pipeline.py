@@ -21,7 +21,9 @@ from defuse.config import RunConfig
 from defuse.data import ImageDataModule
 from defuse.distill import REGIONS_DIR, REGIONS_JSON, UMAP_PNG, Regions, distill, region_grids, save_grid_png, save_umap
 from defuse.fit import CLASSIFIER_CKPT, GENERATOR_CKPT, fit_classifier, fit_generator
-from defuse.label import LABELS_FILE, label_stage
+from defuse.correct import CORRECT_DIR, correct, sample_regions
+from defuse.label import LABELS_FILE, LabelBook, label_stage
+from defuse.models.loading import save_classifier
 from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Failures, identify, latent_means
 from defuse.models.loading import load_classifier, load_generator
 from defuse.rundir import RunDir, fingerprint
@@ -94,6 +96,43 @@ def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     return label_stage(run, regions, classes, mode, previews=previews)
 
 
+REPAIRED_CKPT = "repaired.ckpt"
+
+
+def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
+    """Fine-tune the classifier on fresh samples of the regions labelled with a class; write repaired.ckpt."""
+    loaded = load_classifier(run.path(CLASSIFIER_CKPT))
+    if "arch" not in loaded.hparams:
+        raise ValueError("Correcting a classifier you brought (TorchScript or factory) is not supported yet: "
+                         "defuse can only fine-tune the classifiers it trains.")
+    answers = LabelBook(run.path(LABELS_FILE)).answers()
+    bug_labels = {region: int(answer.label) for region, answer in answers.items() if answer.is_bug}
+    if not bug_labels:  # nothing to learn: the repaired model is the original, and the report says why
+        log.warning("No region is labelled with a class (all are not-a-bug, skipped or unanswered): "
+                    "repaired.ckpt keeps the original weights.")
+        save_classifier(run.path(REPAIRED_CKPT), loaded.model, loaded.hparams)
+        return {"labelled_regions": 0, "chosen": None, "reason": "no region labelled with a class"}
+    regions = Regions.load(run)
+    generator = load_generator(run.path(GENERATOR_CKPT))
+    data = ImageDataModule(config.data, config.seed)
+    tau = config.distill.tau
+    train_regions = sample_regions(regions, bug_labels, generator, config.correct.samples_per_region, tau,
+                                   config.seed + 11)
+    val_regions = sample_regions(regions, bug_labels, generator, config.correct.val_samples_per_region, tau,
+                                 config.seed + 12)
+    workdir = run.path(CORRECT_DIR)
+    key = fingerprint({"correct": config.section("correct", "data", "trainer"), "labels": bug_labels,
+                       "classifier": run.artifact_hash(CLASSIFIER_CKPT), "regions": run.artifact_hash(REGIONS_JSON)})
+    if (workdir / "KEY").exists() and (workdir / "KEY").read_text().strip() != key:
+        shutil.rmtree(workdir)  # checkpoints of another configuration: resuming from them would be wrong
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "KEY").write_text(key + "\n")
+    repaired, summary = correct(loaded.model, data, train_regions, val_regions, config.correct, workdir,
+                                trainer=config.trainer, seed=config.seed)
+    save_classifier(run.path(REPAIRED_CKPT), repaired, loaded.hparams)
+    return {"labelled_regions": len(bug_labels), **summary}
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -120,9 +159,11 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill",),
           (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, GENERATOR_CKPT)),
     Stage("label", labelling_stage, (LABELS_FILE,), ("label",), (REGIONS_JSON,), always=True),
+    Stage("correct", correct_stage, (REPAIRED_CKPT,), ("correct", "data", "trainer"),
+          (LABELS_FILE, REGIONS_JSON, CLASSIFIER_CKPT, GENERATOR_CKPT)),
 )
 # The pipeline of ../shared/DESIGN.md beyond what is built so far, in order.
-NOT_BUILT_YET: tuple[str, ...] = ("correct", "verify", "check", "report")
+NOT_BUILT_YET: tuple[str, ...] = ("verify", "check", "report")
 
 
 def stage_named(name: str) -> Stage:

@@ -18,6 +18,7 @@ def tiny_overrides() -> list[str]:
         "trainer.progress_bar=false", "data.batch_size=64",
         "identify.max_sources=40", "identify.budget=32", "identify.shells=4", "identify.refine_steps=2",
         "distill.umap=false", "distill.fresh_samples=32",
+        "correct.epochs=1", "correct.lambdas=[1.0]", "correct.samples_per_region=16", "correct.val_samples_per_region=8",
     ]
 
 

@@ -1,0 +1,187 @@
+"""Correction: fine-tune the classifier on fresh samples of the labelled regions, keeping clean accuracy.
+
+Loss: ``CE(original training data) + lambda * CE(region samples, region label)``, starting
+from the classifier's own weights. Region samples are drawn fresh from N(mean, tau * cov)
+of every region labelled with a class ("not-a-bug" and skipped regions are left out),
+never the stored failures. Lambda and the number of epochs are chosen on held-out data:
+the largest gain in region accuracy (on other fresh samples) whose clean validation
+accuracy drops by at most ``max_clean_drop``; if none qualifies the original weights stay.
+
+Every (lambda, epoch) is a Lightning checkpoint under ``correct/``; an interrupted
+fine-tune resumes from the last one (loaded weights-only), and finished lambdas are not
+trained again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+from pytorch_lightning.utilities.combined_loader import CombinedLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from defuse.config import CorrectConfig, TrainerConfig
+from defuse.data import ImageDataModule
+from defuse.distill import Regions
+from defuse.fit import make_trainer
+from defuse.models.inference import predict_labels
+from defuse.rundir import atomic_write_json
+
+CORRECT_DIR = "correct"
+
+
+@dataclass(frozen=True)
+class RegionSamples:
+    """Decoded fresh samples of labelled regions: images (N, C, H, W) in [0,1], labels (N,), region ids (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    regions: torch.Tensor
+
+
+@torch.no_grad()
+def sample_regions(regions: Regions, bug_labels: dict[int, int], generator: nn.Module, per_region: int,
+                   tau: float, seed: int) -> RegionSamples:
+    """``per_region`` fresh decoded samples of every region in ``bug_labels`` (region id -> class)."""
+    rng = np.random.default_rng(seed)
+    latents, labels, ids = [], [], []
+    for region in regions.regions:
+        if region.id in bug_labels:
+            latents.append(region.sample(per_region, tau, rng))
+            labels += [bug_labels[region.id]] * per_region
+            ids += [region.id] * per_region
+    if not latents:
+        raise ValueError("No region is labelled with a class: nothing to correct. Label regions first "
+                         "(`defuse label`); 'not-a-bug' and skipped regions are left out.")
+    z = torch.from_numpy(np.concatenate(latents))
+    generator = generator.eval()
+    images = torch.cat([generator.decode(z[i : i + 2048]) for i in range(0, len(z), 2048)])
+    return RegionSamples(images.clamp(0, 1), torch.tensor(labels), torch.tensor(ids))
+
+
+class CorrectionModule(pl.LightningModule):
+    """Fine-tunes ``classifier`` on clean batches plus ``lam`` times region batches.
+
+    Args:
+        classifier: [0,1] images -> logits; trained in place.
+        lam: weight of the region loss.
+        lr: Adam learning rate.
+    """
+
+    def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["classifier"])
+        self.model = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        (x_clean, y_clean), (x_region, y_region) = batch["clean"], batch["regions"]
+        clean = F.cross_entropy(self(x_clean), y_clean)
+        region = F.cross_entropy(self(x_region), y_region)
+        loss = clean + self.hparams.lam * region
+        self.log_dict({"clean_loss": clean, "region_loss": region}, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
+        x, y = batch
+        name = "val_clean_acc" if dataloader_idx == 0 else "val_region_acc"
+        acc = (self(x).argmax(dim=1) == y).float().mean()
+        self.log(name, acc, on_epoch=True, add_dataloader_idx=False, batch_size=len(y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+
+class _EpochRecord(Callback):
+    """Writes each validated epoch's accuracies to a JSON file (atomically), so selection survives restarts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_validation_epoch_end(self, trainer, module) -> None:
+        if trainer.sanity_checking:
+            return
+        records = json.loads(self.path.read_text()) if self.path.exists() else []
+        records = [r for r in records if r["epoch"] != trainer.current_epoch]
+        records.append({"epoch": trainer.current_epoch,
+                        "clean": float(trainer.callback_metrics["val_clean_acc"]),
+                        "region": float(trainer.callback_metrics["val_region_acc"])})
+        atomic_write_json(self.path, sorted(records, key=lambda r: r["epoch"]))
+
+
+def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((predict_labels(model, images) == labels).float().mean())
+
+
+def correct(
+    classifier: nn.Module,
+    data: ImageDataModule,
+    train_regions: RegionSamples,
+    val_regions: RegionSamples,
+    config: CorrectConfig,
+    workdir: Path,
+    *,
+    trainer: TrainerConfig | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune a copy of ``classifier``; return the chosen weights and how they were chosen."""
+    trainer_config = trainer or TrainerConfig(progress_bar=False)
+    val = data.split("val")
+    if len(val) == 0:
+        raise ValueError("`data.val_size` is 0: correction needs a validation split to choose lambda and epochs.")
+    val_x, val_y = val.float_images(), val.labels
+    base_clean = _accuracy(classifier, val_x, val_y)
+    base_region = _accuracy(classifier, val_regions.images, val_regions.labels)
+    batch = data.config.batch_size
+    candidates = []
+    for lam in config.lambdas:
+        folder = workdir / f"lambda_{lam:g}"
+        folder.mkdir(parents=True, exist_ok=True)
+        record = folder / "epochs.json"
+        done = json.loads(record.read_text()) if record.exists() else []
+        if len(done) < config.epochs:
+            pl.seed_everything(seed, verbose=False)
+            module = CorrectionModule(copy.deepcopy(classifier), lam=lam, lr=config.lr)
+            region_loader = DataLoader(TensorDataset(train_regions.images, train_regions.labels), batch_size=batch,
+                                       shuffle=True, generator=torch.Generator().manual_seed(seed + 2))
+            loaders = CombinedLoader({"clean": data.train_dataloader(), "regions": region_loader}, "max_size_cycle")
+            val_loaders = [DataLoader(TensorDataset(val_x, val_y), batch_size=512),
+                           DataLoader(TensorDataset(val_regions.images, val_regions.labels), batch_size=512)]
+            checkpoints = ModelCheckpoint(dirpath=folder, filename="epoch{epoch}", save_top_k=-1, save_last=True,
+                                          auto_insert_metric_name=False)
+            fit = make_trainer(trainer_config, config.epochs, str(folder), num_sanity_val_steps=0,
+                               callbacks=[checkpoints, _EpochRecord(record)], enable_checkpointing=True)
+            last = folder / "last.ckpt"
+            fit.fit(module, train_dataloaders=loaders, val_dataloaders=val_loaders,
+                    ckpt_path=str(last) if last.exists() else None, weights_only=True)
+            done = json.loads(record.read_text())
+        for entry in done:
+            candidates.append({"lambda": lam, **entry, "path": str(folder / f"epoch{entry['epoch']}.ckpt")})
+    admissible = [c for c in candidates if c["clean"] >= base_clean - config.max_clean_drop]
+    chosen = max(admissible, key=lambda c: (c["region"], -c["lambda"], -c["epoch"]), default=None)
+    summary: dict[str, Any] = {
+        "val_clean_accuracy_before": round(base_clean, 4), "val_region_accuracy_before": round(base_region, 4),
+        "candidates": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items() if k != "path"}
+                       for c in candidates],
+    }
+    repaired = copy.deepcopy(classifier)
+    if chosen is None or chosen["region"] <= base_region:
+        summary.update({"chosen": None, "reason": "no candidate raised region accuracy within the clean-accuracy bound"})
+        return repaired.eval(), summary
+    state = torch.load(chosen["path"], map_location="cpu", weights_only=True)["state_dict"]
+    repaired.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    summary.update({"chosen": {"lambda": chosen["lambda"], "epoch": chosen["epoch"]},
+                    "val_clean_accuracy_after": round(chosen["clean"], 4),
+                    "val_region_accuracy_after": round(chosen["region"], 4)})
+    return repaired.eval(), summary

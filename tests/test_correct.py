@@ -1,0 +1,77 @@
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from defuse.config import CorrectConfig, DataConfig
+from defuse.correct import RegionSamples, correct, sample_regions
+from defuse.data import ImageDataModule
+from defuse.distill import Region, Regions
+from defuse.models import build_classifier
+from stubs import LineGenerator
+
+
+def _region(region_id: int) -> Region:
+    return Region(id=region_id, source_label=0, predicted_label=1, pair="0 -> 1", n_failures=10, weight=0.5,
+                  purity=1.0, error_rate=1.0, flip_rate=1.0, validity=0.9, confidence=0.9, suggested_label=0,
+                  median_radius=1.0, pair_median_radius=1.0, source_confidence=1.0, coverage=0.5, bug_score=0.8,
+                  mean=[2.0, float(region_id)], cov=[[0.1, 0.0], [0.0, 0.1]])
+
+
+def test_sample_regions_takes_only_regions_labelled_with_a_class():
+    regions = Regions([_region(1), _region(2), _region(3)], {})
+    samples = sample_regions(regions, {1: 0, 3: 2}, LineGenerator(), per_region=5, tau=1.0, seed=0)
+    assert samples.images.shape == (10, 1, 2, 2)
+    assert samples.labels.tolist() == [0] * 5 + [2] * 5 and samples.regions.tolist() == [1] * 5 + [3] * 5
+    with pytest.raises(ValueError, match=re.escape("No region is labelled with a class: nothing to correct.")):
+        sample_regions(regions, {}, LineGenerator(), per_region=5, tau=1.0, seed=0)
+
+
+@pytest.fixture
+def digits():
+    return ImageDataModule(DataConfig(source="digits", batch_size=128), seed=0)
+
+
+def _regions_of_ones_called_seven(data: ImageDataModule, n: int) -> RegionSamples:
+    """A stand-in for region samples: real '1' images that must be learned as class 7 (a label the data contradicts,
+    so the fine-tune has to move the model)."""
+    train = data.split("train")
+    ones = train.float_images()[train.labels == 1][:n]
+    return RegionSamples(ones, torch.full((len(ones),), 7), torch.ones(len(ones), dtype=torch.long))
+
+
+def test_correct_raises_region_accuracy_and_resumes(tmp_path, digits):
+    torch.manual_seed(0)
+    classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
+    before = {k: v.clone() for k, v in classifier.state_dict().items()}
+    regions = _regions_of_ones_called_seven(digits, 60)
+    config = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0)
+    repaired, summary = correct(classifier, digits, regions, regions, config, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())  # the original is untouched
+    assert summary["chosen"] == {"lambda": 2.0, "epoch": 0}
+    assert summary["val_region_accuracy_after"] > summary["val_region_accuracy_before"]
+    first = json.loads((tmp_path / "lambda_2" / "epochs.json").read_text())
+    assert len(first) == 1 and (tmp_path / "lambda_2" / "last.ckpt").exists()
+
+    # A second call with more epochs resumes from last.ckpt: epoch 0 is not trained again.
+    longer = CorrectConfig(lambdas=[2.0], epochs=2, lr=3e-3, max_clean_drop=1.0)
+    _, again = correct(classifier, digits, regions, regions, longer, tmp_path)
+    second = json.loads((tmp_path / "lambda_2" / "epochs.json").read_text())
+    assert [r["epoch"] for r in second] == [0, 1] and second[0] == first[0]
+    assert len(again["candidates"]) == 2
+
+
+def test_clean_accuracy_bound_keeps_the_original_when_nothing_qualifies(tmp_path, digits):
+    torch.manual_seed(0)
+    classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
+    regions = _regions_of_ones_called_seven(digits, 30)
+    config = CorrectConfig(lambdas=[1.0], epochs=1, lr=3e-3, max_clean_drop=0.0)
+    # an untrained classifier gains clean accuracy when fine-tuned, so force the bound with a tiny lr
+    tiny = CorrectConfig(lambdas=[1.0], epochs=1, lr=1e-9, max_clean_drop=0.0)
+    repaired, summary = correct(classifier, digits, regions, regions, tiny, tmp_path)
+    assert summary["chosen"] is None and "no candidate" in summary["reason"]
+    x = torch.rand(4, 1, 28, 28)
+    assert torch.equal(repaired.eval()(x), classifier.eval()(x))
+    del config
