@@ -32,6 +32,9 @@ _DESCRIPTIONS = {
     "correct": "Fine-tune the classifier on fresh samples of the regions labelled with a class, choosing lambda and "
     "epochs on validation data (clean accuracy may drop by at most correct.max_clean_drop); write repaired.ckpt. "
     "An interrupted fine-tune resumes from its last checkpoint.",
+    "verify": "Compare the repaired classifier with the original on data the fine-tune never saw: test accuracy "
+    "(with 95% bootstrap intervals), per-class accuracy, fresh region samples, and a re-run of the same search; "
+    "write verify.json.",
 }
 
 

@@ -33,7 +33,9 @@ def test_run_trains_both_models_records_them_then_skips(tmp_path, tiny_overrides
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     stages = manifest["stages"]
     assert {stage["status"] for stage in stages.values()} == {"done"}
-    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "label", "correct"}
+    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "label", "correct", "verify"}
+    verified = json.loads((tmp_path / "verify.json").read_text())
+    assert 0 <= verified["clean_accuracy"]["before"] <= 1 and "rediscovery" in verified
     assert (tmp_path / "repaired.ckpt").exists() == bool(regions["regions"])
     # no terminal here: labelling falls back to the suggestions, one automatic answer per region
     answers = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
@@ -105,7 +107,9 @@ def test_bad_config_exits_2_with_the_message(tmp_path, capsys):
 
 def test_unknown_force_stage_is_refused(tmp_path, capsys):
     assert main(["run", "--run-dir", str(tmp_path), "--force", "fit-everything"]) == 2
-    assert "Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator, identify, distill, label, correct." in capsys.readouterr().err
+    expected = ("Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator, identify, distill, "
+                "label, correct, verify.")
+    assert expected in capsys.readouterr().err
 
 
 def test_help_lists_config_keys_with_defaults(capsys):
