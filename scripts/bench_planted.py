@@ -20,7 +20,14 @@ classifier through defuse's API, run identify + distill, and measure:
 Cases: slant (the 25% most right-slanted 7s relabelled 1), thin (the 25% thinnest-stroke
 6s relabelled 1), clean (no poisoning; its classifier is also the clean reference).
 
-Run: ``python scripts/bench_planted.py [--cases slant,thin,clean] [--out FILE]``. Prints JSON.
+Repair (planted cases; off with --no-repair): a person is simulated by a labels file written from the
+clean reference classifier's majority vote on each region's fresh samples ("not-a-bug" where it agrees
+with the poisoned model), never from the planted ground truth; then correct + verify, and:
+accuracy on the planted subgroup of the test split before/after, clean test accuracy outside the
+subgroup before/after, the largest per-class drop, and re-discovery of the planted pair (failures of
+that pair found by the same search before and after).
+
+Run: ``python scripts/bench_planted.py [--cases slant,thin,clean] [--no-repair] [--out FILE]``. Prints JSON.
 """
 
 from __future__ import annotations
@@ -35,7 +42,22 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from defuse.config import ClassifierConfig, DataConfig, DistillConfig, GeneratorConfig, IdentifyConfig, TrainerConfig
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from defuse.config import (
+    ClassifierConfig,
+    CorrectConfig,
+    DataConfig,
+    DistillConfig,
+    GeneratorConfig,
+    IdentifyConfig,
+    TrainerConfig,
+)
+from defuse.correct import correct, sample_regions
+from defuse.label import file_labels
 from defuse.data import ImageDataModule, ImageSet
 from defuse.distill import Regions, distill
 from defuse.fit import reconstruction_report, train_classifier, train_vae
@@ -49,7 +71,8 @@ CLASSIFIER = ClassifierConfig(width=16, epochs=6, lr=3e-3)
 GENERATOR = GeneratorConfig(latent_dim=16, width=32, epochs=12, lr=3e-3)
 IDENTIFY = IdentifyConfig(budget=128, shells=6, min_radius=0.5, max_radius=12.0, refine_steps=4,
                           failures_per_source=4, batch_sources=128, max_sources=1000)
-DISTILL = DistillConfig(umap=False, fresh_samples=128)
+DISTILL = DistillConfig(umap=False, fresh_samples=128, max_regions=100)  # the simulated person labels them all
+CORRECT = CorrectConfig()
 TRAINER = TrainerConfig(progress_bar=False)
 PRECISION_SAMPLES = 256
 
@@ -168,7 +191,64 @@ def planted_precision(regions: Regions, pair: tuple[int, int], poisoned_model, r
     return None, None, None
 
 
-def run_case(case: str, data: ImageDataModule, vae, reference, classes) -> tuple[dict, Regions | None, object]:
+@torch.no_grad()
+def simulated_labels(regions: Regions, reference, vae, classes, folder: Path) -> dict[int, int]:
+    """The person: the clean reference classifier's majority vote on 128 fresh samples of each region, written to a
+    labels file and read back through defuse's own labels-file reader."""
+    rng = np.random.default_rng(SEED + 21)
+    answers = {}
+    for region in regions.regions:
+        votes = predict_labels(reference, vae.decode(torch.from_numpy(region.sample(128, DISTILL.tau, rng))))
+        majority = int(torch.bincount(votes, minlength=len(classes)).argmax())
+        answers[region.id] = "not-a-bug" if majority == region.predicted_label else majority
+    path = folder / "labels.yaml"
+    path.write_text(yaml.safe_dump(answers))
+    return {rid: int(a.label) for rid, a in file_labels(path, regions, classes).items() if a.is_bug}
+
+
+def repair(case: str, case_data: ImageDataModule, model, reference, vae, validity, regions: Regions, failures,
+           group: torch.Tensor, classes) -> dict:
+    start = time.perf_counter()
+    source, planted = CASES[case][:2]
+    test = case_data.split("test")
+    x, y = test.float_images(), test.labels
+    with tempfile.TemporaryDirectory() as tmp:
+        bug_labels = simulated_labels(regions, reference, vae, classes, Path(tmp))
+        if not bug_labels:
+            return {"labelled_bug_regions": 0}
+        train_regions = sample_regions(regions, bug_labels, vae, CORRECT.samples_per_region, DISTILL.tau, SEED + 11)
+        val_regions = sample_regions(regions, bug_labels, vae, CORRECT.val_samples_per_region, DISTILL.tau, SEED + 12)
+        repaired, summary = correct(model, case_data, train_regions, val_regions, CORRECT, Path(tmp) / "correct",
+                                    trainer=TRAINER, seed=SEED)
+    before, after = predict_labels(model, x), predict_labels(repaired, x)
+    outside = ~group
+    per_class_drop = max(
+        float((before[outside & (y == k)] == k).float().mean() - (after[outside & (y == k)] == k).float().mean())
+        for k in range(len(classes))
+    )
+    again = identify(repaired, vae, x, y, validity, IDENTIFY, seed=SEED, trainer=TRAINER)
+    pair_before = int(((failures.table.source_label == source) & (failures.table.predicted_label == planted)).sum())
+    pair_after = int(((again.table.source_label == source) & (again.table.predicted_label == planted)).sum())
+    return {
+        "labelled_bug_regions": len(bug_labels),
+        "planted_pair_regions_labelled_source": sum(
+            1 for r in regions.regions if (r.source_label, r.predicted_label) == (source, planted)
+            and bug_labels.get(r.id) == source),
+        "chosen": summary.get("chosen"),
+        "subgroup_accuracy_before": round(float((before[group] == source).float().mean()), 4),
+        "subgroup_accuracy_after": round(float((after[group] == source).float().mean()), 4),
+        "clean_accuracy_outside_subgroup_before": round(float((before[outside] == y[outside]).float().mean()), 4),
+        "clean_accuracy_outside_subgroup_after": round(float((after[outside] == y[outside]).float().mean()), 4),
+        "largest_per_class_drop_outside_subgroup": round(per_class_drop, 4),
+        "planted_pair_failures_before": pair_before,
+        "planted_pair_failures_after": pair_after,
+        "planted_pair_rediscovery_drop": round(1 - pair_after / pair_before, 4) if pair_before else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def run_case(case: str, data: ImageDataModule, vae, reference, classes,
+             do_repair: bool = True) -> tuple[dict, Regions | None, object]:
     start = time.perf_counter()
     pl.seed_everything(SEED, verbose=False)
     info: dict = {}
@@ -221,6 +301,9 @@ def run_case(case: str, data: ImageDataModule, vae, reference, classes) -> tuple
     if case != "clean":
         rank, precision, score = planted_precision(regions, CASES[case][:2], model, reference, vae, DISTILL.tau)
         out.update({"planted_rank": rank, "planted_precision": precision, "planted_bug_score": score})
+        if do_repair:
+            out["repair"] = repair(case, case_data, model, reference, vae, validity, regions, failures,
+                                   info["test_subgroup"], classes)
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out, regions, model
 
@@ -229,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="clean,slant,thin", help="comma-separated subset of clean,slant,thin")
     parser.add_argument("--out", default=None, help="also write the JSON here")
+    parser.add_argument("--no-repair", action="store_true", help="discovery only: skip label + correct + verify")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -252,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         cases = ["clean", *cases]  # the clean control's scores are needed to judge the planted cases
     clean_scores: list[float] = []
     for case in cases:
-        out, regions, _ = run_case(case, data, vae, reference, classes)
+        out, regions, _ = run_case(case, data, vae, reference, classes, do_repair=not args.no_repair)
         if case == "clean":
             clean_scores = [r.bug_score for r in regions.regions]
             out["max_bug_score"] = max(clean_scores, default=0.0)
