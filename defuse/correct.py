@@ -80,7 +80,7 @@ class CorrectionModule(pl.LightningModule):
     def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["classifier"])
-        self.model = classifier.train()  # loaded checkpoints come in eval mode
+        self.model = classifier.train().requires_grad_(True)  # checkpoints load in eval mode, maybe frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)

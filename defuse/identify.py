@@ -16,6 +16,7 @@ and candidates, and runs as a Lightning ``predict`` so devices are Lightning's b
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import math
@@ -393,7 +394,8 @@ def identify(
         seed: the search's random stream.
         trainer: accelerator settings for Lightning's predict.
     """
-    classifier, generator = classifier.eval(), generator.eval()
+    # Work on copies: the search freezes and switches modules to eval mode, which must not leak to the caller.
+    classifier, generator = copy.deepcopy(classifier).eval(), copy.deepcopy(generator).eval()
     selection = select_sources(classifier, generator, images, labels, config.max_sources, seed)
     stats: dict[str, Any] = dict(selection.stats)
     correct = stats["images"] - stats["excluded_misclassified"]

@@ -121,3 +121,11 @@ def test_failures_round_trip_and_mismatch_is_refused(tmp_path):
     np.save(tmp_path / "failures_z.npy", failures.z[:1])
     with pytest.raises(ValueError, match=re.escape("they come from different runs")):
         Failures.load(run)
+
+
+def test_identify_leaves_the_callers_models_untouched():
+    images, labels = line_images(10)
+    classifier, generator = LineClassifier().train(), LineGenerator().train()
+    identify(classifier, generator, images, labels, line_validity(), CONFIG, seed=0)
+    assert classifier.training and generator.training
+    assert all(p.requires_grad for p in generator.parameters())
