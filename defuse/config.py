@@ -175,6 +175,7 @@ class DistillConfig:
     min_region_size: int = 5  # a mixture component with fewer failures assigned is dropped
     weight_concentration: float = 0.1  # Dirichlet-process prior: small favours few regions
     tau: float = 1.0  # fresh samples come from N(mean, tau * cov)
+    refine_steps: int = 2  # cross-entropy-method rounds moving each region onto its misread, still-valid samples
     fresh_samples: int = 128  # per region, to measure its error rate and validity
     max_regions: int = 30  # keep the best-scored regions
     umap: bool = True  # draw umap.png (umap-learn); off makes distill faster
@@ -185,6 +186,7 @@ class DistillConfig:
         _check_range("distill.min_region_size", self.min_region_size, 1, 1 << 31)
         _check_positive("distill.weight_concentration", self.weight_concentration)
         _check_positive("distill.tau", self.tau)
+        _check_range("distill.refine_steps", self.refine_steps, 0, 50)
         _check_range("distill.fresh_samples", self.fresh_samples, 4, 1 << 20)
         _check_range("distill.max_regions", self.max_regions, 1, 10_000)
 

@@ -2,21 +2,34 @@
 
 One Dirichlet-process Gaussian mixture (scikit-learn's ``BayesianGaussianMixture``)
 is fitted per (source -> predicted) pair, so no region mixes confusion pairs; the
-process switches off the components it does not need. Each surviving component is a
-region, checked on *fresh* samples drawn from N(mean, tau * cov), decoded and classified.
+process switches off the components it does not need.
+
+Search failures lie around their sources in every direction that flips, so a Gaussian
+fitted to them straddles the decision boundary and covers the sources too. Each
+component is therefore *refined* on its own fresh samples (``refine_steps`` rounds of
+the cross-entropy method): draw from N(mean, cov), weight each sample by "the classifier
+reads it as the predicted class" times its validity, refit mean and covariance to the
+weighted samples. The region then describes where that mistake is made on inputs that
+still look like the source class. It is scored on other, independent fresh samples.
 
 Bug score (in [0, 1], comparable across models and datasets):
 
-    bug_score = error_rate * validity * confidence
+    bug_score = error_rate * validity * confidence * real_error_rate
 
 * ``error_rate``: share of fresh samples the classifier reads as the region's predicted
   class. A region that is not consistently misclassified is not one bug.
 * ``validity``: mean probability, under the validity model (independent of the
-  classifier), that a fresh sample is still of the source class. Natural boundary
-  confusions (a 9 that could be a 4) are ambiguous here and score low; a sample that
-  plainly still is its source class and is misread scores high.
+  classifier), that a fresh sample is still of the source class.
 * ``confidence``: the classifier's mean softmax on the predicted class over the
   misread fresh samples. A bug is a confident mistake, not a coin flip at a boundary.
+* ``real_error_rate``: evidence from *real* held-out images (the validity split). Of the
+  ``real_support`` images of the source class whose latents lie in the region's 90%
+  ellipsoid, ``real_misread`` are read as the predicted class; the rate is smoothed with
+  half a misread in five, so a region no real image reaches counts as 10% confirmed.
+  Natural boundary confusions are hybrids no real image looks like (the planted-bug
+  benchmark: every clean-control region had real_misread = 0), while a real bug is a
+  region where real images of the source class are misread. The validity model alone
+  cannot tell them apart: it is confidently wrong on hybrids, e.g. an 8/6 hybrid it calls 8.
 """
 
 from __future__ import annotations
@@ -42,6 +55,9 @@ from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
 from defuse.validity import ValidityModel
 
 REGIONS_JSON = "regions.json"
+BUG_SCORE = "error_rate * validity * confidence * real_error_rate (see defuse.distill)"
+ELLIPSOID_QUANTILE = 0.9  # "inside a region": within the 90% ellipsoid of its Gaussian
+REAL_PRIOR = (0.5, 5.0)  # real_error_rate = (real_misread + 0.5) / (real_support + 5)
 REGIONS_DIR = "regions"
 UMAP_PNG = "umap.png"
 GRID_SAMPLES = 16
@@ -59,7 +75,7 @@ class Region:
     pair: str  # "7 -> 1", with class names
     n_failures: int
     weight: float  # share of all failures assigned to this region
-    purity: float  # share of all failures inside the region's 90% ellipsoid that have its pair
+    purity: float  # share of all failures inside the fitted component's 90% ellipsoid that have its pair
     error_rate: float  # fresh samples read as predicted_label
     flip_rate: float  # fresh samples read as anything but source_label
     validity: float  # mean validity-model probability of the source class on fresh samples
@@ -70,13 +86,20 @@ class Region:
     source_confidence: float
     coverage: float  # share of the failing sources of its source class that fail into this region
     bug_score: float
-    mean: list[float] = field(repr=False)
-    cov: list[list[float]] = field(repr=False)
+    real_support: int = 0  # held-out images of the source class inside the region's 90% ellipsoid
+    real_misread: int = 0  # of those, read as predicted_label by the classifier
+    real_error_rate: float = REAL_PRIOR[0] / REAL_PRIOR[1]  # (real_misread + 0.5) / (real_support + 5)
+    mean: list[float] = field(default_factory=list, repr=False)
+    cov: list[list[float]] = field(default_factory=list, repr=False)
 
     def sample(self, n: int, tau: float, generator: np.random.Generator) -> np.ndarray:
         """Fresh latents from N(mean, tau * cov), (n, d)."""
         return generator.multivariate_normal(np.asarray(self.mean), tau * np.asarray(self.cov), size=n,
                                              method="cholesky").astype(np.float32)
+
+    def contains(self, z: np.ndarray, tau: float = 1.0, quantile: float = ELLIPSOID_QUANTILE) -> np.ndarray:
+        """(N,) booleans: which latents lie inside the ``quantile`` ellipsoid of N(mean, tau * cov)."""
+        return inside_ellipsoid(np.asarray(z), np.asarray(self.mean), tau * np.asarray(self.cov), quantile)
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -103,7 +126,7 @@ class Regions:
             atomic_write_bytes(run.path(name), buffer.getvalue())
             written.append(name)
         atomic_write_json(run.path(REGIONS_JSON), {
-            "bug_score": "error_rate * validity * confidence (see defuse.distill)",
+            "bug_score": BUG_SCORE,
             "classes": list(classes),
             "stats": self.stats,
             "regions": [{**r.summary(), "params": f"{REGIONS_DIR}/region_{r.id:02d}.npz",
@@ -124,6 +147,26 @@ class Regions:
             fields = {k: v for k, v in entry.items() if k in Region.__dataclass_fields__}
             regions.append(Region(**{**fields, "mean": mean, "cov": cov}))
         return cls(regions, data.get("stats", {}))
+
+
+@dataclass(frozen=True)
+class RealEvidence:
+    """Real held-out images as seen by the generator and the classifier: encoder means (N, d), labels and
+    the classifier's predictions (N,). Used to ask of a region: do real images of its source class live here,
+    and does the classifier misread them the same way?"""
+
+    z: np.ndarray
+    labels: np.ndarray
+    predicted: np.ndarray
+
+
+def inside_ellipsoid(z: np.ndarray, mean: np.ndarray, cov: np.ndarray, quantile: float = ELLIPSOID_QUANTILE) -> np.ndarray:
+    """(N,) booleans: squared Mahalanobis distance to ``mean`` under ``cov`` within the chi-square ``quantile``."""
+    if len(z) == 0:
+        return np.zeros(0, dtype=bool)
+    diff = z - mean
+    m2 = np.einsum("nd,de,ne->n", diff, np.linalg.inv(cov), diff)
+    return m2 <= chi2.ppf(quantile, df=z.shape[1])
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -156,8 +199,14 @@ def distill(
     config: DistillConfig,
     *,
     seed: int = 0,
+    real: RealEvidence | None = None,
 ) -> Regions:
-    """Fit regions per confusion pair, score them on fresh samples and rank them by bug score."""
+    """Fit regions per confusion pair, refine them on fresh samples, score them and rank them by bug score.
+
+    Args:
+        real: held-out images (latents, labels, classifier predictions) for the real-data evidence term; without
+            them every region gets the prior real_error_rate (0.1) and the ranking rests on fresh samples alone.
+    """
     z_all = failures.z
     table = failures.table
     if len(z_all) and not np.isfinite(z_all).all():
@@ -181,11 +230,13 @@ def distill(
             if len(members) < config.min_region_size:
                 continue
             candidates.append({"source": int(source), "predicted": int(predicted), "members": members,
-                               "mean": mean, "cov": cov, "pair_rows": rows})
+                               "mean": mean, "cov": cov, "fit_mean": mean, "fit_cov": cov, "pair_rows": rows})
     if not candidates:
         log.warning("No confusion pair has %d or more failures: no regions.", config.min_failures)
         return Regions([], stats)
-    scored = _score(candidates, failures, classifier, generator, validity, config, rng)
+    evaluate = make_evaluate(generator.eval(), classifier.eval())
+    _refine(candidates, evaluate, validity, config, rng)
+    scored = _score(candidates, failures, evaluate, validity, config, rng, real)
     scored.sort(key=lambda c: (-c["bug_score"], c["source"], c["predicted"]))
     scored = scored[: config.max_regions]
     regions = [
@@ -196,8 +247,9 @@ def distill(
             flip_rate=c["flip_rate"], validity=c["validity"], confidence=c["confidence"],
             suggested_label=c["suggested_label"], median_radius=c["median_radius"],
             pair_median_radius=c["pair_median_radius"], source_confidence=c["source_confidence"],
-            coverage=c["coverage"],
-            bug_score=c["bug_score"], mean=c["mean"].tolist(), cov=c["cov"].tolist(),
+            coverage=c["coverage"], bug_score=c["bug_score"], real_support=c["real_support"],
+            real_misread=c["real_misread"], real_error_rate=c["real_error_rate"],
+            mean=c["mean"].tolist(), cov=c["cov"].tolist(),
         )
         for rank, c in enumerate(scored, start=1)
     ]
@@ -205,16 +257,43 @@ def distill(
     return Regions(regions, stats)
 
 
-@torch.no_grad()
-def _score(candidates, failures, classifier, generator, validity, config, rng) -> list[dict[str, Any]]:
-    """Fresh samples for every candidate region at once: decode, classify, judge validity."""
+def _classify_latents(evaluate, z: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Softmax probabilities (N, K) of the classifier on decoded latents, in chunks."""
+    with torch.no_grad():
+        return torch.cat([F.softmax(evaluate(torch.from_numpy(z[i : i + chunk])).float(), dim=1)
+                          for i in range(0, len(z), chunk)]).numpy()
+
+
+def _refine(candidates: list[dict[str, Any]], evaluate, validity: ValidityModel, config: DistillConfig,
+            rng: np.random.Generator) -> None:
+    """Cross-entropy-method steps, in place: refit each candidate's Gaussian to its fresh samples weighted by
+    (read as the predicted class) x (validity of the source class). All candidates are sampled in one batch.
+    A candidate whose samples carry too little weight (fewer than d + 1 effective samples) keeps its Gaussian."""
+    n = config.fresh_samples
+    for _ in range(config.refine_steps):
+        z = np.concatenate([rng.multivariate_normal(c["mean"], c["cov"], size=n, method="cholesky")
+                            for c in candidates]).astype(np.float32)
+        pred = _classify_latents(evaluate, z).argmax(axis=1)
+        valid = validity.scores(z)
+        d = z.shape[1]
+        for i, c in enumerate(candidates):
+            block = slice(i * n, (i + 1) * n)
+            w = (pred[block] == c["predicted"]) * valid[block, c["source"]]
+            if w.sum() <= 0 or w.sum() ** 2 / (w**2).sum() < d + 1:  # effective sample size
+                continue
+            w = w / w.sum()
+            mean = w @ z[block]
+            diff = z[block] - mean
+            c["mean"], c["cov"] = mean.astype(np.float64), (diff.T * w) @ diff + 1e-3 * np.eye(d)
+
+
+def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvidence | None) -> list[dict[str, Any]]:
+    """Fresh samples for every candidate region at once: decode, classify, judge validity; real-data evidence."""
     n = config.fresh_samples
     fresh = np.concatenate([
         rng.multivariate_normal(c["mean"], config.tau * c["cov"], size=n, method="cholesky") for c in candidates
     ]).astype(np.float32)
-    evaluate = make_evaluate(generator.eval(), classifier.eval())
-    probs = torch.cat([F.softmax(evaluate(torch.from_numpy(fresh[i : i + 4096])).float(), dim=1)
-                       for i in range(0, len(fresh), 4096)]).numpy()
+    probs = _classify_latents(evaluate, fresh)
     pred = probs.argmax(axis=1)
     valid_probs = validity.scores(fresh)
     lr_probs = validity.predict_proba(fresh)
@@ -224,7 +303,6 @@ def _score(candidates, failures, classifier, generator, validity, config, rng) -
     source_conf = failures.table["source_confidence"].to_numpy()
     source_index = failures.table["source_index"].to_numpy()
     failing_sources = failures.table.groupby("source_label")["source_index"].nunique()
-    threshold = chi2.ppf(0.9, df=z_all.shape[1])
     out = []
     for i, c in enumerate(candidates):
         block = slice(i * n, (i + 1) * n)
@@ -233,10 +311,14 @@ def _score(candidates, failures, classifier, generator, validity, config, rng) -
         error_rate = float(misread.mean())
         validity_mean = float(vp[:, c["source"]].mean())
         confidence = float(cp[misread, c["predicted"]].mean()) if misread.any() else 0.0
-        diff = z_all - c["mean"]
-        inside = np.einsum("nd,dk,nk->n", diff, np.linalg.inv(c["cov"]), diff) <= threshold
+        inside = inside_ellipsoid(z_all, c["fit_mean"], c["fit_cov"])  # the component as fitted, before refinement
         same_pair = (pair_of[:, 0] == c["source"]) & (pair_of[:, 1] == c["predicted"])
         purity = float(same_pair[inside].mean()) if inside.any() else 1.0
+        support, misread_real = 0, 0
+        if real is not None and len(real.z):
+            of_source = (real.labels == c["source"]) & inside_ellipsoid(real.z, c["mean"], c["cov"])
+            support, misread_real = int(of_source.sum()), int((of_source & (real.predicted == c["predicted"])).sum())
+        real_rate = (misread_real + REAL_PRIOR[0]) / (support + REAL_PRIOR[1])
         out.append({
             **c,
             "error_rate": round(error_rate, 4),
@@ -249,7 +331,10 @@ def _score(candidates, failures, classifier, generator, validity, config, rng) -
             "pair_median_radius": round(float(np.median(radius[c["pair_rows"]])), 4),
             "source_confidence": round(float(np.mean(source_conf[c["members"]])), 4),
             "coverage": round(len(np.unique(source_index[c["members"]])) / int(failing_sources[c["source"]]), 4),
-            "bug_score": round(error_rate * validity_mean * confidence, 4),
+            "real_support": support,
+            "real_misread": misread_real,
+            "real_error_rate": round(real_rate, 4),
+            "bug_score": round(error_rate * validity_mean * confidence * real_rate, 4),
         })
     return out
 

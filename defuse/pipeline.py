@@ -19,12 +19,23 @@ import sys
 
 from defuse.config import RunConfig
 from defuse.data import ImageDataModule
-from defuse.distill import REGIONS_DIR, REGIONS_JSON, UMAP_PNG, Regions, distill, region_grids, save_grid_png, save_umap
+from defuse.distill import (
+    REGIONS_DIR,
+    REGIONS_JSON,
+    UMAP_PNG,
+    RealEvidence,
+    Regions,
+    distill,
+    region_grids,
+    save_grid_png,
+    save_umap,
+)
 from defuse.fit import CLASSIFIER_CKPT, GENERATOR_CKPT, fit_classifier, fit_generator
 from defuse.correct import CORRECT_DIR, correct, sample_regions
 from defuse.label import LABELS_FILE, LabelBook, label_stage
 from defuse.models.loading import save_classifier
 from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Failures, identify, latent_means
+from defuse.models.inference import predict_labels
 from defuse.models.loading import load_classifier, load_generator
 from defuse.rundir import RunDir, fingerprint
 from defuse.validity import ValidityModel
@@ -56,7 +67,12 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     generator = load_generator(run.path(GENERATOR_CKPT))
     validity = ValidityModel.load(run.path(VALIDITY_MODEL))
     classes = loaded.classes or tuple(str(i) for i in range(len(validity.intercept)))
-    regions = distill(failures, loaded.model, generator, validity, classes, config.distill, seed=config.seed)
+    held_out = ImageDataModule(config.data, config.seed).split(config.identify.validity_split)
+    images = held_out.float_images()
+    real = RealEvidence(latent_means(generator, images).numpy(), held_out.labels.numpy(),
+                        predict_labels(loaded.model, images).numpy())
+    regions = distill(failures, loaded.model, generator, validity, classes, config.distill, seed=config.seed,
+                      real=real)
     shutil.rmtree(run.path(REGIONS_DIR), ignore_errors=True)  # no stale region files from an earlier run
     run.path(REGIONS_DIR).mkdir(parents=True, exist_ok=True)
     regions.save(run, classes)
@@ -188,7 +204,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("fit-generator", fit_generator, (GENERATOR_CKPT,), ("data", "generator", "trainer"), (CLASSIFIER_CKPT,)),
     Stage("identify", identify_stage, (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL), ("data", "identify"),
           (CLASSIFIER_CKPT, GENERATOR_CKPT)),
-    Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill",),
+    Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill", "data", "identify"),
           (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, GENERATOR_CKPT)),
     Stage("label", labelling_stage, (LABELS_FILE,), ("label",), (REGIONS_JSON,), always=True),
     Stage("correct", correct_stage, (REPAIRED_CKPT,), ("correct", "data", "trainer"),

@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import chi2
 from torch import nn
 
 from defuse.distill import Region, Regions
@@ -50,10 +49,7 @@ def failures_in_region(region: Region, failures: pd.DataFrame, z: np.ndarray, ta
         failures["predicted_label"].to_numpy() == region.predicted_label)
     if not same.any():
         return 0
-    diff = z[same] - np.asarray(region.mean)
-    precision = np.linalg.inv(tau * np.asarray(region.cov))
-    m2 = np.einsum("nd,de,ne->n", diff, precision, diff)
-    return int((m2 <= chi2.ppf(0.9, z.shape[1])).sum())
+    return int(region.contains(z[same], tau).sum())
 
 
 @torch.no_grad()

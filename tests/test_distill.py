@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from defuse.config import DistillConfig
-from defuse.distill import Region, Regions, distill, region_grids, save_grid_png
+from defuse.distill import RealEvidence, Region, Regions, distill, region_grids, save_grid_png
 from defuse.identify import Failures
 from defuse.rundir import RunDir
 from stubs import LineGenerator, QuadrantClassifier, quadrant_validity
@@ -32,8 +32,9 @@ def make_failures(clusters, seed=0) -> Failures:
     return Failures(table, z, {})
 
 
-def _distill(failures, config=CONFIG, seed=0):
-    return distill(failures, QuadrantClassifier(), LineGenerator(), quadrant_validity(), CLASSES, config, seed=seed)
+def _distill(failures, config=CONFIG, seed=0, real=None):
+    return distill(failures, QuadrantClassifier(), LineGenerator(), quadrant_validity(), CLASSES, config, seed=seed,
+                   real=real)
 
 
 TWO_PAIRS = [((2.5, -1.0), 0.15, 40, 0, 1), ((-1.0, 2.5), 0.15, 40, 0, 2), ((2.5, 2.5), 0.1, 6, 2, 1)]
@@ -52,15 +53,46 @@ def test_regions_are_pure_in_their_pair_and_consistently_misclassified():
     assert [r.bug_score for r in regions.regions] == sorted((r.bug_score for r in regions.regions), reverse=True)
 
 
+STRADDLING = [((2.5, -1.0), 0.15, 40, 0, 1), ((1.0, -4.0), 0.3, 40, 0, 1)]
+
+
 def test_a_region_straddling_the_boundary_has_a_lower_error_rate_and_the_score_is_the_product():
-    clusters = [((2.5, -1.0), 0.15, 40, 0, 1), ((1.0, -4.0), 0.3, 40, 0, 1)]
-    regions = _distill(make_failures(clusters))
+    regions = _distill(make_failures(STRADDLING), DistillConfig(**{**CONFIG.__dict__, "refine_steps": 0}))
     by_centre = sorted(regions.regions, key=lambda r: r.mean[1])
     straddling, deep = by_centre[0], by_centre[-1]
     assert straddling.mean[1] < -3 and deep.mean[1] > -2
     assert deep.error_rate > 0.9 and 0.2 < straddling.error_rate < 0.8
     for r in regions.regions:
-        assert r.bug_score == pytest.approx(r.error_rate * r.validity * r.confidence, abs=2e-4)
+        assert r.real_support == 0 and r.real_error_rate == pytest.approx(0.1)  # no real images: the prior
+        assert r.bug_score == pytest.approx(r.error_rate * r.validity * r.confidence * r.real_error_rate, abs=2e-4)
+
+
+def test_refinement_moves_a_straddling_region_onto_its_misread_side():
+    raw = _distill(make_failures(STRADDLING), DistillConfig(**{**CONFIG.__dict__, "refine_steps": 0}))
+    refined = _distill(make_failures(STRADDLING))  # default: 2 cross-entropy-method steps
+    lowest = lambda regions: min(regions.regions, key=lambda r: r.mean[1])  # noqa: E731
+    assert lowest(raw).error_rate < 0.6
+    assert lowest(refined).error_rate > 0.85
+    assert lowest(refined).mean[0] > 1.0  # its centre crossed the boundary z0 = 1 into the misread side
+
+
+def test_real_images_misread_inside_a_region_raise_its_score():
+    clusters = [((2.5, -1.0), 0.15, 40, 0, 1), ((-1.0, 2.5), 0.15, 40, 0, 2)]
+    without = {r.predicted_label: r for r in _distill(make_failures(clusters)).regions}
+    rng = np.random.default_rng(1)
+    # Real images of class 0 near the centre of each region, read as the region's mistake only in 0 -> 1.
+    z = np.concatenate([without[1].sample(12, 0.2, rng), without[2].sample(12, 0.2, rng)])
+    real = RealEvidence(z, np.zeros(24, dtype=int), np.array([1] * 12 + [0] * 12))
+    with_real = {r.predicted_label: r for r in _distill(make_failures(clusters), real=real).regions}
+    misread, read_right = with_real[1], with_real[2]
+    assert (misread.real_support, misread.real_misread) == (12, 12)
+    assert (read_right.real_support, read_right.real_misread) == (12, 0)
+    assert misread.real_error_rate == pytest.approx(12.5 / 17, abs=1e-4)
+    assert read_right.real_error_rate == pytest.approx(0.5 / 17, abs=1e-4)
+    # Same fresh samples (same seed): the score moves by the real-evidence factor alone.
+    for r in (misread, read_right):
+        assert r.bug_score == pytest.approx(r.error_rate * r.validity * r.confidence * r.real_error_rate, abs=1e-4)
+    assert misread.bug_score > without[1].bug_score and read_right.bug_score < without[2].bug_score
 
 
 def test_overlapping_pairs_lower_purity():
