@@ -7,6 +7,12 @@ never the stored failures. Lambda and the number of epochs are chosen on held-ou
 the largest gain in region accuracy (on other fresh samples) whose clean validation
 accuracy drops by at most ``max_clean_drop``; if none qualifies the original weights stay.
 
+Validation labels share the training labels' errors (a slanted 7 labelled 1 in training is labelled 1
+in validation too). A validation image whose label is a labelled region's mistake (1, in a "7 -> 1"
+region the person called 7) and which the independent validity model reads as the person's class (7)
+is left out of the clean check, and counted, so a repair is not refused for fixing exactly what it was
+asked to fix.
+
 Every (lambda, epoch) is a Lightning checkpoint under ``correct/``; an interrupted
 fine-tune resumes from the last one (loaded weights-only), and finished lambdas are not
 trained again.
@@ -35,6 +41,7 @@ from defuse.distill import Regions
 from defuse.fit import make_trainer
 from defuse.models.inference import predict_labels
 from defuse.rundir import atomic_write_json
+from defuse.validity import ValidityModel
 
 CORRECT_DIR = "correct"
 
@@ -68,6 +75,23 @@ def sample_regions(regions: Regions, bug_labels: dict[int, int], generator: nn.M
     return RegionSamples(images.clamp(0, 1), torch.tensor(labels), torch.tensor(ids))
 
 
+def contradicting_labels(regions: Regions, bug_labels: dict[int, int], latents: np.ndarray, labels: np.ndarray,
+                        validity: ValidityModel) -> np.ndarray:
+    """(N,) booleans: images whose label is the mistake of a region the person labelled with another class, and
+    which the validity model (fitted on held-out labels, independent of the classifier) reads as that class.
+
+    The person and an independent judge both say the label is wrong; region geometry alone cannot tell (refined
+    regions are tight, and real images of the mistaken class sit as far from them as the mislabelled ones).
+    """
+    judged = validity.predict_proba(latents).argmax(axis=1)
+    out = np.zeros(len(labels), dtype=bool)
+    for region in regions.regions:
+        person = bug_labels.get(region.id, region.predicted_label)
+        if person != region.predicted_label:
+            out |= (labels == region.predicted_label) & (judged == person)
+    return out
+
+
 class CorrectionModule(pl.LightningModule):
     """Fine-tunes ``classifier`` on clean batches plus ``lam`` times region batches.
 
@@ -84,6 +108,13 @@ class CorrectionModule(pl.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def on_train_epoch_start(self) -> None:
+        # Keep batch-norm statistics as trained: region batches are decoded (smoother) images, and letting them
+        # move the running means shifts every clean input too (measured: -1.8 points of clean accuracy).
+        for module in self.model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
     def training_step(self, batch, batch_idx):
         (x_clean, y_clean), (x_region, y_region) = batch["clean"], batch["regions"]
@@ -134,13 +165,20 @@ def correct(
     *,
     trainer: TrainerConfig | None = None,
     seed: int = 0,
+    val_exclude: np.ndarray | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune a copy of ``classifier``; return the chosen weights and how they were chosen."""
+    """Fine-tune a copy of ``classifier``; return the chosen weights and how they were chosen.
+
+    Args:
+        val_exclude: (N_val,) booleans, validation images left out of the clean check (see
+            :func:`contradicting_labels`).
+    """
     trainer_config = trainer or TrainerConfig(progress_bar=False)
     val = data.split("val")
     if len(val) == 0:
         raise ValueError("`data.val_size` is 0: correction needs a validation split to choose lambda and epochs.")
-    val_x, val_y = val.float_images(), val.labels
+    keep = torch.ones(len(val), dtype=torch.bool) if val_exclude is None else ~torch.as_tensor(val_exclude)
+    val_x, val_y = val.float_images()[keep], val.labels[keep]
     base_clean = _accuracy(classifier, val_x, val_y)
     base_region = _accuracy(classifier, val_regions.images, val_regions.labels)
     batch = data.config.batch_size
@@ -171,6 +209,7 @@ def correct(
     admissible = [c for c in candidates if c["clean"] >= base_clean - config.max_clean_drop]
     chosen = max(admissible, key=lambda c: (c["region"], -c["lambda"], -c["epoch"]), default=None)
     summary: dict[str, Any] = {
+        "val_excluded_contradicting": int((~keep).sum()),
         "val_clean_accuracy_before": round(base_clean, 4), "val_region_accuracy_before": round(base_region, 4),
         "candidates": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items() if k != "path"}
                        for c in candidates],

@@ -31,7 +31,7 @@ from defuse.distill import (
     save_umap,
 )
 from defuse.fit import CLASSIFIER_CKPT, GENERATOR_CKPT, fit_classifier, fit_generator
-from defuse.correct import CORRECT_DIR, correct, sample_regions
+from defuse.correct import CORRECT_DIR, contradicting_labels, correct, sample_regions
 from defuse.label import LABELS_FILE, LabelBook, label_stage
 from defuse.models.loading import save_classifier
 from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Failures, identify, latent_means
@@ -143,8 +143,11 @@ def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
         shutil.rmtree(workdir)  # checkpoints of another configuration: resuming from them would be wrong
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "KEY").write_text(key + "\n")
+    val = data.split("val")
+    exclude = contradicting_labels(regions, bug_labels, latent_means(generator, val.float_images()).numpy(),
+                                   val.labels.numpy(), ValidityModel.load(run.path(VALIDITY_MODEL)))
     repaired, summary = correct(loaded.model, data, train_regions, val_regions, config.correct, workdir,
-                                trainer=config.trainer, seed=config.seed)
+                                trainer=config.trainer, seed=config.seed, val_exclude=exclude)
     save_classifier(run.path(REPAIRED_CKPT), repaired, loaded.hparams)
     return {"labelled_regions": len(bug_labels), **summary}
 
@@ -208,7 +211,7 @@ STAGES: tuple[Stage, ...] = (
           (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, GENERATOR_CKPT)),
     Stage("label", labelling_stage, (LABELS_FILE,), ("label",), (REGIONS_JSON,), always=True),
     Stage("correct", correct_stage, (REPAIRED_CKPT,), ("correct", "data", "trainer"),
-          (LABELS_FILE, REGIONS_JSON, CLASSIFIER_CKPT, GENERATOR_CKPT)),
+          (LABELS_FILE, REGIONS_JSON, CLASSIFIER_CKPT, GENERATOR_CKPT, VALIDITY_MODEL)),
     Stage("verify", verify_stage, (VERIFY_JSON,), ("data", "identify", "distill"),
           (REPAIRED_CKPT, CLASSIFIER_CKPT, GENERATOR_CKPT, LABELS_FILE, REGIONS_JSON, FAILURES_TABLE, VALIDITY_MODEL)),
 )

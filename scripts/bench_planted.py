@@ -56,10 +56,10 @@ from defuse.config import (
     IdentifyConfig,
     TrainerConfig,
 )
-from defuse.correct import correct, sample_regions
+from defuse.correct import contradicting_labels, correct, sample_regions
 from defuse.label import file_labels
 from defuse.data import ImageDataModule, ImageSet
-from defuse.distill import Regions, distill
+from defuse.distill import RealEvidence, Regions, distill
 from defuse.fit import reconstruction_report, train_classifier, train_vae
 from defuse.identify import identify, latent_means, make_evaluate, select_sources
 from defuse.models.inference import predict_labels, reconstruct
@@ -134,7 +134,7 @@ def poisoned(data: ImageDataModule, case: str) -> tuple[ImageDataModule, dict]:
     out.test = data.split("test")
     test_group = subgroup(out.test, feature, sign, source, threshold)
     return out, {"threshold": threshold, "poisoned_train": int((out.train.labels != train.labels).sum()),
-                 "test_subgroup": test_group}
+                 "poisoned_val": int((out.val.labels != val.labels).sum()), "test_subgroup": test_group}
 
 
 # ----------------------------------------------------------------------------- baselines
@@ -207,9 +207,10 @@ def simulated_labels(regions: Regions, reference, vae, classes, folder: Path) ->
 
 
 def repair(case: str, case_data: ImageDataModule, model, reference, vae, validity, regions: Regions, failures,
-           group: torch.Tensor, classes) -> dict:
+           info: dict, classes) -> dict:
     start = time.perf_counter()
     source, planted = CASES[case][:2]
+    group = info["test_subgroup"]
     test = case_data.split("test")
     x, y = test.float_images(), test.labels
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,8 +219,11 @@ def repair(case: str, case_data: ImageDataModule, model, reference, vae, validit
             return {"labelled_bug_regions": 0}
         train_regions = sample_regions(regions, bug_labels, vae, CORRECT.samples_per_region, DISTILL.tau, SEED + 11)
         val_regions = sample_regions(regions, bug_labels, vae, CORRECT.val_samples_per_region, DISTILL.tau, SEED + 12)
+        val = case_data.split("val")
+        exclude = contradicting_labels(regions, bug_labels, latent_means(vae, val.float_images()).numpy(),
+                                       val.labels.numpy(), validity)
         repaired, summary = correct(model, case_data, train_regions, val_regions, CORRECT, Path(tmp) / "correct",
-                                    trainer=TRAINER, seed=SEED)
+                                    trainer=TRAINER, seed=SEED, val_exclude=exclude)
     before, after = predict_labels(model, x), predict_labels(repaired, x)
     outside = ~group
     per_class_drop = max(
@@ -235,6 +239,8 @@ def repair(case: str, case_data: ImageDataModule, model, reference, vae, validit
             1 for r in regions.regions if (r.source_label, r.predicted_label) == (source, planted)
             and bug_labels.get(r.id) == source),
         "chosen": summary.get("chosen"),
+        "val_excluded_contradicting": summary.get("val_excluded_contradicting"),
+        "val_poisoned": info["poisoned_val"],
         "subgroup_accuracy_before": round(float((before[group] == source).float().mean()), 4),
         "subgroup_accuracy_after": round(float((after[group] == source).float().mean()), 4),
         "clean_accuracy_outside_subgroup_before": round(float((before[outside] == y[outside]).float().mean()), 4),
@@ -282,7 +288,8 @@ def run_case(case: str, data: ImageDataModule, vae, reference, classes,
     # As in the pipeline: the validity judge is fitted on the held-out (clean) split, not the poisoned training labels.
     validity = ValidityModel.fit(latent_means(vae, x).numpy(), y.numpy(), len(classes), seed=SEED)
     failures = identify(model, vae, x, y, validity, IDENTIFY, seed=SEED, trainer=TRAINER)
-    regions = distill(failures, model, vae, validity, classes, DISTILL, seed=SEED)
+    real = RealEvidence(latent_means(vae, x).numpy(), y.numpy(), predict_labels(model, x).numpy())
+    regions = distill(failures, model, vae, validity, classes, DISTILL, seed=SEED, real=real)
     stats = failures.stats
     out.update({
         "sources": stats["sources"], "failures": stats["failures"], "queries": stats["queries"],
@@ -302,8 +309,7 @@ def run_case(case: str, data: ImageDataModule, vae, reference, classes,
         rank, precision, score = planted_precision(regions, CASES[case][:2], model, reference, vae, DISTILL.tau)
         out.update({"planted_rank": rank, "planted_precision": precision, "planted_bug_score": score})
         if do_repair:
-            out["repair"] = repair(case, case_data, model, reference, vae, validity, regions, failures,
-                                   info["test_subgroup"], classes)
+            out["repair"] = repair(case, case_data, model, reference, vae, validity, regions, failures, info, classes)
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out, regions, model
 

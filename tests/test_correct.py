@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from defuse.config import CorrectConfig, DataConfig
-from defuse.correct import RegionSamples, correct, sample_regions
+from defuse.correct import RegionSamples, contradicting_labels, correct, sample_regions
 from defuse.data import ImageDataModule
 from defuse.distill import Region, Regions
 from defuse.models import build_classifier
-from stubs import LineGenerator
+from stubs import LineGenerator, quadrant_validity
 
 
 def _region(region_id: int) -> Region:
@@ -75,3 +75,32 @@ def test_clean_accuracy_bound_keeps_the_original_when_nothing_qualifies(tmp_path
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(repaired.eval()(x), classifier.eval()(x))
     del config
+
+
+def test_contradicting_labels_need_the_person_and_the_independent_judge():
+    regions = Regions([_region(1), _region(2)], {})  # both 0 -> 1
+    judge = quadrant_validity()  # class 1 where z0 > 1, class 2 where z1 > 1, else class 0
+    latents = np.array([[0.0, 0.0], [0.0, 0.0], [3.0, 0.0], [0.0, 0.0]])
+    labels = np.array([1, 0, 1, 2])
+    # Region 1 labelled 0: image 0 is labelled 1 (the region's mistake) and the judge reads it as 0, the person's
+    # class; image 1 is labelled 0 already; image 2 is labelled 1 and the judge agrees it is a 1; image 3 is another
+    # class altogether.
+    assert contradicting_labels(regions, {1: 0}, latents, labels, judge).tolist() == [True, False, False, False]
+    # A region labelled with its own predicted class (the person agrees with the model): nothing contradicts.
+    assert not contradicting_labels(regions, {1: 1}, latents, labels, judge).any()
+    assert not contradicting_labels(regions, {}, latents, labels, judge).any()
+
+
+def test_excluded_validation_images_leave_the_clean_check(tmp_path, digits):
+    torch.manual_seed(0)
+    classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
+    regions = _regions_of_ones_called_seven(digits, 30)
+    val = digits.split("val")
+    exclude = np.zeros(len(val), dtype=bool)
+    exclude[: len(val) // 2] = True
+    config = CorrectConfig(lambdas=[1.0], epochs=1, lr=1e-9, max_clean_drop=0.0)
+    _, summary = correct(classifier, digits, regions, regions, config, tmp_path, val_exclude=exclude)
+    kept = val.float_images()[~torch.from_numpy(exclude)]
+    expected = float((classifier.eval()(kept).argmax(1) == val.labels[~torch.from_numpy(exclude)]).float().mean())
+    assert summary["val_excluded_contradicting"] == len(val) // 2
+    assert summary["val_clean_accuracy_before"] == pytest.approx(expected, abs=1e-4)
