@@ -268,14 +268,16 @@ def _refine(candidates: list[dict[str, Any]], evaluate, validity: ValidityModel,
             rng: np.random.Generator) -> None:
     """Cross-entropy-method steps, in place: refit each candidate's Gaussian to its fresh samples weighted by
     (read as the predicted class) x (validity of the source class). All candidates are sampled in one batch.
-    A candidate whose samples carry too little weight (fewer than d + 1 effective samples) keeps its Gaussian."""
-    n = config.fresh_samples
+    A candidate whose samples carry too little weight (fewer than d + 1 effective samples) keeps its Gaussian.
+    Refinement draws half the scoring sample size (at least 2 (d + 1)): every candidate pays for these rounds, and
+    the refit needs far fewer samples than a precise error rate does."""
+    d = candidates[0]["mean"].shape[0]
+    n = max(config.fresh_samples // 2, 2 * (d + 1))
     for _ in range(config.refine_steps):
         z = np.concatenate([rng.multivariate_normal(c["mean"], c["cov"], size=n, method="cholesky")
                             for c in candidates]).astype(np.float32)
         pred = _classify_latents(evaluate, z).argmax(axis=1)
         valid = validity.scores(z)
-        d = z.shape[1]
         for i, c in enumerate(candidates):
             block = slice(i * n, (i + 1) * n)
             w = (pred[block] == c["predicted"]) * valid[block, c["source"]]
