@@ -119,14 +119,20 @@ class IdentifyConfig:
 
     split: str = "test"  # which split's correctly classified images the search starts from
     max_sources: int | None = None  # a seeded random subset of the eligible images; None = all
-    mode: str = "shell"  # shell: random directions in expanding shells + bisection; gradient: Adam on z
-    budget: int = 256  # classifier queries per source (shell mode)
-    shells: int = 8
-    min_radius: float = 0.5  # in units of the encoder's posterior scale
-    max_radius: float = 16.0
-    refine_steps: int = 4  # bisection steps per failure: radius known to 1/16 of itself
-    failures_per_source: int = 4
-    depth: float = 0.5  # keep failures at (1 + depth) x their smallest flipping radius: inside the region
+    mode: str = "shell"  # shell: random directions in expanding shells + bisection + walk; gradient: Adam on z
+    budget: int = 256  # classifier queries per source, at most (shell mode)
+    shells: int = 4
+    directions: int = 4  # candidates queried per source per shell
+    min_radius: float = 2.0  # in units of the encoder's posterior scale
+    max_radius: float = 8.0
+    refine_steps: int = 2  # bisection steps per explored failure: its flipping radius known to 1/4 of itself
+    failures_per_source: int = 64
+    # Screening: query the classifier only on candidates the validity judge still calls the source class, drawing
+    # `oversample` free candidates per query. Off, every failure is queried blind and most turn out invalid.
+    screen: bool = True
+    oversample: int = 16
+    walk_step: float = 0.3  # after the first failure, walk through the failure region in steps of this scale; 0: off
+    walk_batch: int = 4  # walk proposals queried per source per step
     gradient_steps: int = 30
     gradient_lr: float = 0.1
     gradient_penalty: float = 0.05
@@ -146,14 +152,17 @@ class IdentifyConfig:
         _check_range("identify.shells", self.shells, 1, 1000)
         _check_range("identify.failures_per_source", self.failures_per_source, 1, 10_000)
         _check_range("identify.refine_steps", self.refine_steps, 0, 64)
-        minimum = self.shells + self.failures_per_source * self.refine_steps
+        _check_range("identify.directions", self.directions, 1, 1 << 20)
+        _check_range("identify.oversample", self.oversample, 1, 10_000)
+        _check_range("identify.walk_batch", self.walk_batch, 1, 1 << 20)
+        minimum = self.shells * self.directions
         if self.budget < minimum:
             raise ValueError(
-                f"`identify.budget` must be >= shells + failures_per_source * refine_steps = {minimum}, "
+                f"`identify.budget` must be >= shells * directions = {minimum} (the exploration's queries), "
                 f"got {self.budget} instead. Raise the budget or lower those."
             )
-        if self.depth < 0:
-            raise ValueError(f"`identify.depth` must be >= 0, got {self.depth} instead.")
+        if self.walk_step < 0:
+            raise ValueError(f"`identify.walk_step` must be >= 0 (0 turns the walk off), got {self.walk_step} instead.")
         _check_positive("identify.min_radius", self.min_radius)
         if not self.max_radius > self.min_radius:
             raise ValueError(
@@ -178,6 +187,7 @@ class DistillConfig:
     refine_steps: int = 2  # cross-entropy-method rounds moving each region onto its misread, still-valid samples
     fresh_samples: int = 128  # per region, to measure its error rate and validity
     max_regions: int = 30  # keep the best-scored regions
+    real_neighbours: int = 20  # real held-out images of the source class nearest each region, for its real evidence
     umap: bool = True  # draw umap.png (umap-learn); off makes distill faster
 
     def validate(self) -> None:
@@ -189,6 +199,7 @@ class DistillConfig:
         _check_range("distill.refine_steps", self.refine_steps, 0, 50)
         _check_range("distill.fresh_samples", self.fresh_samples, 4, 1 << 20)
         _check_range("distill.max_regions", self.max_regions, 1, 10_000)
+        _check_range("distill.real_neighbours", self.real_neighbours, 1, 1 << 20)
 
 
 @dataclass

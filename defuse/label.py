@@ -490,6 +490,8 @@ def label_stage(
         out(f"auto: {len(added)} regions labelled with their suggested label ({book.path}).")
     else:
         _apply_file(book, file_labels(mode, region_list, classes), classes, out)
+    book.path.parent.mkdir(parents=True, exist_ok=True)
+    book.path.touch()  # no regions, no answers: still the (empty) record later stages read
     metrics = _metrics(region_list, book.answers(), kind)
     if kind == "file":
         metrics["labels_file"] = str(mode)

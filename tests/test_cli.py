@@ -36,7 +36,7 @@ def test_run_trains_both_models_records_them_then_skips(tmp_path, tiny_overrides
     assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "label", "correct", "verify"}
     verified = json.loads((tmp_path / "verify.json").read_text())
     assert 0 <= verified["clean_accuracy"]["before"] <= 1 and "rediscovery" in verified
-    assert (tmp_path / "repaired.ckpt").exists() == bool(regions["regions"])
+    assert (tmp_path / "repaired.ckpt").exists()  # with no region labelled a bug, the original weights
     # no terminal here: labelling falls back to the suggestions, one automatic answer per region
     answers = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
     assert [a["region"] for a in answers] == [r["id"] for r in regions_of(tmp_path)]

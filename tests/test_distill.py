@@ -63,7 +63,7 @@ def test_a_region_straddling_the_boundary_has_a_lower_error_rate_and_the_score_i
     assert straddling.mean[1] < -3 and deep.mean[1] > -2
     assert deep.error_rate > 0.9 and 0.2 < straddling.error_rate < 0.8
     for r in regions.regions:
-        assert r.real_support == 0 and r.real_error_rate == pytest.approx(0.1)  # no real images: the prior
+        assert r.real_neighbours == 0 and r.real_error_rate == pytest.approx(0.1)  # no real images: the prior
         assert r.bug_score == pytest.approx(r.error_rate * r.validity * r.confidence * r.real_error_rate, abs=2e-4)
 
 
@@ -76,17 +76,22 @@ def test_refinement_moves_a_straddling_region_onto_its_misread_side():
     assert lowest(refined).mean[0] > 1.0  # its centre crossed the boundary z0 = 1 into the misread side
 
 
-def test_real_images_misread_inside_a_region_raise_its_score():
+def test_real_images_misread_near_a_region_raise_its_score():
     clusters = [((2.5, -1.0), 0.15, 40, 0, 1), ((-1.0, 2.5), 0.15, 40, 0, 2)]
     without = {r.predicted_label: r for r in _distill(make_failures(clusters)).regions}
     rng = np.random.default_rng(1)
-    # Real images of class 0 near the centre of each region, read as the region's mistake only in 0 -> 1.
-    z = np.concatenate([without[1].sample(12, 0.2, rng), without[2].sample(12, 0.2, rng)])
-    real = RealEvidence(z, np.zeros(24, dtype=int), np.array([1] * 12 + [0] * 12))
-    with_real = {r.predicted_label: r for r in _distill(make_failures(clusters), real=real).regions}
+    # Real images of class 0 near the centre of each region, read as the region's mistake only in 0 -> 1;
+    # and real images of class 1 right at the first centre, which are not its source class and must not count.
+    z = np.concatenate([without[1].sample(12, 0.2, rng), without[2].sample(12, 0.2, rng),
+                        without[1].sample(5, 0.01, rng)])
+    labels = np.array([0] * 24 + [1] * 5)
+    real = RealEvidence(z, labels, np.array([1] * 12 + [0] * 12 + [1] * 5))
+    config = DistillConfig(**{**CONFIG.__dict__, "real_neighbours": 12})
+    with_real = {r.predicted_label: r for r in _distill(make_failures(clusters), config, real=real).regions}
     misread, read_right = with_real[1], with_real[2]
-    assert (misread.real_support, misread.real_misread) == (12, 12)
-    assert (read_right.real_support, read_right.real_misread) == (12, 0)
+    assert (misread.real_neighbours, misread.real_misread) == (12, 12)
+    assert (read_right.real_neighbours, read_right.real_misread) == (12, 0)
+    assert 0 < misread.real_distance < 1.0  # the validity model's standardised units
     assert misread.real_error_rate == pytest.approx(12.5 / 17, abs=1e-4)
     assert read_right.real_error_rate == pytest.approx(0.5 / 17, abs=1e-4)
     # Same fresh samples (same seed): the score moves by the real-evidence factor alone.

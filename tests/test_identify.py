@@ -7,12 +7,21 @@ import pytest
 import torch
 
 from defuse.config import IdentifyConfig
-from defuse.identify import Failures, gradient_search, identify, make_evaluate, select_sources, shell_radii, shell_search
+from defuse.identify import (
+    Failures,
+    Screening,
+    gradient_search,
+    identify,
+    make_evaluate,
+    select_sources,
+    shell_radii,
+    shell_search,
+)
 from defuse.rundir import RunDir
 from stubs import LineClassifier, LineGenerator, line_images, line_validity
 
 CONFIG = IdentifyConfig(budget=64, shells=4, min_radius=0.1, max_radius=4.0, refine_steps=6,
-                        failures_per_source=3, batch_sources=16)
+                        failures_per_source=3, batch_sources=16, screen=False, walk_step=0.0)
 
 
 def test_sources_exclude_misclassified_images_and_reconstruction_artefacts():
@@ -41,13 +50,77 @@ def test_shell_search_finds_flips_and_bisects_to_the_boundary():
                        edges=shell_radii(0.1, 4.0, 4), refine_steps=8, per_source=3,
                        generator=torch.Generator().manual_seed(0))
     assert len(out["source"]) > 0
-    assert (out["predicted"] == 1).all()
-    assert (out["z"][:, 0] > 1).all()  # every kept latent is really across the boundary...
-    overshoot = out["z"][:, 0] - 1
-    assert float(overshoot.max()) < 4.0 * 2 ** 0.5 / 2**8 * 1.01  # ...and within one bisection step of it
+    assert (out["predicted"] == 1).all() and (out["step"] == 0).all()
+    assert (out["z"][:, 0] > 1).all()  # every kept latent is really across the boundary
+    # the reported radius is the smallest flipping radius along the failure's direction, to one bisection step
+    offset = out["z"] - mu[out["source"]]
+    found_at = offset.norm(dim=1) / 2**0.5
+    unit = offset / found_at[:, None]
+    boundary = (1 - mu[out["source"], 0]) / unit[:, 0]
+    assert (out["radius"] >= boundary - 1e-5).all()
+    assert (out["radius"] - boundary <= found_at / 2**8 + 1e-5).all()
     counts = torch.bincount(out["source"], minlength=20)
     assert int(counts.max()) <= 3
     assert int(out["queries"]) >= 20 * 16  # the first shell alone queries every source
+
+
+def _counting(evaluate):
+    """``evaluate`` that also records every latent it was asked about."""
+    asked = []
+
+    def wrapped(z):
+        asked.append(z.clone())
+        return evaluate(z)
+
+    return wrapped, asked
+
+
+def test_screening_queries_only_candidates_the_judge_still_calls_the_source_class():
+    images, labels = line_images(20)
+    gen, clf = LineGenerator(), LineClassifier()
+    mu, _ = gen.encode(images)
+    judge = line_validity().judge()
+    evaluate, asked = _counting(make_evaluate(gen, clf))
+    out = shell_search(evaluate, mu, torch.ones_like(mu), labels, directions=4, edges=shell_radii(0.5, 4.0, 3),
+                       refine_steps=0, per_source=3, generator=torch.Generator().manual_seed(0),
+                       screening=Screening(judge, threshold=0.3, oversample=32))
+    queried = torch.cat(asked)
+    assert len(queried) == int(out["queries"]) > 0
+    assert (judge(queried, torch.zeros(len(queried), dtype=torch.long)) >= 0.3).all()
+    assert len(out["source"]) > 0 and (judge(out["z"], labels[out["source"]]) >= 0.3).all()
+
+
+def test_the_walk_collects_more_failures_within_the_budget_and_every_one_flips():
+    images, labels = line_images(20)
+    gen, clf = LineGenerator(), LineClassifier()
+    mu, _ = gen.encode(images)
+    kwargs = dict(directions=4, edges=shell_radii(0.5, 4.0, 3), refine_steps=2, per_source=10)
+    explore_only = shell_search(make_evaluate(gen, clf), mu, torch.ones_like(mu), labels,
+                                generator=torch.Generator().manual_seed(0), **kwargs)
+    walked = shell_search(make_evaluate(gen, clf), mu, torch.ones_like(mu), labels, walk_step=0.3, walk_batch=4,
+                          budget=40, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert (walked["step"] > 0).any()
+    assert (walked["z"][:, 0] > 1).all() and (walked["predicted"] == 1).all()
+    assert int(torch.bincount(walked["source"]).max()) <= 10
+    # per query, the walk finds more failures than exploring blind
+    assert len(walked["source"]) / int(walked["queries"]) > len(explore_only["source"]) / int(explore_only["queries"])
+    # a walk failure's radius is its distance from its source, in posterior scales per dimension
+    steps = walked["step"] > 0
+    distance = (walked["z"][steps] - mu[walked["source"][steps]]).norm(dim=1) / 2**0.5
+    torch.testing.assert_close(walked["radius"][steps], distance)
+
+
+def test_the_walk_stops_at_the_budget():
+    images, labels = line_images(10)
+    gen, clf = LineGenerator(), LineClassifier()
+    mu, _ = gen.encode(images)
+    evaluate, asked = _counting(make_evaluate(gen, clf))
+    kwargs = dict(directions=2, edges=shell_radii(0.5, 4.0, 3), refine_steps=1, per_source=1000, walk_step=0.3,
+                  walk_batch=4, generator=torch.Generator().manual_seed(0))
+    small = shell_search(evaluate, mu, torch.ones_like(mu), labels, budget=24, **kwargs)
+    assert int(small["queries"]) == len(torch.cat(asked)) <= 10 * 24
+    large = shell_search(make_evaluate(gen, clf), mu, torch.ones_like(mu), labels, budget=48, **kwargs)
+    assert int(small["queries"]) < int(large["queries"]) <= 10 * 48  # the budget, not the walk, ended it
 
 
 def test_gradient_search_crosses_the_boundary():
@@ -59,7 +132,7 @@ def test_gradient_search_crosses_the_boundary():
     assert len(out["source"]) == 8 and (out["z"][:, 0] > 1).all() and (out["predicted"] == 1).all()
 
 
-def _identify(images, labels, seed=0, generator=None, config=CONFIG):
+def _identify(images, labels, seed=0, generator=None, config=CONFIG):  # screening off: see the validity test
     return identify(LineClassifier(), generator or LineGenerator(), images, labels, line_validity(), config, seed=seed)
 
 
@@ -70,7 +143,8 @@ def test_identify_is_deterministic_for_a_seed_and_records_every_column():
     np.testing.assert_array_equal(a.z, b.z)
     assert not np.array_equal(a.z, c.z) if len(a.z) == len(c.z) else True
     assert list(a.table.columns) == ["source_index", "source_label", "predicted_label", "confidence",
-                                     "source_confidence", "radius", "validity", "validity_label", "valid", "mode"]
+                                     "source_confidence", "radius", "validity", "validity_label", "valid", "mode",
+                                     "walk_step"]
     assert (a.table["predicted_label"] != a.table["source_label"]).all()
     assert a.stats["queries"] > 0 and a.stats["failures"] == len(a.table) > 0
     # failures across the line are class 1 for the validity model too: low validity, flagged not dropped
@@ -129,3 +203,24 @@ def test_identify_leaves_the_callers_models_untouched():
     identify(classifier, generator, images, labels, line_validity(), CONFIG, seed=0)
     assert classifier.training and generator.training
     assert all(p.requires_grad for p in generator.parameters())
+
+
+def test_a_judge_that_screens_out_every_candidate_is_reported(caplog):
+    images, labels = line_images(10)
+    # steps of 50+ posterior scales leave the judge's support of every class: nothing passes the screen
+    config = IdentifyConfig(budget=64, shells=4, min_radius=50.0, max_radius=100.0, failures_per_source=3)
+    with caplog.at_level(logging.WARNING, logger="defuse.identify"):
+        failures = _identify(images, labels, config=config)
+    assert failures.stats["queries"] == 0 and failures.stats["candidates_screened_out"] > 0 and len(failures) == 0
+    assert "screened out all" in caplog.text and "identify.screen=false" in caplog.text
+
+
+def test_screened_search_through_identify_flags_every_failure_valid():
+    images, labels = line_images(30)
+    config = IdentifyConfig(budget=64, shells=4, min_radius=0.3, max_radius=4.0, refine_steps=2, failures_per_source=6,
+                            validity_threshold=0.2, walk_step=0.2)
+    failures = _identify(images, labels, config=config)
+    assert len(failures) > 0 and failures.table["valid"].all() and (failures.table["validity"] >= 0.2).all()
+    assert (failures.table["walk_step"] > 0).any()
+    assert failures.stats["valid_failures_per_1000_queries"] == pytest.approx(
+        1000 * len(failures) / failures.stats["queries"], abs=1e-3)
