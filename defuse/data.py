@@ -456,7 +456,8 @@ class ImageDataModule(pl.LightningDataModule):
         return sets[name]
 
     # ---- loaders
-    def _loader(self, images: ImageSet, shuffle: bool) -> DataLoader:
+    def images_loader(self, images: ImageSet, shuffle: bool) -> DataLoader:
+        """A batched loader over ``images`` with this module's batch size and workers (seeded when shuffled)."""
         generator = torch.Generator().manual_seed(self.seed + 1) if shuffle else None
         return DataLoader(
             ImageTensorDataset(images), batch_size=self.config.batch_size, shuffle=shuffle,
@@ -465,13 +466,13 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.split("train"), shuffle=True)
+        return self.images_loader(self.split("train"), shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.split("val"), shuffle=False)
+        return self.images_loader(self.split("val"), shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split("test"), shuffle=False)
+        return self.images_loader(self.split("test"), shuffle=False)
 
     def loader(self, name: str, shuffle: bool = False) -> DataLoader:
-        return self._loader(self.split(name), shuffle=shuffle)
+        return self.images_loader(self.split(name), shuffle=shuffle)

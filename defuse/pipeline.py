@@ -132,22 +132,35 @@ def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     generator = load_generator(run.path(GENERATOR_CKPT))
     data = ImageDataModule(config.data, config.seed)
     tau = config.distill.tau
+    validity = ValidityModel.load(run.path(VALIDITY_MODEL))
     train_regions = sample_regions(regions, bug_labels, generator, config.correct.samples_per_region, tau,
-                                   config.seed + 11)
+                                   config.seed + 11, validity, config.correct.min_validity)
     val_regions = sample_regions(regions, bug_labels, generator, config.correct.val_samples_per_region, tau,
-                                 config.seed + 12)
+                                 config.seed + 12, validity, config.correct.min_validity)
+    if len(train_regions.labels) == 0 or len(val_regions.labels) == 0:
+        log.warning("The validity judge gives none of the labelled regions' fresh samples their label with at least "
+                    "correct.min_validity=%s: nothing to train on, so repaired.ckpt keeps the original weights. "
+                    "Check the labels, or lower correct.min_validity (0 trains on every sample).",
+                    config.correct.min_validity)
+        save_classifier(run.path(REPAIRED_CKPT), loaded.model, loaded.hparams)
+        return {"labelled_regions": len(bug_labels), "chosen": None,
+                "reason": "no region sample passes correct.min_validity"}
     workdir = run.path(CORRECT_DIR)
     key = fingerprint({"correct": config.section("correct", "data", "trainer"), "labels": bug_labels,
-                       "classifier": run.artifact_hash(CLASSIFIER_CKPT), "regions": run.artifact_hash(REGIONS_JSON)})
+                       "classifier": run.artifact_hash(CLASSIFIER_CKPT), "regions": run.artifact_hash(REGIONS_JSON),
+                       "validity": run.artifact_hash(VALIDITY_MODEL)})
     if (workdir / "KEY").exists() and (workdir / "KEY").read_text().strip() != key:
         shutil.rmtree(workdir)  # checkpoints of another configuration: resuming from them would be wrong
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "KEY").write_text(key + "\n")
-    val = data.split("val")
-    exclude = contradicting_labels(regions, bug_labels, latent_means(generator, val.float_images()).numpy(),
-                                   val.labels.numpy(), ValidityModel.load(run.path(VALIDITY_MODEL)))
+    val, train = data.split("val"), data.split("train")
+    val_exclude = contradicting_labels(regions, bug_labels, latent_means(generator, val.float_images()).numpy(),
+                                       val.labels.numpy(), validity)
+    train_exclude = contradicting_labels(regions, bug_labels, latent_means(generator, train.float_images()).numpy(),
+                                         train.labels.numpy(), validity)
     repaired, summary = correct(loaded.model, data, train_regions, val_regions, config.correct, workdir,
-                                trainer=config.trainer, seed=config.seed, val_exclude=exclude)
+                                trainer=config.trainer, seed=config.seed, val_exclude=val_exclude,
+                                train_exclude=train_exclude)
     save_classifier(run.path(REPAIRED_CKPT), repaired, loaded.hparams)
     return {"labelled_regions": len(bug_labels), **summary}
 

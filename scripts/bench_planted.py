@@ -133,6 +133,7 @@ def poisoned(data: ImageDataModule, case: str) -> tuple[ImageDataModule, dict]:
     out.test = data.split("test")
     test_group = subgroup(out.test, feature, sign, source, threshold)
     return out, {"threshold": threshold, "poisoned_train": int((out.train.labels != train.labels).sum()),
+                 "poisoned_train_mask": (out.train.labels != train.labels).numpy(),
                  "poisoned_val": int((out.val.labels != val.labels).sum()), "test_subgroup": test_group}
 
 
@@ -226,13 +227,17 @@ def repair(case: str, case_data: ImageDataModule, model, reference, vae, validit
         bug_labels = simulated_labels(regions, reference, vae, classes, Path(tmp))
         if not bug_labels:
             return {"labelled_bug_regions": 0}
-        train_regions = sample_regions(regions, bug_labels, vae, CORRECT.samples_per_region, DISTILL.tau, SEED + 11)
-        val_regions = sample_regions(regions, bug_labels, vae, CORRECT.val_samples_per_region, DISTILL.tau, SEED + 12)
-        val = case_data.split("val")
-        exclude = contradicting_labels(regions, bug_labels, latent_means(vae, val.float_images()).numpy(),
-                                       val.labels.numpy(), validity)
+        train_regions = sample_regions(regions, bug_labels, vae, CORRECT.samples_per_region, DISTILL.tau, SEED + 11,
+                                       validity, CORRECT.min_validity)
+        val_regions = sample_regions(regions, bug_labels, vae, CORRECT.val_samples_per_region, DISTILL.tau, SEED + 12,
+                                     validity, CORRECT.min_validity)
+        val, train = case_data.split("val"), case_data.split("train")
+        val_exclude = contradicting_labels(regions, bug_labels, latent_means(vae, val.float_images()).numpy(),
+                                           val.labels.numpy(), validity)
+        train_exclude = contradicting_labels(regions, bug_labels, latent_means(vae, train.float_images()).numpy(),
+                                             train.labels.numpy(), validity)
         repaired, summary = correct(model, case_data, train_regions, val_regions, CORRECT, Path(tmp) / "correct",
-                                    trainer=TRAINER, seed=SEED, val_exclude=exclude)
+                                    trainer=TRAINER, seed=SEED, val_exclude=val_exclude, train_exclude=train_exclude)
     before, after = predict_labels(model, x), predict_labels(repaired, x)
     outside = ~group
     per_class_drop = max(
@@ -250,6 +255,10 @@ def repair(case: str, case_data: ImageDataModule, model, reference, vae, validit
         "chosen": summary.get("chosen"),
         "val_excluded_contradicting": summary.get("val_excluded_contradicting"),
         "val_poisoned": info["poisoned_val"],
+        "train_excluded_contradicting": summary.get("train_excluded_contradicting"),
+        "train_excluded_poisoned": int((train_exclude & info["poisoned_train_mask"]).sum()),
+        "train_poisoned": info["poisoned_train"],
+        "region_samples_trained": len(train_regions.labels),
         "subgroup_accuracy_before": round(float((before[group] == source).float().mean()), 4),
         "subgroup_accuracy_after": round(float((after[group] == source).float().mean()), 4),
         "clean_accuracy_outside_subgroup_before": round(float((before[outside] == y[outside]).float().mean()), 4),

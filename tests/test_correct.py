@@ -47,7 +47,7 @@ def test_correct_raises_region_accuracy_and_resumes(tmp_path, digits):
     classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
     regions = _regions_of_ones_called_seven(digits, 60)
-    config = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0)
+    config = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
     repaired, summary = correct(classifier, digits, regions, regions, config, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())  # the original is untouched
     assert summary["chosen"] == {"lambda": 2.0, "epoch": 0}
@@ -56,7 +56,7 @@ def test_correct_raises_region_accuracy_and_resumes(tmp_path, digits):
     assert len(first) == 1 and (tmp_path / "lambda_2" / "last.ckpt").exists()
 
     # A second call with more epochs resumes from last.ckpt: epoch 0 is not trained again.
-    longer = CorrectConfig(lambdas=[2.0], epochs=2, lr=3e-3, max_clean_drop=1.0)
+    longer = CorrectConfig(lambdas=[2.0], epochs=2, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
     _, again = correct(classifier, digits, regions, regions, longer, tmp_path)
     second = json.loads((tmp_path / "lambda_2" / "epochs.json").read_text())
     assert [r["epoch"] for r in second] == [0, 1] and second[0] == first[0]
@@ -75,6 +75,50 @@ def test_clean_accuracy_bound_keeps_the_original_when_nothing_qualifies(tmp_path
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(repaired.eval()(x), classifier.eval()(x))
     del config
+
+
+def test_a_repair_that_gives_up_part_of_a_class_is_refused(tmp_path, digits):
+    from defuse.config import ClassifierConfig, TrainerConfig
+    from defuse.fit import train_classifier
+
+    classifier, _ = train_classifier(digits, ClassifierConfig(width=8, epochs=3), TrainerConfig(progress_bar=False),
+                                     root=str(tmp_path / "fit"))
+    regions = _regions_of_ones_called_seven(digits, 60)  # teaching real 1s as 7 costs the 1s
+    loose = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
+    _, chosen = correct(classifier, digits, regions, regions, loose, tmp_path / "a")
+    guarded = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=0.05)
+    _, refused = correct(classifier, digits, regions, regions, guarded, tmp_path / "b")
+    ones = chosen["val_per_class_before"][1] - chosen["candidates"][0]["per_class"][1]
+    assert chosen["chosen"] is not None and ones > 0.05
+    assert chosen["candidates"][0]["largest_class_drop"] >= ones
+    assert refused["chosen"] is None and "no candidate" in refused["reason"]
+
+
+def test_training_images_whose_labels_contradict_the_person_leave_the_clean_loss(tmp_path, digits):
+    torch.manual_seed(0)
+    classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
+    regions = _regions_of_ones_called_seven(digits, 30)
+    train = digits.split("train")
+    exclude = (train.labels == 1).numpy()  # the clean loss no longer says "these are 1s"
+    config = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
+    _, kept = correct(classifier, digits, regions, regions, config, tmp_path / "a")
+    _, dropped = correct(classifier, digits, regions, regions, config, tmp_path / "b", train_exclude=exclude)
+    assert kept["train_excluded_contradicting"] == 0
+    assert dropped["train_excluded_contradicting"] == int(exclude.sum()) > 0
+    # without real 1s pulling back, the 1s-called-7 are learned at least as well
+    assert dropped["candidates"][0]["region"] >= kept["candidates"][0]["region"]
+
+
+def test_region_samples_the_judge_denies_the_persons_label_are_left_out():
+    judge = quadrant_validity()  # class 1 where z0 > 1: the regions' centres (z0 = 2) are 1s to the judge
+    regions = Regions([_region(1), _region(2)], {})
+    samples = sample_regions(regions, {1: 0, 2: 1}, LineGenerator(), per_region=40, tau=1.0, seed=0,
+                             validity=judge, min_validity=0.5)
+    assert (samples.regions == 2).sum() > 30 and (samples.regions == 1).sum() < 10
+    assert (judge.validity(samples.images.flatten(1)[:, :2].numpy(), samples.labels.numpy()) >= 0.5).all()
+    none = sample_regions(regions, {1: 0}, LineGenerator(), per_region=5, tau=0.01, seed=0, validity=judge,
+                          min_validity=0.99)
+    assert len(none.labels) == 0 and none.images.shape[1:] == (1, 2, 2)
 
 
 def test_contradicting_labels_need_the_person_and_the_independent_judge():
