@@ -230,6 +230,7 @@ class CorrectConfig:
     # Allowed drop of any one class's validation accuracy. With ~80 validation images a class, one image is 1.3
     # points, so a tighter bound measures noise; this one refuses a repair that gives up part of a class.
     max_class_drop: float = 0.05
+    keep: float = 1.0  # weight of KL(original || fine-tuned) on clean batches: holds unrelated decisions in place
 
     def validate(self) -> None:
         if not self.lambdas or any(not lam > 0 for lam in self.lambdas):
@@ -240,6 +241,8 @@ class CorrectConfig:
         _check_range("correct.val_samples_per_region", self.val_samples_per_region, 1, 1 << 24)
         if not 0 <= self.min_validity <= 1:
             raise ValueError(f"`correct.min_validity` must be in [0, 1], got {self.min_validity} instead.")
+        if self.keep < 0:
+            raise ValueError(f"`correct.keep` must be >= 0 (0 turns it off), got {self.keep} instead.")
         if not 0 <= self.max_class_drop <= 1:
             raise ValueError(f"`correct.max_class_drop` must be in [0, 1], got {self.max_class_drop} instead.")
         if not 0 <= self.max_clean_drop < 1:

@@ -115,9 +115,13 @@ class CorrectionModule(pl.LightningModule):
         lr: Adam learning rate.
     """
 
-    def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4) -> None:
+    def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4, keep: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["classifier"])
+        # The original model, frozen: on clean batches the fine-tuned one is held to its predictions (weight
+        # ``keep``), so fixing the regions reshuffles fewer unrelated decisions. Kept in a list, not as a
+        # submodule: it is fixed, so it stays out of checkpoints, optimisers and Lightning's train/eval switches.
+        self._teacher = [copy.deepcopy(classifier).eval().requires_grad_(False)] if keep > 0 else []
         self.model = classifier.train().requires_grad_(True)  # checkpoints load in eval mode, maybe frozen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,9 +136,17 @@ class CorrectionModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         (x_clean, y_clean), (x_region, y_region) = batch["clean"], batch["regions"]
-        clean = F.cross_entropy(self(x_clean), y_clean)
+        logits = self(x_clean)
+        clean = F.cross_entropy(logits, y_clean)
         region = F.cross_entropy(self(x_region), y_region)
         loss = clean + self.hparams.lam * region
+        if self._teacher:
+            teacher = self._teacher[0].to(x_clean.device)
+            with torch.no_grad():
+                target = F.log_softmax(teacher(x_clean), dim=1)
+            drift = F.kl_div(F.log_softmax(logits, dim=1), target, log_target=True, reduction="batchmean")
+            loss = loss + self.hparams.keep * drift
+            self.log("drift_loss", drift, on_epoch=True, on_step=False)
         self.log_dict({"clean_loss": clean, "region_loss": region}, on_epoch=True, on_step=False)
         return loss
 
@@ -224,7 +236,7 @@ def correct(
         done = json.loads(record.read_text()) if record.exists() else []
         if len(done) < config.epochs:
             pl.seed_everything(seed, verbose=False)
-            module = CorrectionModule(copy.deepcopy(classifier), lam=lam, lr=config.lr)
+            module = CorrectionModule(copy.deepcopy(classifier), lam=lam, lr=config.lr, keep=config.keep)
             region_loader = DataLoader(TensorDataset(train_regions.images, train_regions.labels), batch_size=batch,
                                        shuffle=True, generator=torch.Generator().manual_seed(seed + 2))
             loaders = CombinedLoader({"clean": data.images_loader(clean_train, shuffle=True), "regions": region_loader},

@@ -245,8 +245,11 @@ def repair(case: str, case_data: ImageDataModule, model, reference, vae, validit
         for k in range(len(classes))
     )
     again = identify(repaired, vae, x, y, validity, IDENTIFY, seed=SEED, trainer=TRAINER)
-    pair_before = int(((failures.table.source_label == source) & (failures.table.predicted_label == planted)).sum())
-    pair_after = int(((again.table.source_label == source) & (again.table.predicted_label == planted)).sum())
+    in_pair = lambda t: (t.source_label == source) & (t.predicted_label == planted)  # noqa: E731
+    pair_before, pair_after = int(in_pair(failures.table).sum()), int(in_pair(again.table).sum())
+    # The walk finds up to failures_per_source failures per source: also count the sources that fail that way.
+    sources_before = int(failures.table.loc[in_pair(failures.table), "source_index"].nunique())
+    sources_after = int(again.table.loc[in_pair(again.table), "source_index"].nunique())
     return {
         "labelled_bug_regions": len(bug_labels),
         "planted_pair_regions_labelled_source": sum(
@@ -267,6 +270,8 @@ def repair(case: str, case_data: ImageDataModule, model, reference, vae, validit
         "planted_pair_failures_before": pair_before,
         "planted_pair_failures_after": pair_after,
         "planted_pair_rediscovery_drop": round(1 - pair_after / pair_before, 4) if pair_before else None,
+        "planted_pair_sources_before": sources_before,
+        "planted_pair_sources_after": sources_after,
         "seconds": round(time.perf_counter() - start, 1),
     }
 
