@@ -1,3 +1,4 @@
+import copy
 import json
 import re
 
@@ -148,3 +149,24 @@ def test_excluded_validation_images_leave_the_clean_check(tmp_path, digits):
     expected = float((classifier.eval()(kept).argmax(1) == val.labels[~torch.from_numpy(exclude)]).float().mean())
     assert summary["val_excluded_contradicting"] == len(val) // 2
     assert summary["val_clean_accuracy_before"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_keep_term_holds_the_model_to_the_original_and_stays_out_of_checkpoints():
+    from defuse.correct import CorrectionModule
+
+    torch.manual_seed(0)
+    classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
+    held = CorrectionModule(copy.deepcopy(classifier), lam=1.0, keep=1.0)
+    free = CorrectionModule(copy.deepcopy(classifier), lam=1.0, keep=0.0)
+    assert all(k.startswith("model.") for k in held.state_dict())  # the frozen original is not saved
+    x, y = torch.rand(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    batch = {"clean": (x, y), "regions": (x, y)}
+    for module in (held, free):
+        module.log = module.log_dict = lambda *a, **k: None  # no Trainer attached
+        module.model.eval()  # dropout off: the two losses differ only by the keep term
+    assert float(held.training_step(batch, 0)) == pytest.approx(float(free.training_step(batch, 0)), abs=1e-5)
+    with torch.no_grad():  # move the fine-tuned copy away from the original: now the term costs something
+        for p in held.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        free.model.load_state_dict(held.model.state_dict())
+    assert float(held.training_step(batch, 0)) > float(free.training_step(batch, 0)) + 1e-4
