@@ -123,7 +123,7 @@ class IdentifyConfig:
     budget: int = 256  # classifier queries per source, at most (shell mode)
     shells: int = 4
     directions: int = 4  # candidates queried per source per shell
-    min_radius: float = 2.0  # in units of the encoder's posterior scale
+    min_radius: float = 1.0  # in units of the encoder's posterior scale
     max_radius: float = 8.0
     refine_steps: int = 2  # bisection steps per explored failure: its flipping radius known to 1/4 of itself
     failures_per_source: int = 64
