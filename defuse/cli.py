@@ -13,28 +13,31 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from defuse.config import RunConfig, describe_options, load_config
-from defuse.pipeline import NOT_BUILT_YET, STAGES, StageResult, run_pipeline, run_stage, stage_named
+from defuse.config import RunConfig, config_from_mapping, describe_options, load_config
+from defuse.pipeline import AWAITING_LABELS, NOT_BUILT_YET, STAGES, StageResult, run_pipeline, run_stage, stage_named
 from defuse.rundir import RunDir
 
 _DESCRIPTIONS = {
-    "run": "Run every stage of the pipeline that is built, skipping stages whose outputs are current.",
+    "run": "Run every stage of the pipeline that is built, skipping stages whose outputs are current. Without a "
+    "person to label the regions (no terminal, no --labels) it stops before correct, repairs nothing, and says how "
+    "to label; the same command resumes from there.",
     "fit-classifier": "Train the classifier under test (or adopt yours: classifier.torchscript / classifier.factory) "
     "and write classifier.ckpt.",
     "fit-generator": "Train the convolutional beta-VAE and write generator.ckpt; records in manifest.json the "
-    "fraction of test images whose reconstruction the classifier still gets right.",
-    "identify": "Search the generator's latent space around correctly classified images for natural failures; "
-    "write failures.parquet, failures_z.npy and the validity model (validity.npz).",
+    "fraction of audit images whose reconstruction the classifier still gets right (the search's ceiling).",
+    "identify": "Fit the validity judge on the audit split and search the generator's latent space around the audit "
+    "images the classifier gets right for natural failures; write failures.parquet, failures_z.npy and validity.npz.",
     "distill": "Group the failures into ranked misclassification regions (a Dirichlet-process mixture per confusion "
     "pair); write regions.json, regions/*.png and umap.png.",
     "label": "Give each region one label: a class (a bug), n (not a bug) or s (skip), at a prompt showing the "
-    "region's samples; or --labels FILE / --labels auto. Answers go to labels.jsonl at once; run again to resume.",
+    "region's samples; or --labels FILE; or --labels auto, which labels a region a bug only on real evidence and "
+    "records why. Answers go to labels.jsonl at once; run again to resume.",
     "correct": "Fine-tune the classifier on fresh samples of the regions labelled with a class, choosing lambda and "
     "epochs on validation data (clean accuracy may drop by at most correct.max_clean_drop); write repaired.ckpt. "
     "An interrupted fine-tune resumes from its last checkpoint.",
-    "verify": "Compare the repaired classifier with the original on data the fine-tune never saw: test accuracy "
-    "(with 95% bootstrap intervals), per-class accuracy, fresh region samples, and a re-run of the same search; "
-    "write verify.json.",
+    "verify": "Compare the repaired classifier with the original on the test split, which no other stage reads: "
+    "accuracy (with 95% bootstrap intervals), per-class accuracy, fresh region samples, and the same search run "
+    "around the test images against both models; write verify.json.",
 }
 
 
@@ -50,12 +53,15 @@ def _options_epilog() -> str:
         "  defuse run --config configs/mnist-test-split.yaml\n"
         "  defuse fit-classifier --set classifier.epochs=3 --set seed=1 --run-dir runs/try\n"
         "  defuse run --force fit-generator             # re-train the VAE even if current\n"
+        "  defuse label --run-dir runs/digits           # label a run's regions (its config is read from the run)\n"
+        "  defuse run --labels auto                     # accept the conservative suggestions, then repair\n"
     )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default=None, metavar="CONFIG",
-                        help="YAML config file, or the name of one in ./configs (default: the embedded digits run)")
+                        help="YAML config file, or the name of one in ./configs (default: the config recorded in "
+                             "--run-dir's manifest.json, else the embedded digits run)")
     parser.add_argument("--run-dir", default=None, metavar="DIR",
                         help="where artifacts and manifest.json go (default: runs/<config name>)")
     parser.add_argument("-s", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -74,13 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
     for name, text in _DESCRIPTIONS.items():
-        p = sub.add_parser(name, help=text, description=text, epilog=_options_epilog(),
+        # argparse %-formats help strings (the subcommand list): "95%" must reach it as "95%%".
+        p = sub.add_parser(name, help=text.replace("%", "%%"), description=text, epilog=_options_epilog(),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p)
         if name in ("run", "label"):
             p.add_argument("--labels", default=None, metavar="prompt|auto|FILE",
-                           help="where labels come from: the prompt (default; auto when stdin is not a terminal), "
-                                "the regions' suggestions, or a JSON/YAML file mapping region id -> class or not-a-bug")
+                           help="where labels come from: a person at the prompt (default; with no terminal nothing is "
+                                "labelled and run stops before correct), auto (a bug only where real audit images are "
+                                "misread the same way; asked for each time), or a JSON/YAML file mapping region id -> "
+                                "class, not-a-bug or skip")
         if name == "run":
             p.add_argument("--force", action="append", default=[], metavar="STAGE",
                            help=f"re-run STAGE even if current (repeatable; 'all' for every stage). "
@@ -98,7 +107,13 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, RunDir]:
         overrides.append(f"label.mode={args.labels}")
     if args.no_progress or not sys.stderr.isatty():
         overrides.append("trainer.progress_bar=false")
-    config = load_config(args.config, overrides)
+    recorded = RunDir(args.run_dir).manifest().get("config") if args.run_dir and args.config is None else None
+    if recorded:  # `defuse label --run-dir DIR` continues DIR's run with the config it was made with
+        # ... but where labels come from is asked each time: a run never remembers "auto" on the user's behalf.
+        recorded = {**recorded, "label": {**recorded.get("label", {}), "mode": "prompt"}}
+        config = config_from_mapping(recorded, overrides, origin=str(RunDir(args.run_dir).manifest_path))
+    else:
+        config = load_config(args.config, overrides)
     return config, RunDir(args.run_dir or os.path.join("runs", config.name))
 
 
@@ -109,10 +124,19 @@ def _print_results(console: Console, run: RunDir, results: list[StageResult]) ->
     table.add_column("time", justify="right")
     table.add_column("key figures")
     for result in results:
-        figures = ", ".join(f"{k}={v}" for k, v in result.metrics.items() if isinstance(v, (int, float)))
-        status = "skipped (current)" if result.skipped else "done"
-        table.add_row(result.name, status, f"{result.seconds:.1f}s", figures)
+        figures = ", ".join(f"{k}={v}" for k, v in result.metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool))
+        table.add_row(result.name, result.status, f"{result.seconds:.1f}s", escape(figures))
     console.print(table)
+    sizes = next((r.metrics.get("split_sizes") for r in results if r.name == "fit-classifier"), None)
+    if sizes:
+        console.print("splits: " + ", ".join(f"{name} {n:,}" for name, n in sizes.items()), soft_wrap=True)
+    if any(r.status == AWAITING_LABELS for r in results):
+        label = next(r for r in results if r.name == "label")
+        console.print(f"[yellow]Stopped before correct:[/] {label.metrics.get('pending')} of "
+                      f"{label.metrics.get('regions')} regions await a label; nothing was repaired. "
+                      f"Label them with `defuse label --run-dir {escape(str(run.root))}` (or --labels FILE, or "
+                      f"--labels auto), then run the same command again.", soft_wrap=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = run_pipeline(config, run, force=tuple(args.force))
         else:
             results = [run_stage(stage_named(args.command), config, run, force=args.force)]
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError) as err:  # a user's mistake; anything else is ours: a traceback
         if os.environ.get("DEFUSE_DEBUG"):
             raise
         errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)

@@ -21,6 +21,11 @@ import yaml
 TORCHVISION_SOURCES = ("mnist", "fashion-mnist", "kmnist", "svhn", "cifar10", "gtsrb")
 SOURCES = ("digits", *TORCHVISION_SOURCES, "idx", "folder", "npz")
 CLASSIFIER_ARCHS = ("small_cnn", "resnet18")
+SPLITS = ("train", "val", "audit", "test")
+DISCOVERY_SPLITS = ("train", "val", "audit")  # what identify may search and fit its judge on: never test
+# Field metadata of keys that change how a run looks, never what it computes: left out of stage fingerprints, so
+# turning progress bars off (as the CLI does when stderr is no terminal) never re-runs a finished stage.
+PRESENTATION = {"presentation": True}
 GENERATOR_SIZES = (28, 32, 64)
 
 
@@ -34,6 +39,10 @@ class DataConfig:
     download: bool = False  # torchvision sources only; off so nothing is fetched silently
     test_size: float = 0.25  # fraction (<1) or count (>=1); ignored when the source has an official test split
     val_size: float = 0.1  # fraction (<1) or count (>=1) of the training part, for early checks and model selection
+    # Fraction (<1) or count (>=1) of the training part set aside for discovery: the search starts from these images,
+    # the validity judge is fitted on their labels and distill's real evidence comes from them. The test split is
+    # for grading only, so discovery needs data of its own that neither the classifier nor the repair trains on.
+    audit_size: float = 0.2
     shuffle: bool = True  # False: keep file order, the *last* test_size images are the test split
     batch_size: int = 128
     num_workers: int = 0  # in-memory tensors: worker processes only add start-up cost on small data
@@ -44,6 +53,8 @@ class DataConfig:
         _check_positive("data.test_size", self.test_size)
         if self.val_size < 0:
             raise ValueError(f"`data.val_size` must be >= 0, got {self.val_size} instead.")
+        if self.audit_size < 0:
+            raise ValueError(f"`data.audit_size` must be >= 0, got {self.audit_size} instead.")
         _check_range("data.batch_size", self.batch_size, 1, 1 << 20)
         if self.num_workers < 0:
             raise ValueError(f"`data.num_workers` must be >= 0, got {self.num_workers} instead.")
@@ -117,7 +128,7 @@ class GeneratorConfig:
 class IdentifyConfig:
     """The latent search for failures (see defuse.identify)."""
 
-    split: str = "test"  # which split's correctly classified images the search starts from
+    split: str = "audit"  # which split's correctly classified images the search starts from (never test)
     max_sources: int | None = None  # a seeded random subset of the eligible images; None = all
     mode: str = "shell"  # shell: random directions in expanding shells + bisection + walk; gradient: Adam on z
     budget: int = 256  # classifier queries per source, at most (shell mode)
@@ -140,13 +151,13 @@ class IdentifyConfig:
     # The validity judge is fitted on a held-out split, not on the classifier's training labels: a label error in
     # training (poisoning, systematic mislabelling) is one of the bugs to find, and a judge fitted on the same
     # labels inherits it (measured: it called real slanted 7s "7" with p=0.17 when their training labels said 1).
-    validity_split: str = "test"
+    validity_split: str = "audit"  # never test: the test split grades the repair, so nothing is fitted on it
     validity_threshold: float = 0.5  # a failure is valid when the validity model gives its source class >= this
 
     def validate(self) -> None:
-        _check_choice("identify.split", self.split, ("train", "val", "test"))
+        _check_discovery_split("identify.split", self.split)
         _check_choice("identify.mode", self.mode, ("shell", "gradient"))
-        _check_choice("identify.validity_split", self.validity_split, ("train", "val", "test"))
+        _check_discovery_split("identify.validity_split", self.validity_split)
         if self.max_sources is not None:
             _check_range("identify.max_sources", self.max_sources, 1, 1 << 31)
         _check_range("identify.shells", self.shells, 1, 1000)
@@ -206,11 +217,18 @@ class DistillConfig:
 class LabelConfig:
     """Where each region's label comes from (see defuse.label)."""
 
-    mode: str = "prompt"  # prompt (a person, in the terminal; auto when stdin is not one) | auto | a JSON/YAML file
+    # prompt: a person, in the terminal (with no terminal, `defuse run` stops before correct and says how to label);
+    # auto: the conservative suggestions, only when asked for; or a JSON/YAML file mapping region id -> label.
+    mode: str = "prompt"
+    # auto labels a region a bug only when at least this many of its nearest real audit images of the source class
+    # are misread the same way (distill.real_neighbours of them) and the validity judge reads its samples as that
+    # class. Measured on the planted benchmark: the planted 7 -> 1 region had 10 to 14 of 20, the clean control <= 2.
+    auto_min_real_misread: int = 3
 
     def validate(self) -> None:
         if not self.mode:
             raise ValueError("`label.mode` must be prompt, auto or a labels file, got nothing instead.")
+        _check_range("label.auto_min_real_misread", self.auto_min_real_misread, 1, 1 << 20)
 
 
 @dataclass
@@ -255,7 +273,7 @@ class TrainerConfig:
 
     accelerator: str = "cpu"  # "auto" uses a GPU when there is one; cpu keeps runs reproducible
     devices: str = "auto"
-    progress_bar: bool = True
+    progress_bar: bool = field(default=True, metadata=PRESENTATION)  # how a run looks, not what it computes
     deterministic: bool = True
 
     def validate(self) -> None:
@@ -295,9 +313,14 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     def section(self, *names: str) -> dict[str, Any]:
-        """The named sections (plus the seed) as plain data, for stage fingerprints."""
-        full = self.to_dict()
-        return {"seed": self.seed, **{n: full[n] for n in names}}
+        """The named sections (plus the seed) as plain data, for stage fingerprints: presentation keys left out."""
+        return {"seed": self.seed, **{name: outcome_fields(getattr(self, name)) for name in names}}
+
+
+def outcome_fields(section: Any) -> dict[str, Any]:
+    """A config section as plain data without its presentation keys: what its results depend on."""
+    values = dataclasses.asdict(section)
+    return {f.name: values[f.name] for f in dataclasses.fields(section) if not f.metadata.get("presentation")}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -305,6 +328,16 @@ def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         hint = difflib.get_close_matches(str(value), choices, n=1)
         extra = f" Did you mean {hint[0]!r}?" if hint else ""
         raise ValueError(f"`{name}` must be one of {', '.join(choices)}; got {value!r} instead.{extra}")
+
+
+def _check_discovery_split(name: str, value: str) -> None:
+    if value == "test":
+        raise ValueError(
+            f"`{name}` must be one of {', '.join(DISCOVERY_SPLITS)}; got 'test' instead. The test split only grades "
+            f"the repair: searching it or fitting on it would grade the repair on data that shaped it. "
+            f"Use 'audit' (the default; its size is data.audit_size)."
+        )
+    _check_choice(name, value, DISCOVERY_SPLITS)
 
 
 def _check_range(name: str, value: int, low: int, high: int) -> None:
@@ -342,6 +375,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ValueError(f"{file} must hold a mapping of config keys, got a {type(loaded).__name__} instead.")
         data = loaded
         data.setdefault("name", file.stem)
+    return config_from_mapping(data, overrides, origin)
+
+
+def config_from_mapping(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = (),
+                        origin: str = "the given mapping") -> RunConfig:
+    """Build and validate a config from plain data (a parsed YAML file, or a run's manifest.json), then overrides.
+
+    Args:
+        data: config keys, nested by section; missing keys take their defaults.
+        overrides: strings like ``"classifier.epochs=3"``; values are parsed as YAML.
+        origin: where ``data`` came from, named in error messages.
+    """
+    import copy
+
+    data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:

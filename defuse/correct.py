@@ -24,8 +24,11 @@ trained again.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-from dataclasses import dataclass
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +41,21 @@ from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from defuse.config import CorrectConfig, TrainerConfig
+from defuse.config import CorrectConfig, TrainerConfig, outcome_fields
 from defuse.data import ImageDataModule, ImageSet
 from defuse.distill import Regions
 from defuse.fit import make_trainer
 from defuse.models.inference import predict_labels
-from defuse.rundir import atomic_write_json
+from defuse.identify import latent_means
+from defuse.models.loading import LoadedClassifier, save_classifier
+from defuse.rundir import atomic_write_json, fingerprint
+from defuse.seeding import numpy_rng, torch_generator
 from defuse.validity import ValidityModel
 
 CORRECT_DIR = "correct"
+REPAIRED_CKPT = "repaired.ckpt"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,7 +69,7 @@ class RegionSamples:
 
 @torch.no_grad()
 def sample_regions(regions: Regions, bug_labels: dict[int, int], generator: nn.Module, per_region: int,
-                   tau: float, seed: int, validity: ValidityModel | None = None,
+                   tau: float, rng: np.random.Generator, validity: ValidityModel | None = None,
                    min_validity: float = 0.0) -> RegionSamples:
     """Fresh decoded samples of every region in ``bug_labels`` (region id -> class): ``per_region`` are drawn.
 
@@ -69,7 +78,6 @@ def sample_regions(regions: Regions, bug_labels: dict[int, int], generator: nn.M
     the judge would call that class, and teaching those as the class reshuffles unrelated decisions (measured
     on the slant benchmark: the largest per-class test drop fell from 2.1 to 1.0 points). May return no samples.
     """
-    rng = np.random.default_rng(seed)
     latents, labels, ids = [], [], []
     for region in regions.regions:
         if region.id in bug_labels:
@@ -238,7 +246,7 @@ def correct(
             pl.seed_everything(seed, verbose=False)
             module = CorrectionModule(copy.deepcopy(classifier), lam=lam, lr=config.lr, keep=config.keep)
             region_loader = DataLoader(TensorDataset(train_regions.images, train_regions.labels), batch_size=batch,
-                                       shuffle=True, generator=torch.Generator().manual_seed(seed + 2))
+                                       shuffle=True, generator=torch_generator(seed, "correct.region_shuffle"))
             loaders = CombinedLoader({"clean": data.images_loader(clean_train, shuffle=True), "regions": region_loader},
                                      "max_size_cycle")
             val_loaders = [DataLoader(TensorDataset(val_x, val_y), batch_size=512),
@@ -280,3 +288,116 @@ def correct(
                     "val_clean_accuracy_after": round(chosen["clean"], 4),
                     "val_region_accuracy_after": round(chosen["region"], 4)})
     return repaired.eval(), summary
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class Repair:
+    """The correct stage's artifact: the repaired classifier (the original weights when nothing qualified) and
+    how it was chosen (``summary``: the labelled regions, every candidate's validation figures, the choice)."""
+
+    model: nn.Module
+    hparams: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        save_classifier(path, self.model, self.hparams)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Repair":
+        from defuse.models.loading import load_classifier
+
+        loaded = load_classifier(path)
+        return cls(loaded.model, loaded.hparams)
+
+
+def repair(
+    classifier: LoadedClassifier,
+    bug_labels: dict[int, int],
+    regions: Regions,
+    generator: nn.Module,
+    judge: ValidityModel,
+    data: ImageDataModule,
+    config: CorrectConfig,
+    *,
+    tau: float,
+    workdir: Path,
+    seed: int = 0,
+    trainer: TrainerConfig | None = None,
+) -> Repair:
+    """The correct stage: fine-tune on fresh samples of the regions a person labelled with a class.
+
+    Reads train and val only (never audit's images, never test): region samples are decoded from the generator,
+    the clean loss is the training split, and lambda and epochs are chosen on the validation split.
+    Training and validation images whose labels both the person and the judge contradict are left out
+    (:func:`contradicting_labels`). Without a region labelled with a class, or with no region sample the judge
+    gives its label (``config.min_validity``), the original weights are kept and the summary says why.
+
+    Args:
+        classifier: the classifier under test as loaded from classifier.ckpt (a model defuse trained).
+        bug_labels: region id -> the class a person (or ``--labels auto``, on request) says its images are.
+        regions: the run's regions.
+        generator: decodes region samples.
+        judge: the validity judge of the identify stage.
+        data: the run's data (its train and val splits).
+        config: the correct section of the run config.
+        tau: region samples come from N(mean, tau * cov) (``distill.tau``).
+        workdir: checkpoints of every (lambda, epoch), so an interrupted fine-tune resumes; emptied when they
+            belong to other inputs.
+        seed: the run's seed (streams ``correct.train_samples``, ``correct.val_samples``, ``correct.region_shuffle``).
+        trainer: accelerator and progress settings.
+    """
+    if "arch" not in classifier.hparams:
+        raise ValueError("Correcting a classifier you brought (TorchScript or factory) is not supported yet: "
+                         "defuse can only fine-tune the classifiers it trains.")
+    original = Repair(copy.deepcopy(classifier.model).eval(), classifier.hparams)
+    if not bug_labels:  # nothing to learn: the repaired model is the original, and the summary says why
+        log.warning("No region is labelled with a class (all are not-a-bug, skipped or unanswered): "
+                    "repaired.ckpt keeps the original weights.")
+        return replace(original, summary={"labelled_regions": 0, "chosen": None,
+                                          "reason": "no region labelled with a class"})
+    train_regions = sample_regions(regions, bug_labels, generator, config.samples_per_region, tau,
+                                   numpy_rng(seed, "correct.train_samples"), judge, config.min_validity)
+    val_regions = sample_regions(regions, bug_labels, generator, config.val_samples_per_region, tau,
+                                 numpy_rng(seed, "correct.val_samples"), judge, config.min_validity)
+    if len(train_regions.labels) == 0 or len(val_regions.labels) == 0:
+        log.warning("The validity judge gives none of the labelled regions' fresh samples their label with at least "
+                    "correct.min_validity=%s: nothing to train on, so repaired.ckpt keeps the original weights. "
+                    "Check the labels, or lower correct.min_validity (0 trains on every sample).", config.min_validity)
+        return replace(original, summary={"labelled_regions": len(bug_labels), "chosen": None,
+                                          "reason": "no region sample passes correct.min_validity"})
+    key = _inputs_key(classifier.model, bug_labels, regions, judge, data, config, tau, seed, trainer)
+    workdir = Path(workdir)
+    if (workdir / "KEY").exists() and (workdir / "KEY").read_text().strip() != key:
+        shutil.rmtree(workdir)  # checkpoints of other inputs: resuming from them would be wrong
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "KEY").write_text(key + "\n")
+    exclude = {}
+    for name in ("train", "val"):
+        images = data.split(name)
+        exclude[name] = contradicting_labels(regions, bug_labels, latent_means(generator, images.float_images()).numpy(),
+                                             images.labels.numpy(), judge)
+    model, summary = correct(classifier.model, data, train_regions, val_regions, config, workdir, trainer=trainer,
+                             seed=seed, val_exclude=exclude["val"], train_exclude=exclude["train"])
+    return Repair(model, classifier.hparams, {"labelled_regions": len(bug_labels), **summary})
+
+
+def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, judge: ValidityModel,
+                data: ImageDataModule, config: CorrectConfig, tau: float, seed: int,
+                trainer: TrainerConfig | None) -> str:
+    """A fingerprint of everything the fine-tune's checkpoints depend on (weights hashed, not compared)."""
+    weights = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    judge_hash = hashlib.sha256(b"".join(np.ascontiguousarray(a).tobytes() for a in
+                                         (judge.coef, judge.intercept, judge.mean, judge.scale))).hexdigest()
+    trainer_fields = outcome_fields(trainer) if trainer else None
+    return fingerprint({
+        "weights": weights.hexdigest(), "labels": {str(k): v for k, v in sorted(bug_labels.items())},
+        "regions": [(r.id, r.source_label, r.predicted_label, r.mean, r.cov) for r in regions.regions],
+        "judge": judge_hash, "data": asdict(data.config), "config": asdict(config), "tau": tau, "seed": seed,
+        "trainer": trainer_fields,
+    })

@@ -24,7 +24,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from defuse.config import TORCHVISION_SOURCES, DataConfig
+from defuse.config import SPLITS, TORCHVISION_SOURCES, DataConfig
+from defuse.seeding import torch_generator
 
 MNIST_RAW_ENV = "DEFUSE_MNIST_RAW"
 # md5 of the official MNIST files, as torchvision lists them; checked whenever an idx folder holds them.
@@ -383,7 +384,17 @@ def _count(size: float, total: int) -> int:
 
 
 class ImageDataModule(pl.LightningDataModule):
-    """Loads one source and owns its seeded train/val/test splits.
+    """Loads one source and owns its four seeded, disjoint splits.
+
+    * ``test``: the source's official test split, else ``data.test_size`` images of the pool. Grading only:
+      no stage fits, searches or selects on it.
+    * ``val``: ``data.val_size`` of the rest; early checks and the repair's choice of lambda and epochs.
+    * ``audit``: ``data.audit_size`` of the rest; discovery's data (the search's sources, the validity judge,
+      distill's real evidence). Neither the classifier, the generator nor the repair trains on it.
+    * ``train``: what remains.
+
+    ``indices(name)`` gives each split's positions in the source (the pool, or the official test set for
+    ``test`` when the source has one), so a split can be traced back to the files.
 
     Args:
         config: the data section of the run config.
@@ -396,7 +407,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.seed = seed
         self.train: ImageSet | None = None
         self.val: ImageSet | None = None
+        self.audit: ImageSet | None = None
         self.test: ImageSet | None = None
+        self._indices: dict[str, torch.Tensor] = {}
 
     def prepare_data(self) -> None:  # downloads happen only when the user allowed them
         pass
@@ -405,10 +418,10 @@ class ImageDataModule(pl.LightningDataModule):
         if self.train is not None:
             return
         loaded = load_source(self.config)
-        generator = torch.Generator().manual_seed(self.seed)
+        generator = torch_generator(self.seed, "data.split")
         pool = loaded.pool
+        n = len(pool)
         if loaded.test is None:
-            n = len(pool)
             n_test = _count(self.config.test_size, n)
             if not 0 < n_test < n:
                 raise ValueError(
@@ -416,16 +429,33 @@ class ImageDataModule(pl.LightningDataModule):
                     f"choose a fraction in (0, 1) or a count in [1, {n - 1}]."
                 )
             order = torch.randperm(n, generator=generator) if self.config.shuffle else torch.arange(n)
-            self.test = pool.subset(order[n - n_test:])
-            pool = pool.subset(order[: n - n_test])
+            self._indices["test"], rest = order[n - n_test:], order[: n - n_test]
+            self.test = pool.subset(self._indices["test"])
         else:
+            self._indices["test"], rest = torch.arange(len(loaded.test)), torch.arange(n)
             self.test = loaded.test
-        n_val = _count(self.config.val_size, len(pool)) if self.config.val_size > 0 else 0
-        if n_val >= len(pool):
-            raise ValueError(f"`data.val_size` = {self.config.val_size} leaves no training images; lower it.")
-        order = torch.randperm(len(pool), generator=generator)
-        self.val = pool.subset(order[:n_val])
-        self.train = pool.subset(order[n_val:])
+        n_val = _count(self.config.val_size, len(rest)) if self.config.val_size > 0 else 0
+        n_audit = _count(self.config.audit_size, len(rest)) if self.config.audit_size > 0 else 0
+        if n_val + n_audit >= len(rest):
+            raise ValueError(
+                f"`data.val_size` = {self.config.val_size} and `data.audit_size` = {self.config.audit_size} take "
+                f"{n_val + n_audit} of the {len(rest)} images left after the test split, leaving none to train on; "
+                f"lower them."
+            )
+        rest = rest[torch.randperm(len(rest), generator=generator)]
+        self._indices["val"] = rest[:n_val]
+        self._indices["audit"] = rest[n_val : n_val + n_audit]
+        self._indices["train"] = rest[n_val + n_audit:]
+        self.val, self.audit, self.train = (pool.subset(self._indices[name]) for name in ("val", "audit", "train"))
+
+    def indices(self, name: str) -> torch.Tensor:
+        """Positions of split ``name`` in its source: the pool, or the official test set for ``test`` if any."""
+        self.split(name)
+        return self._indices[name]
+
+    def sizes(self) -> dict[str, int]:
+        """Images per split, for manifests and run summaries."""
+        return {name: len(self.split(name)) for name in SPLITS}
 
     # ---- facts other stages need
     @property
@@ -449,16 +479,15 @@ class ImageDataModule(pl.LightningDataModule):
         return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
     def split(self, name: str) -> ImageSet:
+        if name not in SPLITS:
+            raise ValueError(f"`split` must be one of {', '.join(SPLITS)}; got {name!r} instead.")
         self.setup()
-        sets = {"train": self.train, "val": self.val, "test": self.test}
-        if name not in sets:
-            raise ValueError(f"split must be one of train, val, test; got {name!r} instead.")
-        return sets[name]
+        return {"train": self.train, "val": self.val, "audit": self.audit, "test": self.test}[name]
 
     # ---- loaders
     def images_loader(self, images: ImageSet, shuffle: bool) -> DataLoader:
         """A batched loader over ``images`` with this module's batch size and workers (seeded when shuffled)."""
-        generator = torch.Generator().manual_seed(self.seed + 1) if shuffle else None
+        generator = torch_generator(self.seed, "data.shuffle") if shuffle else None
         return DataLoader(
             ImageTensorDataset(images), batch_size=self.config.batch_size, shuffle=shuffle,
             generator=generator, num_workers=self.config.num_workers, collate_fn=_whole_batch,

@@ -43,7 +43,7 @@ import json
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,7 +56,11 @@ from torch import nn
 from defuse.config import DistillConfig
 from defuse.identify import Failures, make_evaluate
 from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
+from defuse.seeding import int_seed, numpy_rng
 from defuse.validity import ValidityModel
+
+if TYPE_CHECKING:
+    from defuse.data import ImageSet
 
 REGIONS_JSON = "regions.json"
 BUG_SCORE = "error_rate * validity * confidence * real_error_rate (see defuse.distill)"
@@ -115,14 +119,26 @@ class Region:
 
 @dataclass(frozen=True)
 class Regions:
+    """The distill stage's artifact: ranked regions, the run's class names, and counts of what was fitted."""
+
     regions: list[Region]
     stats: dict[str, Any]
+    classes: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.regions)
 
-    def save(self, run: RunDir, classes: tuple[str, ...]) -> list[str]:
-        """Write regions.json and regions/region_XX.npz; return the artifact names written."""
+    @property
+    def metrics(self) -> dict[str, Any]:
+        top = self.regions[0] if self.regions else None
+        return {**self.stats, "top_region": top.pair if top else None, "top_bug_score": top.bug_score if top else None}
+
+    def save(self, run: RunDir, classes: tuple[str, ...] | None = None) -> list[str]:
+        """Write regions.json and regions/region_XX.npz (removing those of an earlier run); return the names written."""
+        classes = tuple(classes if classes is not None else self.classes)
+        if run.path(REGIONS_DIR).is_dir():
+            for stale in run.path(REGIONS_DIR).glob("region_*.npz"):
+                stale.unlink()
         written = [REGIONS_JSON]
         for region in self.regions:
             name = f"{REGIONS_DIR}/region_{region.id:02d}.npz"
@@ -151,7 +167,7 @@ class Regions:
                 mean, cov = f["mean"].tolist(), f["cov"].tolist()
             fields = {k: v for k, v in entry.items() if k in Region.__dataclass_fields__}
             regions.append(Region(**{**fields, "mean": mean, "cov": cov}))
-        return cls(regions, data.get("stats", {}))
+        return cls(regions, data.get("stats", {}), tuple(data.get("classes", ())))
 
 
 @dataclass(frozen=True)
@@ -163,6 +179,15 @@ class RealEvidence:
     z: np.ndarray
     labels: np.ndarray
     predicted: np.ndarray
+
+    @classmethod
+    def observe(cls, classifier: nn.Module, generator: nn.Module, images: "ImageSet") -> "RealEvidence":
+        """Encode and classify real labelled images (the audit split in the pipeline; never the test split)."""
+        from defuse.identify import latent_means
+        from defuse.models.inference import predict_labels
+
+        x = images.float_images()
+        return cls(latent_means(generator, x).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy())
 
 
 def inside_ellipsoid(z: np.ndarray, mean: np.ndarray, cov: np.ndarray, quantile: float = ELLIPSOID_QUANTILE) -> np.ndarray:
@@ -186,7 +211,8 @@ def _fit_pair(z: np.ndarray, config: DistillConfig, seed: int) -> tuple[np.ndarr
         return np.zeros(n, dtype=int), [(z.mean(axis=0), cov)]
     mixture = BayesianGaussianMixture(
         n_components=components, covariance_type="full", weight_concentration_prior_type="dirichlet_process",
-        weight_concentration_prior=config.weight_concentration, reg_covar=1e-3, max_iter=300, random_state=seed,
+        weight_concentration_prior=config.weight_concentration, reg_covar=1e-3, max_iter=300,
+        random_state=int_seed(seed, "distill.mixture"),
         init_params="k-means++",
     )
     with warnings.catch_warnings():
@@ -220,8 +246,8 @@ def distill(
     stats: dict[str, Any] = {"failures": int(len(table)), "pairs": 0, "pairs_too_small": 0}
     if len(table) == 0:
         log.warning("No failures to distill: the search found none. regions.json will be empty.")
-        return Regions([], stats)
-    rng = np.random.default_rng(seed)
+        return Regions([], stats, tuple(classes))
+    rng = numpy_rng(seed, "distill.fresh_samples")
     candidates: list[dict[str, Any]] = []
     pairs = table.groupby(["source_label", "predicted_label"]).indices
     for (source, predicted), rows in sorted(pairs.items()):
@@ -238,7 +264,7 @@ def distill(
                                "mean": mean, "cov": cov, "fit_mean": mean, "fit_cov": cov, "pair_rows": rows})
     if not candidates:
         log.warning("No confusion pair has %d or more failures: no regions.", config.min_failures)
-        return Regions([], stats)
+        return Regions([], stats, tuple(classes))
     evaluate = make_evaluate(generator.eval(), classifier.eval())
     _refine(candidates, evaluate, validity, config, rng)
     scored = _score(candidates, failures, evaluate, validity, config, rng, real)
@@ -259,7 +285,7 @@ def distill(
         for rank, c in enumerate(scored, start=1)
     ]
     stats["regions"] = len(regions)
-    return Regions(regions, stats)
+    return Regions(regions, stats, tuple(classes))
 
 
 def _classify_latents(evaluate, z: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -365,8 +391,8 @@ def _real_neighbours(real: RealEvidence | None, validity: ValidityModel, candida
 
 @torch.no_grad()
 def region_grids(regions: Regions, generator: nn.Module, tau: float, seed: int) -> dict[int, torch.Tensor]:
-    """16 fresh decoded samples per region, (16, C, H, W) in [0, 1], keyed by region id."""
-    rng = np.random.default_rng(seed + 1)
+    """16 fresh decoded samples per region, (16, C, H, W) in [0, 1], keyed by region id (stream ``distill.grids``)."""
+    rng = numpy_rng(seed, "distill.grids")
     out = {}
     for region in regions.regions:
         z = torch.from_numpy(region.sample(GRID_SAMPLES, tau, rng))
@@ -398,7 +424,7 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
     import umap
 
     z = failures.z
-    rng = np.random.default_rng(seed)
+    rng = numpy_rng(seed, "distill.umap")
     keep = np.sort(rng.choice(len(z), size=min(len(z), max_points), replace=False))
     z = z[keep]
     assignment = np.full(len(z), -1)
@@ -410,7 +436,7 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
         d2 = np.einsum("nd,dk,nk->n", diff, np.linalg.inv(np.asarray(region.cov)), diff)
         better = same & (d2 < best)
         assignment[better], best[better] = region.id, d2[better]
-    embedding = umap.UMAP(n_components=2, n_neighbors=min(15, max(2, len(z) - 1)), random_state=seed).fit_transform(z)
+    embedding = umap.UMAP(n_components=2, n_neighbors=min(15, max(2, len(z) - 1)), random_state=int_seed(seed, "distill.umap")).fit_transform(z)
     fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
     ax.scatter(*embedding[assignment < 0].T, s=4, c="#cccccc", label="no region")
     cmap = plt.get_cmap("tab20")
@@ -426,3 +452,17 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_pictures(run: RunDir, regions: Regions, failures: Failures, generator: nn.Module, config: DistillConfig,
+                  seed: int) -> None:
+    """Each region's sample grid (regions/region_XX.png) and, with ``config.umap``, the failure map (umap.png).
+
+    Pictures of an earlier distill run are removed first, so no stale grid outlives its region."""
+    for stale in run.path(REGIONS_DIR).glob("region_*.png") if run.path(REGIONS_DIR).is_dir() else ():
+        stale.unlink()
+    for region_id, images in region_grids(regions, generator, config.tau, seed).items():
+        save_grid_png(run.path(f"{REGIONS_DIR}/region_{region_id:02d}.png"), images)
+    run.path(UMAP_PNG).unlink(missing_ok=True)
+    if config.umap and len(failures) >= 10:
+        save_umap(run.path(UMAP_PNG), failures, regions, seed)

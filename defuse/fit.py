@@ -121,7 +121,7 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
     test = data.split("test")
     report = accuracy_report(predict_labels(loaded.model, test.float_images()), test.labels, data.classes)
     return {"test_accuracy": report["accuracy"], "test_n": report["n"], "per_class_accuracy": report["per_class"],
-            "train_seconds": round(seconds, 2)}
+            "split_sizes": data.sizes(), "train_seconds": round(seconds, 2)}
 
 
 def reconstruction_report(classifier: nn.Module, generator: nn.Module, images: torch.Tensor,
@@ -140,8 +140,8 @@ def reconstruction_report(classifier: nn.Module, generator: nn.Module, images: t
 def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Train the VAE, write ``generator.ckpt`` and measure how much of the data it can draw.
 
-    The key figure, ``reconstruction_accuracy``, is the fraction of test images whose
-    reconstruction decode(mu(x)) the classifier still classifies correctly: a bug
+    The key figure, ``reconstruction_accuracy``, is the fraction of audit images (the split the search
+    starts from) whose reconstruction decode(mu(x)) the classifier still classifies correctly: a bug
     the generator cannot draw cannot be found, so this bounds every later stage.
     """
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -152,12 +152,13 @@ def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     save_generator(run.path(GENERATOR_CKPT), vae, hparams)
     classifier = load_classifier(run.path(CLASSIFIER_CKPT)).model
-    test = data.split("test")
-    metrics = {**reconstruction_report(classifier, vae, test.float_images(), test.labels),
-               "train_seconds": round(seconds, 2)}
+    measured = next(name for name in ("audit", "val", "train") if len(data.split(name)))
+    images = data.split(measured)
+    metrics = {**reconstruction_report(classifier, vae, images.float_images(), images.labels),
+               "reconstruction_split": measured, "train_seconds": round(seconds, 2)}
     if metrics["reconstruction_accuracy"] < WEAK_GENERATOR_THRESHOLD:
         log.warning(
-            "Only %.1f%% of test reconstructions are classified correctly (< %.0f%%): the generator is too weak "
+            f"Only %.1f%% of {measured} reconstructions are classified correctly (< %.0f%%): the generator is too weak "
             "to search with reliably. Train longer (generator.epochs) or widen it (generator.width, latent_dim).",
             100 * metrics["reconstruction_accuracy"], 100 * WEAK_GENERATOR_THRESHOLD,
         )

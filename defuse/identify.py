@@ -44,7 +44,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.models.inference import predict_labels, reconstruct
+from defuse.data import ImageSet
 from defuse.rundir import RunDir, atomic_write_bytes
+from defuse.seeding import int_seed, torch_generator
 from defuse.validity import LatentJudge, ValidityModel
 
 FAILURES_TABLE = "failures.parquet"
@@ -443,8 +445,8 @@ class SearchModule(pl.LightningModule):
         classifier: [0,1] images -> logits.
         generator: a :class:`defuse.models.Generator`.
         config: the identify section of the run config.
-        seed: each batch draws from ``Generator(seed, first source index)``, so the result does not
-            depend on how Lightning spreads batches over devices.
+        seed: the run's seed; each batch draws from the stream ``identify.search`` keyed by its first source
+            index, so the result does not depend on how Lightning spreads batches over devices.
     """
 
     def __init__(self, classifier: nn.Module, generator: nn.Module, config: IdentifyConfig, seed: int,
@@ -455,11 +457,13 @@ class SearchModule(pl.LightningModule):
         self.judge = judge.eval() if judge is not None else None
         self.config = config
         self.seed = seed
+        self._stream = int_seed(seed, "identify.search")
 
     def predict_step(self, batch, batch_idx: int) -> dict[str, torch.Tensor]:
         x, labels, index = batch
         cfg = self.config
-        rng = torch.Generator(device=x.device).manual_seed(self.seed * 1_000_003 + int(index[0]))
+        batch_seed = np.random.SeedSequence([self._stream, int(index[0])]).generate_state(1, np.uint32)[0]
+        rng = torch.Generator(device=x.device).manual_seed(int(batch_seed))
         mu, logvar = self.generator.encode(x)
         sigma = torch.exp(0.5 * logvar)
         evaluate = make_evaluate(self.generator, self.classifier)
@@ -517,7 +521,7 @@ def select_sources(
     eligible = correct & (pred_recon == labels)
     index = torch.nonzero(eligible).flatten()
     if max_sources is not None and len(index) > max_sources:
-        keep = torch.randperm(len(index), generator=torch.Generator().manual_seed(seed))[:max_sources]
+        keep = torch.randperm(len(index), generator=torch_generator(seed, "identify.sources"))[:max_sources]
         index = index[keep].sort().values
     stats = {
         "images": int(len(labels)),
@@ -595,6 +599,69 @@ def identify(
             "longer, or lower identify.min_radius, or set identify.screen=false to search unscreened.",
             failures.stats["candidates_screened_out"], config.min_radius)
     return failures
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What the identify stage leaves: the failures found and the validity judge that screened and scored them.
+
+    Saved as failures.parquet + failures_z.npy (:class:`Failures`) and validity.npz (:class:`ValidityModel`).
+    """
+
+    failures: Failures
+    judge: ValidityModel
+
+    def save(self, run: RunDir) -> None:
+        self.failures.save(run)
+        self.judge.save(run.path(VALIDITY_MODEL))
+
+    @classmethod
+    def load(cls, run: RunDir) -> "Discovery":
+        if not run.path(VALIDITY_MODEL).exists():
+            raise FileNotFoundError(f"{run.path(VALIDITY_MODEL)} is missing: run `defuse identify` first.")
+        return cls(Failures.load(run), ValidityModel.load(run.path(VALIDITY_MODEL)))
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return {**self.failures.stats, "validity_model_train_accuracy": round(self.judge.train_accuracy, 4)}
+
+
+def discover(
+    classifier: nn.Module,
+    generator: nn.Module,
+    searched: ImageSet,
+    judged: ImageSet,
+    config: IdentifyConfig,
+    *,
+    seed: int = 0,
+    trainer: TrainerConfig | None = None,
+) -> Discovery:
+    """The identify stage: fit the validity judge on ``judged``, then search around the eligible images of ``searched``.
+
+    Both are the audit split by default (``identify.split``, ``identify.validity_split``); never the test split,
+    which grades the repair. The judge learns the labels of held-out images, not the classifier's training
+    labels, whose errors are among the bugs to find.
+
+    Args:
+        classifier: [0,1] images (N, C, H, W) -> logits (N, K).
+        generator: encode / decode / latent_dim.
+        searched: the images the search starts from (their correctly classified, well reconstructed ones).
+        judged: labelled images the validity judge is fitted on.
+        config: the identify section of the run config.
+        seed: the run's seed (streams ``identify.judge``, ``identify.sources``, ``identify.search``).
+        trainer: accelerator settings for Lightning's predict.
+    """
+    if len(judged) == 0 or len(searched) == 0:
+        raise ValueError(
+            f"The split identify {'fits its judge on' if len(judged) == 0 else 'searches'} holds no images: "
+            f"set data.audit_size > 0 (a fraction, or a count of images), or point identify.split and "
+            f"identify.validity_split at a non-empty split."
+        )
+    judge = ValidityModel.fit(latent_means(generator, judged.float_images()).numpy(), judged.labels.numpy(),
+                              len(judged.classes), seed=int_seed(seed, "identify.judge"))
+    failures = identify(classifier, generator, searched.float_images(), searched.labels, judge, config,
+                        seed=seed, trainer=trainer)
+    return Discovery(failures, judge)
 
 
 def _assemble(

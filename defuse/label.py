@@ -20,7 +20,10 @@ so a prompt starts at once.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shlex
+import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 
     from defuse.distill import Region, Regions
     from defuse.rundir import RunDir
+
+log = logging.getLogger(__name__)
 
 LABELS_FILE = "labels.jsonl"
 NOT_A_BUG = "not-a-bug"
@@ -64,12 +69,14 @@ class Answer:
         label: a class index, ``"not-a-bug"`` or ``"skip"``.
         source: ``"prompt"``, ``"file"`` or ``"auto"``.
         time: when it was given, ISO 8601 (UTC).
+        reason: why, for an automatic answer (the evidence it rests on); None for a person's.
     """
 
     region: int
     label: Label
     source: str
     time: str
+    reason: str | None = None
 
     @property
     def is_bug(self) -> bool:
@@ -77,7 +84,10 @@ class Answer:
         return isinstance(self.label, int)
 
     def to_record(self) -> dict[str, Any]:
-        return {"region": self.region, "label": self.label, "source": self.source, "time": self.time}
+        record = {"region": self.region, "label": self.label, "source": self.source, "time": self.time}
+        if self.reason is not None:
+            record["reason"] = self.reason
+        return record
 
 
 # ----------------------------------------------------------------------------- the book
@@ -117,6 +127,10 @@ class LabelBook:
     def answers(self) -> dict[int, Answer]:
         """The standing answer of every answered region, by region id."""
         return self._replay()[0]
+
+    def bug_labels(self) -> dict[int, int]:
+        """Region id -> class, for the regions whose standing answer is a class (the bugs to repair)."""
+        return {region: int(answer.label) for region, answer in self.answers().items() if answer.is_bug}
 
     def last_answered(self) -> int | None:
         """The region whose standing answer was given last (what ``u`` undoes), or None."""
@@ -226,7 +240,10 @@ def _parse_line(raw: bytes) -> Answer | int:
         raise ValueError(f"'label' must be a class index, {NOT_A_BUG!r} or {SKIP!r}")
     if source not in SOURCES:
         raise ValueError(f"'source' must be one of {', '.join(SOURCES)}")
-    return Answer(int(region), label, source, entry["time"])
+    reason = entry.get("reason")
+    if reason is not None and not isinstance(reason, str):
+        raise ValueError("'reason' must be a string")
+    return Answer(int(region), label, source, entry["time"], reason)
 
 
 # ----------------------------------------------------------------------------- preview
@@ -312,6 +329,7 @@ def interactive_labels(
     out: Callable[[str], Any] = print,
     previews: Mapping[int, torch.Tensor] | None = None,
     grid_path: Callable[[int], str | Path | None] | None = None,
+    terminal_columns: int | None = None,
 ) -> dict[int, Answer]:
     """Ask a person for one label per region, in rank order, resuming where the book stops.
 
@@ -327,6 +345,8 @@ def interactive_labels(
         out: writes one block of text.
         previews: region id -> ``(N, C, H, W)`` sample images in [0, 1], drawn in the terminal.
         grid_path: region id -> the region's PNG grid (shown as a path), or None.
+        terminal_columns: the terminal's width; the previews fill as many per row as fit
+            (default ``shutil.get_terminal_size()``).
 
     Returns:
         The book's answers, by region id.
@@ -342,7 +362,7 @@ def interactive_labels(
     show = True
     while current is not None:
         if show:
-            _show_region(current, region_list, classes, out, previews, grid_path)
+            _show_region(current, region_list, classes, out, previews, grid_path, terminal_columns)
         show = True
         command, label = _read_answer(current, classes, ask, out)
         if command == "quit":
@@ -421,13 +441,56 @@ def file_labels(path: str | Path, regions: Regions | Sequence[Region], classes: 
     return answers
 
 
-def auto_labels(regions: Regions | Sequence[Region]) -> dict[int, Answer]:
-    """Each region's suggested label (the validity model's majority class), source ``"auto"``."""
+def auto_labels(regions: Regions | Sequence[Region], classes: Sequence[str] | None = None, *,
+                min_real_misread: int = 3) -> dict[int, Answer]:
+    """Conservative automatic answers, each with its reason; source ``"auto"``. Only on explicit request.
+
+    A region is labelled a bug (its source class) only when two independent witnesses agree: real images
+    (at least ``min_real_misread`` of the region's nearest real audit images of its source class are read
+    as the region's mistake, ``real_misread``) and the validity judge (its majority class on the region's
+    fresh samples, ``suggested_label``, is the source class). Anything less is ``not-a-bug``: a region
+    whose nearest real images the classifier reads right is a place only the generator draws, and
+    repairing it costs clean accuracy for nothing a real input shows.
+
+    Args:
+        regions: the ranked regions.
+        classes: class names, for the reasons (indices without them).
+        min_real_misread: the real evidence a bug needs (``label.auto_min_real_misread``).
+    """
+    if not _is_int(min_real_misread) or min_real_misread < 1:
+        raise ValueError(f"`min_real_misread` must be an int >= 1, got {min_real_misread!r} instead.")
+    name = (lambda k: classes[k]) if classes is not None else str  # noqa: E731
     time = _now()
-    return {r.id: Answer(r.id, int(r.suggested_label), "auto", time) for r in _region_list(regions)}
+    answers = {}
+    for r in _region_list(regions):
+        source, predicted, suggested = int(r.source_label), int(r.predicted_label), int(r.suggested_label)
+        evidence = (f"{r.real_misread} of the {r.real_neighbours} nearest real audit images of class "
+                    f"{name(source)} are read as {name(predicted)}")
+        if r.real_misread < min_real_misread:
+            label, reason = NOT_A_BUG, f"{evidence} (fewer than {min_real_misread}): no real evidence of a bug"
+        elif suggested != source:
+            label, reason = NOT_A_BUG, (f"{evidence}, but the validity judge reads the region's samples as "
+                                        f"{name(suggested)}, not {name(source)}")
+        else:
+            label, reason = source, (f"{evidence} (at least {min_real_misread}), and the validity judge reads the "
+                                     f"region's samples as {name(source)}")
+        answers[r.id] = Answer(r.id, label, "auto", time, reason)
+    return answers
 
 
 # ----------------------------------------------------------------------------- the stage
+
+LABELS_FOR = "labels.regions-sha256"  # which regions.json the answers in labels.jsonl belong to
+
+
+def awaiting_labels_notice(run: RunDir, pending: int, total: int) -> str:
+    """What to tell a user whose run stopped for labels: how many await them and the exact commands."""
+    folder = shlex.quote(str(run.root))
+    return (f"{pending} of {total} regions await a label, and nothing is repaired until a person gives them. "
+            f"Label them in a terminal: `defuse label --run-dir {folder}`; or from a file: "
+            f"`defuse run --run-dir {folder} --labels FILE` (YAML/JSON: region id -> class, not-a-bug or skip); "
+            f"or accept the conservative suggestions: `defuse run --run-dir {folder} --labels auto`. "
+            f"Then `defuse run --run-dir {folder}` resumes with the repair.")
 
 
 def label_stage(
@@ -436,31 +499,43 @@ def label_stage(
     classes: Sequence[str],
     mode: str | Path | None,
     *,
+    regions_sha256: str | None = None,
+    min_real_misread: int = 3,
     ask: Callable[[str], str] = input,
     out: Callable[[str], Any] = print,
     stdin_is_tty: bool | None = None,
-    previews: Mapping[int, torch.Tensor] | None = None,
+    previews: Mapping[int, torch.Tensor] | Callable[[], Mapping[int, torch.Tensor]] | None = None,
+    terminal_columns: int | None = None,
 ) -> dict[str, Any]:
     """The label stage: record one answer per region in ``run/labels.jsonl``.
 
     Modes:
 
     * ``None`` or ``"prompt"``: ask in the terminal (:func:`interactive_labels`), resuming at the
-      first unanswered region. Without a terminal on stdin it says so and falls back to ``"auto"``,
-      so scripts and CI never wait for an answer.
-    * ``"auto"``: the suggested label of every region that has no answer yet.
+      first unanswered region. Without a terminal on stdin nobody can answer: nothing is recorded,
+      and a warning says how many regions await a label and how to give them. Nothing is ever
+      labelled on a person's behalf unasked.
+    * ``"auto"``: the conservative suggestions (:func:`auto_labels`) for every region without an answer.
     * anything else: a JSON/YAML labels file (:func:`file_labels`). A file is explicit: its entries
       replace earlier answers (only changed ones are appended, so re-running it appends nothing).
+
+    Answers are keyed by region id, and ids are reassigned when distill runs again: with ``regions_sha256``
+    (the hash of the regions.json being labelled), answers given for another regions.json are moved aside
+    to ``labels.before-<time>.jsonl`` (never deleted) before labelling starts.
 
     Args:
         run: the run directory.
         regions: the ranked regions.
         classes: the K class names.
         mode: see above.
+        regions_sha256: the sha256 of the regions.json the answers belong to.
+        min_real_misread: the real evidence an automatic bug label needs (see :func:`auto_labels`).
         ask: reads one answer at the prompt.
         out: writes one block of text.
         stdin_is_tty: whether a person can answer; default ``sys.stdin.isatty()``.
-        previews: region id -> ``(N, C, H, W)`` sample images drawn at the prompt.
+        previews: region id -> ``(N, C, H, W)`` sample images drawn at the prompt, or a function that makes them
+            (called only when a person is asked).
+        terminal_columns: the terminal's width for the previews; default ``shutil.get_terminal_size()``.
 
     Returns:
         Metrics: ``regions``, ``answered``, ``bugs`` (labelled with a class), ``not_a_bug``, ``skipped``,
@@ -471,23 +546,25 @@ def label_stage(
     _check_classes(region_list, classes)
     book = LabelBook(run.path(LABELS_FILE))
     kind = _mode_kind(mode)
+    if regions_sha256 is not None:
+        _set_aside_answers_of_other_regions(run, book, regions_sha256)
     if kind == "prompt":
         if stdin_is_tty is None:
             stdin_is_tty = sys.stdin is not None and sys.stdin.isatty()
-        if not stdin_is_tty:
-            out("stdin is not a terminal, so nobody can answer the prompt: labelling every unanswered region "
-                "with its suggested label (auto). Run `defuse label` in a terminal to answer yourself, "
-                "or pass --labels FILE (JSON/YAML: region id -> class).")
-            kind = "auto"
-    if kind == "prompt":
-        interactive_labels(region_list, classes, book, ask=ask, out=out, previews=previews,
-                           grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}.png")))
+        if stdin_is_tty and _first_pending(region_list, book.answers()) is not None:
+            shown = previews() if callable(previews) else previews
+            interactive_labels(region_list, classes, book, ask=ask, out=out, previews=shown,
+                               grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}.png")),
+                               terminal_columns=terminal_columns)
     elif kind == "auto":
         answered = book.answers()
-        added = [a for a in auto_labels(region_list).values() if a.region not in answered]
+        added = [a for a in auto_labels(region_list, classes, min_real_misread=min_real_misread).values()
+                 if a.region not in answered]
         for answer in added:
             book.add(answer)
-        out(f"auto: {len(added)} regions labelled with their suggested label ({book.path}).")
+        bugs = sum(a.is_bug for a in added)
+        out(f"auto: {len(added)} regions labelled from their evidence, {bugs} of them bugs, {len(added) - bugs} "
+            f"not-a-bug; the reason of each is in {book.path}.")
     else:
         _apply_file(book, file_labels(mode, region_list, classes), classes, out)
     book.path.parent.mkdir(parents=True, exist_ok=True)
@@ -495,7 +572,19 @@ def label_stage(
     metrics = _metrics(region_list, book.answers(), kind)
     if kind == "file":
         metrics["labels_file"] = str(mode)
+    if metrics["pending"]:
+        log.warning("%s", awaiting_labels_notice(run, metrics["pending"], metrics["regions"]))
     return metrics
+
+
+def _set_aside_answers_of_other_regions(run: RunDir, book: LabelBook, regions_sha256: str) -> None:
+    owner = run.path(LABELS_FOR)
+    if book.path.exists() and (not owner.exists() or owner.read_text().strip() != regions_sha256):
+        aside = book.path.with_name(f"labels.before-{datetime.now().strftime('%Y%m%d-%H%M%S')}.jsonl")
+        book.path.rename(aside)
+        log.warning("regions.json changed since %s was written: its answers were moved to %s.", book.path, aside)
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    owner.write_text(regions_sha256 + "\n")
 
 
 def _apply_file(book: LabelBook, answers: dict[int, Answer], classes: Sequence[str], out: Callable) -> None:
@@ -539,14 +628,27 @@ def _mode_kind(mode: str | Path | None) -> str:
     raise ValueError(f"`mode` must be prompt, auto or a labels file path, got {mode!r} instead.")
 
 
+def preview_columns(images: torch.Tensor, terminal_columns: int, max_side: int = 16) -> int:
+    """How many previews of ``images`` fit side by side in ``terminal_columns`` characters (at least 1).
+
+    A preview is as many characters wide as its drawn width (at most ``max_side``), plus one space between two.
+    """
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    drawn = width if max(height, width) <= max_side else max(1, round(width * max_side / max(height, width)))
+    return max(1, (int(terminal_columns) + 1) // (drawn + 1))
+
+
 def _show_region(region: Region, region_list: list[Region], classes: Sequence[str], out: Callable,
-                 previews: Mapping[int, Any] | None, grid_path: Callable | None) -> None:
+                 previews: Mapping[int, Any] | None, grid_path: Callable | None,
+                 terminal_columns: int | None = None) -> None:
     position = region_list.index(region) + 1
     out("")
     out(f"Region #{region.id} ({position} of {len(region_list)}): {region.pair} | {region.n_failures} failures | "
         f"error rate {region.error_rate:.2f} | validity {region.validity:.2f}")
     if previews is not None and region.id in previews:
-        out(render_preview(previews[region.id]))
+        width = terminal_columns if terminal_columns is not None else shutil.get_terminal_size().columns
+        images = previews[region.id]
+        out(render_preview(images, columns=preview_columns(images, width)))
     if grid_path is not None:
         path = grid_path(region.id)
         if path is not None:

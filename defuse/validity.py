@@ -1,8 +1,9 @@
 """The validity model: how likely a latent still belongs to a class, judged without the classifier.
 
 Two parts, both fitted on standardised encoder means of held-out labelled images (the
-``identify.validity_split``, by default the test split the search starts from; never the
-classifier's training labels, whose errors are among the bugs to find):
+``identify.validity_split``, by default the audit split the search starts from; never the test
+split, which grades the repair, and never the classifier's training labels, whose errors are among
+the bugs to find):
 
 * a multinomial logistic regression, P(class | z). It is deliberately low-capacity: a linear model cannot carve out a small
 mislabelled subgroup of the training data, so it keeps calling a slanted 7 a 7

@@ -1,14 +1,18 @@
 """Verification: is the repaired classifier better where it was buggy, and no worse elsewhere?
 
-Everything here is measured on data the fine-tune never saw: the test split (clean and
-per-class accuracy, with paired 95% bootstrap intervals), fresh region samples drawn with
-their own seed (neither the training nor the selection samples of ``correct``), and a
-re-discovery search: the same search, seed and budget run against the repaired model,
-counting how many new failures still land in each labelled region.
+Everything here is measured on data no stage fitted, searched or selected on: the test split
+(clean and per-class accuracy, with paired 95% bootstrap intervals), fresh region samples drawn
+from their own stream (neither the training nor the selection samples of ``correct``), and a
+re-discovery search on the test split: the same search, seed and budget run around the test
+images against the original and against the repaired model, counting the failures of each
+confusion pair and how many land in each labelled region.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -16,10 +20,39 @@ import pandas as pd
 import torch
 from torch import nn
 
+from defuse.config import IdentifyConfig, TrainerConfig
+from defuse.data import ImageSet
 from defuse.distill import Region, Regions
+from defuse.identify import identify
 from defuse.models.inference import predict_labels
+from defuse.rundir import atomic_write_json
+from defuse.seeding import int_seed, numpy_rng
+from defuse.validity import ValidityModel
 
-_VERIFY_SEED_OFFSET = 13  # correct draws its samples with offsets 11 and 12
+VERIFY_JSON = "verify.json"
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The verify stage's artifact, verify.json: ``clean_accuracy`` (before/after with intervals),
+    ``per_class_accuracy``, ``regions`` (accuracy on fresh samples and failures re-found, per region),
+    ``rediscovery`` (totals over the labelled regions) and ``failures_by_pair`` (the test-split searches)."""
+
+    result: dict[str, Any]
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(Path(path), self.result)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Verification":
+        return cls(json.loads(Path(path).read_text()))
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        clean = self.result["clean_accuracy"]
+        return {"test_n": clean.get("n"), "clean_accuracy_before": clean["before"],
+                "clean_accuracy_after": clean["after"], "clean_change_ci95": clean["change_ci95"],
+                **{f"rediscovery_{k}": v for k, v in self.result.get("rediscovery", {}).items()}}
 
 
 def bootstrap_accuracy(
@@ -52,8 +85,65 @@ def failures_in_region(region: Region, failures: pd.DataFrame, z: np.ndarray, ta
     return int(region.contains(z[same], tau).sum())
 
 
-@torch.no_grad()
 def verify(
+    before: nn.Module,
+    after: nn.Module,
+    test: ImageSet,
+    regions: Regions,
+    bug_labels: dict[int, int],
+    generator: nn.Module,
+    judge: ValidityModel,
+    *,
+    tau: float,
+    search: IdentifyConfig | None = None,
+    samples_per_region: int = 256,
+    seed: int = 0,
+    trainer: TrainerConfig | None = None,
+) -> Verification:
+    """The verify stage: compare ``before`` and ``after`` on the test split, on fresh region samples, and (with
+    ``search``, the identify config) by running the same search around the test images against both models.
+
+    Args:
+        before, after: the original and the repaired classifier.
+        test: the test split, the only data read here; nothing upstream read it.
+        regions, bug_labels: the regions and the classes a person gave them (region id -> class).
+        generator, judge: the run's generator and validity judge (the search's screening and validity).
+        tau: region samples come from N(mean, tau * cov).
+        search: the identify config for re-discovery; None skips it.
+        samples_per_region: fresh samples per labelled region.
+        seed: the run's seed (streams ``verify.bootstrap``, ``verify.region_samples``; the searches use identify's).
+        trainer: accelerator settings for the searches.
+    """
+    failures_before = failures_after = None
+    if search is not None:
+        images = test.float_images()
+        for_before = identify(before, generator, images, test.labels, judge, search, seed=seed, trainer=trainer)
+        for_after = identify(after, generator, images, test.labels, judge, search, seed=seed, trainer=trainer)
+        failures_before, failures_after = (for_before.table, for_before.z), (for_after.table, for_after.z)
+    result = compare(before, after, test.float_images(), test.labels, test.classes, regions, bug_labels, generator,
+                     tau=tau, samples_per_region=samples_per_region, failures_before=failures_before,
+                     failures_after=failures_after, seed=seed)
+    if search is not None:
+        result["failures_by_pair"] = _failures_by_pair(for_before.table, for_after.table, test.classes)
+        result["search_queries"] = {"before": for_before.stats["queries"], "after": for_after.stats["queries"]}
+    return Verification(result)
+
+
+def _failures_by_pair(before: pd.DataFrame, after: pd.DataFrame, classes: tuple[str, ...]) -> dict[str, Any]:
+    """Per confusion pair, for both searches of the test split: failures, valid ones, and the sources they come from."""
+    out: dict[str, Any] = {}
+    for name, table in (("before", before), ("after", after)):
+        for (source, predicted), rows in table.groupby(["source_label", "predicted_label"]):
+            entry = out.setdefault(f"{classes[int(source)]} -> {classes[int(predicted)]}", {
+                f"{what}_{when}": 0 for what in ("failures", "valid", "sources") for when in ("before", "after")})
+            entry[f"failures_{name}"] = int(len(rows))
+            entry[f"valid_{name}"] = int(rows["valid"].sum())
+            entry[f"sources_{name}"] = int(rows["source_index"].nunique())
+    return dict(sorted(out.items(), key=lambda item: -item[1]["failures_before"]))
+
+
+@torch.no_grad()
+def compare(
     before: nn.Module,
     after: nn.Module,
     images: torch.Tensor,
@@ -69,17 +159,18 @@ def verify(
     failures_after: tuple[pd.DataFrame, np.ndarray] | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Compare ``before`` and ``after`` on the test split, on fresh region samples and by re-discovery."""
+    """The measurements of :func:`verify` on given images and given failures (tables and latents)."""
     pred_before, pred_after = predict_labels(before, images), predict_labels(after, images)
     ok_before, ok_after = pred_before == labels, pred_after == labels
-    result: dict[str, Any] = {"clean_accuracy": bootstrap_accuracy(ok_before, ok_after, seed=seed)}
+    clean = bootstrap_accuracy(ok_before, ok_after, seed=int_seed(seed, "verify.bootstrap"))
+    result: dict[str, Any] = {"clean_accuracy": {**clean, "n": int(len(labels))}}
     result["per_class_accuracy"] = {
         name: {"before": round(float(ok_before[labels == k].float().mean()), 4),
                "after": round(float(ok_after[labels == k].float().mean()), 4),
                "n": int((labels == k).sum())}
         for k, name in enumerate(classes) if bool((labels == k).any())
     }
-    rng = np.random.default_rng(seed + _VERIFY_SEED_OFFSET)
+    rng = numpy_rng(seed, "verify.region_samples")
     rows = []
     for region in regions.regions:
         entry: dict[str, Any] = {"id": region.id, "pair": region.pair, "label": bug_labels.get(region.id)}

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -21,36 +22,52 @@ def _args(tiny_overrides, run_dir, *extra):
     return [*args, *extra]
 
 
-def test_run_trains_both_models_records_them_then_skips(tmp_path, tiny_overrides, capsys):
-    assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
+def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, tiny_overrides, capsys, caplog):
+    assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0  # pytest's stdin is no terminal: nobody to ask
     out = capsys.readouterr().out
-    assert "Not built yet" in out and "label" in out
-    assert (tmp_path / "failures.parquet").exists() and (tmp_path / "failures_z.npy").exists()
-    regions = json.loads((tmp_path / "regions.json").read_text())
-    assert isinstance(regions["regions"], list) and regions["stats"]["failures"] >= 0
-    for region in regions["regions"]:
-        assert (tmp_path / region["grid"]).exists() and (tmp_path / region["params"]).exists()
+    assert "Stopped before correct" in out and f"defuse label --run-dir {tmp_path}" in out
+    assert f"`defuse run --run-dir {tmp_path} --labels auto`" in caplog.text
+    assert "splits: train 943, val 135, audit 270, test 449" in out
+    assert not (tmp_path / "repaired.ckpt").exists() and not (tmp_path / "verify.json").exists()
+    assert (tmp_path / "labels.jsonl").read_text() == ""  # nobody answered, nothing answered for them
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     stages = manifest["stages"]
+    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "label"}
     assert {stage["status"] for stage in stages.values()} == {"done"}
-    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "label", "correct", "verify"}
-    verified = json.loads((tmp_path / "verify.json").read_text())
-    assert 0 <= verified["clean_accuracy"]["before"] <= 1 and "rediscovery" in verified
-    assert (tmp_path / "repaired.ckpt").exists()  # with no region labelled a bug, the original weights
-    # no terminal here: labelling falls back to the suggestions, one automatic answer per region
-    answers = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
-    assert [a["region"] for a in answers] == [r["id"] for r in regions_of(tmp_path)]
-    assert {a["source"] for a in answers} <= {"auto"}
-    assert stages["identify"]["metrics"]["sources"] <= 40
-    assert 0.0 <= stages["fit-generator"]["metrics"]["reconstruction_accuracy"] <= 1.0
-    assert stages["fit-classifier"]["metrics"]["test_accuracy"] > 0.3  # one epoch is far above chance (0.1)
+    found = stages["identify"]["metrics"]
+    assert found["images"] == 270  # the search started from the audit split, not the 449 test images
+    assert found["sources"] == min(40, found["eligible"]) > 0
+    assert found["images"] == found["eligible"] + found["excluded_misclassified"] + \
+        found["excluded_reconstruction_misclassified"]
+    table = pd.read_parquet(tmp_path / "failures.parquet")
+    assert found["failures"] == len(table) > 0 and found["valid_failures"] == int(table["valid"].sum())
+    regions = json.loads((tmp_path / "regions.json").read_text())
+    assert regions["stats"]["failures"] == len(table) and len(regions["regions"]) == stages["label"]["metrics"]["pending"] > 0
+    for region in regions["regions"]:
+        assert (tmp_path / region["grid"]).exists() and (tmp_path / region["params"]).exists()
+    assert stages["fit-generator"]["metrics"]["reconstruction_split"] == "audit"
+    assert stages["fit-classifier"]["metrics"]["test_accuracy"] > 0.3  # two epochs are far above chance (0.1)
+    assert stages["fit-classifier"]["metrics"]["test_n"] == 449
     assert manifest["config"]["classifier"]["epochs"] == 2
+    classifier_hash = RunDir(tmp_path).artifact_hash("classifier.ckpt")
     first = {k: v["finished"] for k, v in stages.items() if k != "label"}
 
-    assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
-    assert "skipped (current)" in capsys.readouterr().out
+    assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0  # again: every stage current, still waiting
+    out = capsys.readouterr().out
+    assert out.count("skipped (current)") == 4 and out.count("awaiting labels") == 2
     again = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     assert {k: v.get("finished") for k, v in again.items() if k != "label"} == first
+
+    labels = tmp_path / "answers.yaml"  # a person's answers: every region is a bug of its source class
+    labels.write_text("".join(f"{r['id']}: {r['source_label']}\n" for r in regions["regions"]))
+    assert main(["run", *_args(tiny_overrides, tmp_path), "--labels", str(labels)]) == 0
+    stages = RunDir(tmp_path).manifest()["stages"]
+    assert stages["correct"]["status"] == stages["verify"]["status"] == "done"
+    assert stages["correct"]["metrics"]["labelled_regions"] == len(regions["regions"])
+    assert RunDir(tmp_path).artifact_hash("classifier.ckpt") == classifier_hash  # the original is never touched
+    verified = json.loads((tmp_path / "verify.json").read_text())
+    assert verified["clean_accuracy"]["n"] == 449 and "failures_by_pair" in verified
+    assert verified["clean_accuracy"]["before"] == stages["fit-classifier"]["metrics"]["test_accuracy"]
 
 
 def test_changing_the_classifier_reruns_it_and_everything_downstream(tmp_path, tiny_overrides, capsys):

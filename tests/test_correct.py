@@ -23,11 +23,12 @@ def _region(region_id: int) -> Region:
 
 def test_sample_regions_takes_only_regions_labelled_with_a_class():
     regions = Regions([_region(1), _region(2), _region(3)], {})
-    samples = sample_regions(regions, {1: 0, 3: 2}, LineGenerator(), per_region=5, tau=1.0, seed=0)
+    samples = sample_regions(regions, {1: 0, 3: 2}, LineGenerator(), per_region=5, tau=1.0,
+                             rng=np.random.default_rng(0))
     assert samples.images.shape == (10, 1, 2, 2)
     assert samples.labels.tolist() == [0] * 5 + [2] * 5 and samples.regions.tolist() == [1] * 5 + [3] * 5
     with pytest.raises(ValueError, match=re.escape("No region is labelled with a class: nothing to correct.")):
-        sample_regions(regions, {}, LineGenerator(), per_region=5, tau=1.0, seed=0)
+        sample_regions(regions, {}, LineGenerator(), per_region=5, tau=1.0, rng=np.random.default_rng(0))
 
 
 @pytest.fixture
@@ -113,12 +114,12 @@ def test_training_images_whose_labels_contradict_the_person_leave_the_clean_loss
 def test_region_samples_the_judge_denies_the_persons_label_are_left_out():
     judge = quadrant_validity()  # class 1 where z0 > 1: the regions' centres (z0 = 2) are 1s to the judge
     regions = Regions([_region(1), _region(2)], {})
-    samples = sample_regions(regions, {1: 0, 2: 1}, LineGenerator(), per_region=40, tau=1.0, seed=0,
-                             validity=judge, min_validity=0.5)
+    samples = sample_regions(regions, {1: 0, 2: 1}, LineGenerator(), per_region=40, tau=1.0,
+                             rng=np.random.default_rng(0), validity=judge, min_validity=0.5)
     assert (samples.regions == 2).sum() > 30 and (samples.regions == 1).sum() < 10
     assert (judge.validity(samples.images.flatten(1)[:, :2].numpy(), samples.labels.numpy()) >= 0.5).all()
-    none = sample_regions(regions, {1: 0}, LineGenerator(), per_region=5, tau=0.01, seed=0, validity=judge,
-                          min_validity=0.99)
+    none = sample_regions(regions, {1: 0}, LineGenerator(), per_region=5, tau=0.01, rng=np.random.default_rng(0),
+                          validity=judge, min_validity=0.99)
     assert len(none.labels) == 0 and none.images.shape[1:] == (1, 2, 2)
 
 

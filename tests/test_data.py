@@ -30,7 +30,9 @@ def test_idx_reads_the_official_mnist_test_split(mnist_raw):
 def test_idx_fixed_split_takes_the_last_images_as_test(mnist_raw):
     dm = ImageDataModule(DataConfig(source="idx", root=str(mnist_raw), test_size=2000, shuffle=False), seed=0)
     full = load_source(DataConfig(source="idx", root=str(mnist_raw))).pool
-    assert len(dm.split("test")) == 2000 and len(dm.split("train")) + len(dm.split("val")) == 8000
+    assert len(dm.split("test")) == 2000
+    assert sum(len(dm.split(name)) for name in ("train", "val", "audit")) == 8000
+    assert (len(dm.split("val")), len(dm.split("audit"))) == (800, 1600)
     assert torch.equal(dm.split("test").labels, full.labels[-2000:])
 
 
@@ -189,15 +191,81 @@ def test_torchvision_source_missing_files_says_where_and_how(tmp_path):
 def test_splits_are_disjoint_complete_and_seeded():
     config = DataConfig(source="digits")
     a, b, c = ImageDataModule(config, seed=0), ImageDataModule(config, seed=0), ImageDataModule(config, seed=1)
-    sizes = [len(a.split(s)) for s in ("train", "val", "test")]
-    assert sum(sizes) == 1797 and sizes[2] == 449
-    for name in ("train", "val", "test"):
+    assert a.sizes() == {"train": 943, "val": 135, "audit": 270, "test": 449}
+    for name in ("train", "val", "audit", "test"):
         assert torch.equal(a.split(name).images, b.split(name).images)
-    assert not torch.equal(a.split("test").labels, c.split("test").labels)
-    # disjoint: no image row of test appears in train (digits has few exact duplicates, compare by index via hashes)
-    train_rows = {bytes(r.numpy().tobytes()) for r in a.split("train").images}
-    overlap = sum(bytes(r.numpy().tobytes()) in train_rows for r in a.split("test").images)
-    assert overlap <= 5
+        assert torch.equal(a.indices(name), b.indices(name))
+    assert not torch.equal(a.indices("audit"), c.indices("audit"))
+    everything = torch.cat([a.indices(name) for name in ("train", "val", "audit", "test")])
+    assert sorted(everything.tolist()) == list(range(1797))  # a partition of the 1,797 images
+
+
+def _numbered_images(n: int, first: int = 0, size: int = 8) -> np.ndarray:
+    """(n, size, size) uint8 images that carry their number in their first two pixels (exact at native size)."""
+    x = np.full((n, size, size), 40, dtype=np.uint8)
+    ids = np.arange(first, first + n)
+    x[:, 0, 0], x[:, 0, 1] = ids // 256, ids % 256
+    return x
+
+
+def _numbers(images) -> set[int]:
+    pixels = images.images[:, 0, 0, :2].long()
+    return set((pixels[:, 0] * 256 + pixels[:, 1]).tolist())
+
+
+def _write_numbered_idx(folder, prefix: str, n: int, first: int, k: int = 4) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / f"{prefix}-images-idx3-ubyte", _numbered_images(n, first))
+    write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(n) % k)
+
+
+def _source(kind: str, tmp_path) -> tuple[DataConfig, int]:
+    """A source of the given kind whose images carry unique numbers; and how many images it holds."""
+    common = dict(image_size=8, test_size=0.2, val_size=0.1, audit_size=0.2)
+    if kind == "npz":
+        np.savez(tmp_path / "x.npz", x=_numbered_images(200), y=np.arange(200) % 4)
+        return DataConfig(source="npz", root=str(tmp_path / "x.npz"), **common), 200
+    if kind == "folder":
+        from PIL import Image
+
+        for i, image in enumerate(_numbered_images(120)):
+            (tmp_path / "img" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(tmp_path / "img" / f"c{i % 3}" / f"{i}.png")
+        return DataConfig(source="folder", root=str(tmp_path / "img"), **common), 120
+    if kind == "idx-with-test":
+        _write_numbered_idx(tmp_path / "idx", "train", 150, 0)
+        _write_numbered_idx(tmp_path / "idx", "t10k", 50, 1000)
+        return DataConfig(source="idx", root=str(tmp_path / "idx"), **common), 200
+    if kind == "idx-test-only":
+        _write_numbered_idx(tmp_path / "idx", "t10k", 160, 0)
+        return DataConfig(source="idx", root=str(tmp_path / "idx"), **common), 160
+    if kind == "mnist":  # torchvision's own reader, on files laid out as torchvision keeps them
+        _write_numbered_idx(tmp_path / "tv" / "MNIST" / "raw", "train", 150, 0, k=10)
+        _write_numbered_idx(tmp_path / "tv" / "MNIST" / "raw", "t10k", 50, 1000, k=10)
+        return DataConfig(source="mnist", root=str(tmp_path / "tv"), **common), 200
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["npz", "folder", "idx-with-test", "idx-test-only", "mnist"])
+def test_the_four_splits_are_disjoint_and_complete_for_every_source_kind(kind, tmp_path):
+    config, total = _source(kind, tmp_path)
+    data = ImageDataModule(config, seed=0)
+    numbers = {name: _numbers(data.split(name)) for name in ("train", "val", "audit", "test")}
+    assert all(len(numbers[name]) == len(data.split(name)) > 0 for name in numbers)  # no image twice in a split
+    names = list(numbers)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            assert not numbers[first] & numbers[second], (first, second)
+    assert sum(len(v) for v in numbers.values()) == total
+    if kind in ("idx-with-test", "mnist"):  # an official test split stays whole; audit is carved from training
+        assert numbers["test"] == set(range(1000, 1050))
+
+
+def test_val_and_audit_that_leave_no_training_images_are_refused():
+    data = ImageDataModule(DataConfig(source="digits", val_size=0.5, audit_size=0.5), seed=0)
+    with pytest.raises(ValueError, match=re.escape("`data.val_size` = 0.5 and `data.audit_size` = 0.5 take 1348 "
+                                                   "of the 1348 images left after the test split")):
+        data.setup()
 
 
 def test_loader_yields_float_batches_in_unit_range():

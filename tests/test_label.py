@@ -29,16 +29,19 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "defuse"
 CLASS_LIST = "0, 1, 2, 3, 4, 5, 6, 7, 8, 9"
 
 
-def make_region(region_id: int, source: int, predicted: int, suggested: int) -> Region:
+def make_region(region_id: int, source: int, predicted: int, suggested: int, real_misread: int = 0) -> Region:
     return Region(id=region_id, source_label=source, predicted_label=predicted, pair=f"{source} -> {predicted}",
                   n_failures=10 + region_id, weight=0.25, purity=1.0, error_rate=0.9, flip_rate=0.95, validity=0.8,
                   confidence=0.9, suggested_label=suggested, median_radius=1.0, pair_median_radius=1.0,
-                  source_confidence=0.99, coverage=0.5, bug_score=0.65, mean=[0.0, 0.0], cov=[[1.0, 0.0], [0.0, 1.0]])
+                  source_confidence=0.99, coverage=0.5, bug_score=0.65, real_neighbours=20, real_misread=real_misread,
+                  mean=[0.0, 0.0], cov=[[1.0, 0.0], [0.0, 1.0]])
 
 
 def make_regions() -> Regions:
-    return Regions([make_region(1, 7, 1, 7), make_region(2, 4, 9, 4), make_region(3, 2, 7, 2),
-                    make_region(4, 5, 3, 5)], {})
+    """Four regions; by their real evidence auto calls #1 (12 of 20 real 7s misread), #3 (5) and #4 (3) bugs, #2 (1)
+    not."""
+    return Regions([make_region(1, 7, 1, 7, real_misread=12), make_region(2, 4, 9, 4, real_misread=1),
+                    make_region(3, 2, 7, 2, real_misread=5), make_region(4, 5, 3, 5, real_misread=3)], {})
 
 
 def scripted(answers, prompts):
@@ -374,34 +377,50 @@ def test_file_labels_refuse_a_file_that_is_no_mapping(tmp_path):
         file_labels(tmp_path / "nope.yaml", make_regions(), DIGITS)
 
 
-def test_auto_labels_are_the_suggestions():
-    answers = auto_labels(make_regions())
-    assert {r: (a.label, a.source) for r, a in answers.items()} == {1: (7, "auto"), 2: (4, "auto"),
-                                                                     3: (2, "auto"), 4: (5, "auto")}
+def test_auto_labels_a_bug_only_on_real_evidence_and_the_judge_and_says_why():
+    regions = Regions([*make_regions().regions, make_region(5, 2, 7, 7, real_misread=5)], {})
+    answers = auto_labels(regions, DIGITS)
+    assert {r: (a.label, a.source) for r, a in answers.items()} == {
+        1: (7, "auto"), 2: ("not-a-bug", "auto"), 3: (2, "auto"), 4: (5, "auto"), 5: ("not-a-bug", "auto")}
+    assert answers[1].reason == ("12 of the 20 nearest real audit images of class 7 are read as 1 (at least 3), and "
+                                 "the validity judge reads the region's samples as 7")
+    assert answers[2].reason == ("1 of the 20 nearest real audit images of class 4 are read as 9 (fewer than 3): "
+                                 "no real evidence of a bug")
+    assert answers[5].reason == ("5 of the 20 nearest real audit images of class 2 are read as 7, but the validity "
+                                 "judge reads the region's samples as 7, not 2")
+    stricter = auto_labels(make_regions(), DIGITS, min_real_misread=4)
+    assert stricter[4].label == "not-a-bug" and stricter[1].label == 7
 
 
-def test_without_a_terminal_the_stage_falls_back_to_auto_labels(tmp_path):
+def test_without_a_terminal_nothing_is_labelled_and_the_notice_says_how(tmp_path, caplog):
     run = RunDir(tmp_path)
-    printed: list[str] = []
 
     def never(prompt: str) -> str:
         raise AssertionError("asked without a terminal")
 
-    metrics = label_stage(run, make_regions(), DIGITS, None, ask=never, out=printed.append, stdin_is_tty=False)
-    assert printed[0] == ("stdin is not a terminal, so nobody can answer the prompt: labelling every unanswered "
-                          "region with its suggested label (auto). Run `defuse label` in a terminal to answer "
-                          "yourself, or pass --labels FILE (JSON/YAML: region id -> class).")
-    assert metrics == {"regions": 4, "answered": 4, "bugs": 4, "not_a_bug": 0, "skipped": 0, "pending": 0,
-                       "mode": "auto"}
-    assert [r["source"] for r in records(tmp_path / "labels.jsonl")] == ["auto"] * 4
+    def no_previews():
+        raise AssertionError("previews drawn with nobody to look at them")
+
+    metrics = label_stage(run, make_regions(), DIGITS, None, ask=never, out=lambda text: None, stdin_is_tty=False,
+                          previews=no_previews)
+    assert metrics == {"regions": 4, "answered": 0, "bugs": 0, "not_a_bug": 0, "skipped": 0, "pending": 4,
+                       "mode": "prompt"}
+    assert (tmp_path / "labels.jsonl").read_text() == ""  # the record later stages read, empty
+    assert f"4 of 4 regions await a label, and nothing is repaired until a person gives them. Label them in a " \
+           f"terminal: `defuse label --run-dir {tmp_path}`" in caplog.text
+    assert f"`defuse run --run-dir {tmp_path} --labels auto`" in caplog.text
 
 
-def test_auto_keeps_given_answers_and_a_prompt_asks_auto_answered_regions_again(tmp_path):
+def test_auto_keeps_given_answers_records_reasons_and_a_prompt_asks_auto_answered_regions_again(tmp_path):
     run = RunDir(tmp_path)
     book = LabelBook(run.path("labels.jsonl"))
-    book.record(2, "not-a-bug", "prompt")
+    book.record(2, 4, "prompt")
     metrics = label_stage(run, make_regions(), DIGITS, "auto", out=lambda text: None)
-    assert metrics["not_a_bug"] == 1 and metrics["bugs"] == 3 and len(records(book.path)) == 4
+    assert metrics["not_a_bug"] == 0 and metrics["bugs"] == 4 and len(records(book.path)) == 4
+    written = records(book.path)
+    assert "reason" not in written[0] and all(line["reason"] for line in written[1:])
+    assert LabelBook(book.path).answers()[3].reason.startswith("5 of the 20 nearest")  # read back from the file
+    assert book.answers()[2].reason is None  # a person's answer needs no reason
     prompts: list[str] = []
     metrics = label_stage(run, make_regions(), DIGITS, "prompt", ask=scripted(["1", "q"], prompts),
                           out=lambda text: None, stdin_is_tty=True)
@@ -422,6 +441,18 @@ def test_a_labels_file_replaces_earlier_answers_once(tmp_path):
     label_stage(run, make_regions(), DIGITS, file, out=printed.append)
     assert len(records(run.path("labels.jsonl"))) == 6  # the same file again appends nothing
     assert printed[-1] == f"file: 0 answers recorded, 2 already standing ({run.path('labels.jsonl')})."
+
+
+def test_answers_for_other_regions_are_moved_aside_not_lost(tmp_path):
+    run = RunDir(tmp_path)
+    label_stage(run, make_regions(), DIGITS, "auto", out=lambda text: None, regions_sha256="a" * 64)
+    before = run.path("labels.jsonl").read_text()
+    label_stage(run, make_regions(), DIGITS, "auto", out=lambda text: None, regions_sha256="a" * 64)
+    assert not list(tmp_path.glob("labels.before-*.jsonl"))  # the same regions: answers stand
+    metrics = label_stage(run, make_regions(), DIGITS, None, out=lambda text: None, stdin_is_tty=False,
+                          regions_sha256="b" * 64)
+    (aside,) = tmp_path.glob("labels.before-*.jsonl")
+    assert aside.read_text() == before and metrics["pending"] == 4
 
 
 def test_classes_must_cover_the_suggestions(tmp_path):
@@ -460,3 +491,16 @@ def test_render_preview_refuses_other_shapes():
         render_preview(torch.rand(2, 2, 8, 8))
     with pytest.raises(ValueError, match=re.escape("`columns` must be an int >= 1, got 0 instead.")):
         render_preview(torch.rand(2, 1, 8, 8), columns=0)
+
+
+@pytest.mark.parametrize("terminal, per_row", [(120, 7), (80, 4), (16, 1), (10, 1), (200, 11)])
+def test_previews_fill_the_terminal_width_and_never_wrap(terminal, per_row, tmp_path):
+    """28x28 samples are drawn 16 characters wide plus a space: 7 fit in 120 columns (8 would wrap)."""
+    previews = {region.id: torch.rand(16, 1, 28, 28) for region in make_regions().regions}
+    printed: list[str] = []
+    interactive_labels(make_regions(), DIGITS, LabelBook(tmp_path / "labels.jsonl"), ask=scripted(["q"], []),
+                       out=printed.append, previews=previews, terminal_columns=terminal)
+    drawn = next(text for text in printed if "\u2580" in text).split("\n")
+    visible = [len(re.sub(r"\x1b\[[0-9;]*m", "", line)) for line in drawn]
+    assert max(visible) == per_row * 17 - 1 and (max(visible) <= terminal or per_row == 1)
+    assert visible.count(0) == -(-16 // per_row) - 1  # one blank line between rows of previews

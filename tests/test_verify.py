@@ -1,10 +1,14 @@
+import json
+
 import numpy as np
 import pandas as pd
 import torch
 
 from defuse.distill import Regions
-from defuse.verify import bootstrap_accuracy, failures_in_region, verify
-from stubs import LineClassifier, LineGenerator
+from defuse.config import IdentifyConfig
+from defuse.data import ImageSet
+from defuse.verify import Verification, bootstrap_accuracy, compare, failures_in_region, verify
+from stubs import LineClassifier, LineGenerator, line_images, line_validity
 from test_correct import _region
 
 
@@ -38,11 +42,45 @@ def test_verify_measures_region_accuracy_on_fresh_samples():
     labels = torch.tensor([0, 1])
     empty = (pd.DataFrame({"source_label": [], "predicted_label": []}), np.zeros((0, 2), np.float32))
     before = (pd.DataFrame({"source_label": [0], "predicted_label": [1]}), np.array([[2.0, 1.0]], np.float32))
-    result = verify(LineClassifier(), always_zero, images, labels, ("zero", "one"), regions, {1: 0},
-                    LineGenerator(), tau=1.0, samples_per_region=64, failures_before=before, failures_after=empty)
+    result = compare(LineClassifier(), always_zero, images, labels, ("zero", "one"), regions, {1: 0},
+                     LineGenerator(), tau=1.0, samples_per_region=64, failures_before=before, failures_after=empty)
     region = result["regions"][0]
     assert region["accuracy_before"] < 0.1 and region["accuracy_after"] == 1.0
     assert result["regions"][1]["label"] is None and "accuracy_before" not in result["regions"][1]
     assert result["rediscovery"] == {"regions_before": 1, "regions_after": 0, "failures_before": 1, "failures_after": 0}
     assert result["clean_accuracy"]["before"] == 1.0 and result["clean_accuracy"]["after"] == 0.5
     assert result["per_class_accuracy"]["one"] == {"before": 1.0, "after": 0.0, "n": 1}
+
+
+class _FloatImages(ImageSet):
+    """The stub world's images are latent coordinates (negative too): handed out as they are, not as uint8 / 255."""
+
+    def float_images(self) -> torch.Tensor:
+        return self.images
+
+
+def _always(label: int) -> torch.nn.Module:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]) if label == 0 else torch.tensor([0.0, 1.0]))
+    return model
+
+
+def test_verify_searches_the_test_split_against_both_models(tmp_path):
+    images, labels = line_images(30)  # all class 0, left of the line z0 = 1 where LineClassifier flips to 1
+    test = _FloatImages(images, labels, ("zero", "one"))
+    regions = Regions([_region(1)], {})
+    search = IdentifyConfig(screen=False, budget=32, shells=4, directions=4, min_radius=0.5, max_radius=4.0)
+    checked = verify(LineClassifier(), _always(0), test, regions, {1: 0}, LineGenerator(),
+                     line_validity(), tau=1.0, search=search, samples_per_region=32)
+    (pair,) = checked.result["failures_by_pair"]
+    counts = checked.result["failures_by_pair"][pair]
+    assert pair == "zero -> one" and counts["failures_before"] > 0 and counts["sources_before"] > 0
+    assert counts["failures_after"] == counts["sources_after"] == 0
+    assert checked.result["search_queries"]["before"] > 0 and checked.result["search_queries"]["after"] == 30 * 16
+    assert checked.result["rediscovery"]["failures_after"] == 0  # the repaired model never says 1
+    assert checked.result["clean_accuracy"]["n"] == 30
+    checked.save(tmp_path / "verify.json")
+    assert Verification.load(tmp_path / "verify.json").result == json.loads((tmp_path / "verify.json").read_text())
+    assert checked.metrics["clean_accuracy_before"] == 1.0 and checked.metrics["rediscovery_failures_after"] == 0
