@@ -22,6 +22,7 @@ from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Discover
 from defuse.label import LABELS_FILE, LabelBook, label_stage
 from defuse.models.loading import load_classifier, load_generator
 from defuse.rundir import RunDir, fingerprint
+from defuse.validity import ValidityModel
 from defuse.verify import VERIFY_JSON, verify
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Fine-tune the classifier on fresh samples of the regions labelled with a class; write repaired.ckpt."""
     fixed = repair(load_classifier(run.path(CLASSIFIER_CKPT)), LabelBook(run.path(LABELS_FILE)).bug_labels(),
-                   Regions.load(run), load_generator(run.path(GENERATOR_CKPT)), Discovery.load(run).judge,
+                   Regions.load(run), load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
                    ImageDataModule(config.data, config.seed), config.correct, tau=config.distill.tau,
                    workdir=run.path(CORRECT_DIR), seed=config.seed, trainer=config.trainer)
     fixed.save(run.path(REPAIRED_CKPT))
@@ -76,7 +77,7 @@ def verify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     checked = verify(load_classifier(run.path(CLASSIFIER_CKPT)).model, load_classifier(run.path(REPAIRED_CKPT)).model,
                      ImageDataModule(config.data, config.seed).split("test"), Regions.load(run),
                      LabelBook(run.path(LABELS_FILE)).bug_labels(), load_generator(run.path(GENERATOR_CKPT)),
-                     Discovery.load(run).judge, tau=config.distill.tau, search=config.identify, seed=config.seed,
+                     ValidityModel.load(run.path(VALIDITY_MODEL)), tau=config.distill.tau, search=config.identify, seed=config.seed,
                      trainer=config.trainer)
     checked.save(run.path(VERIFY_JSON))
     return checked.metrics

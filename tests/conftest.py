@@ -10,17 +10,21 @@ from defuse.config import load_config
 from defuse.data import default_mnist_raw
 
 
+# Digits with tiny models: enough to exercise every code path, fast enough for CI.
+TINY_OVERRIDES = [
+    "classifier.epochs=2", "generator.epochs=1", "generator.width=8", "generator.latent_dim=4",
+    "trainer.progress_bar=false", "data.batch_size=64",
+    "identify.max_sources=40", "identify.budget=32", "identify.shells=4", "identify.refine_steps=2",
+    "identify.screen=false",  # a 1-epoch VAE's posterior is too wide for the judge: screened, nothing is queried
+    "distill.umap=false", "distill.fresh_samples=32",
+    "correct.epochs=1", "correct.lambdas=[1.0]", "correct.samples_per_region=16", "correct.val_samples_per_region=8",
+]
+
+
 @pytest.fixture
 def tiny_overrides() -> list[str]:
-    """Digits with 1-epoch models: enough to exercise every code path, fast enough for CI."""
-    return [
-        "classifier.epochs=2", "generator.epochs=1", "generator.width=8", "generator.latent_dim=4",
-        "trainer.progress_bar=false", "data.batch_size=64",
-        "identify.max_sources=40", "identify.budget=32", "identify.shells=4", "identify.refine_steps=2",
-        "identify.screen=false",  # a 1-epoch VAE's posterior is too wide for the judge: screened, nothing is queried
-        "distill.umap=false", "distill.fresh_samples=32",
-        "correct.epochs=1", "correct.lambdas=[1.0]", "correct.samples_per_region=16", "correct.val_samples_per_region=8",
-    ]
+    """Digits with tiny models: enough to exercise every code path, fast enough for CI."""
+    return list(TINY_OVERRIDES)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import torch
 
 from defuse.cli import main
 from defuse.models import load_classifier, load_generator
+from defuse.pipeline import STAGES
 from defuse.rundir import RunDir
 
 
@@ -127,6 +128,17 @@ def test_unknown_force_stage_is_refused(tmp_path, capsys):
     expected = ("Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator, identify, distill, "
                 "label, correct, verify.")
     assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [[], *([s.name] for s in STAGES)])
+def test_help_exits_0_for_the_top_level_and_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith(f"usage: defuse {command[0] if command else ''}".rstrip())
+    if command in ([], ["verify"]):  # the text whose "%" crashed argparse's formatting
+        assert "(with 95% bootstrap intervals)" in out
 
 
 def test_help_lists_config_keys_with_defaults(capsys):

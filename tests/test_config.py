@@ -49,6 +49,15 @@ def test_wrong_type_names_key_value_and_file(tmp_path):
         ("data.source=npz", "`data.root` must name the npz source's .npz file, got nothing instead."),
         ("classifier.weights=w.pt", "`classifier.weights` needs `classifier.factory`"),
         ("epochs", "An override must look like key.path=value (e.g. seed=3), got 'epochs' instead."),
+        ("identify.split=test", "`identify.split` must be one of train, val, audit; got 'test' instead. The test split "
+                                "only grades the repair: searching it or fitting on it would grade the repair on data "
+                                "that shaped it. Use 'audit' (the default; its size is data.audit_size)."),
+        ("identify.validity_split=test", "`identify.validity_split` must be one of train, val, audit; got 'test'"),
+        ("identify.split=aduit", "`identify.split` must be one of train, val, audit; got 'aduit' instead. "
+                                 "Did you mean 'audit'?"),
+        ("data.audit_size=-1", "`data.audit_size` must be >= 0, got -1.0 instead."),
+        ("label.auto_min_real_misread=0", "`label.auto_min_real_misread` must be an int in the range [1, 1048576], "
+                                          "got 0 instead."),
     ],
 )
 def test_invalid_values_are_refused_with_the_fix(override, message):
@@ -68,3 +77,10 @@ def test_config_that_is_not_a_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ValueError, match=re.escape(f"{path} must hold a mapping of config keys, got a list instead.")):
         load_config(path)
+
+
+def test_presentation_keys_stay_out_of_fingerprinted_sections():
+    on, off = load_config(None, ["trainer.progress_bar=true"]), load_config(None, ["trainer.progress_bar=false"])
+    assert on.section("trainer") == off.section("trainer")
+    assert "progress_bar" not in on.section("trainer")["trainer"] and "deterministic" in on.section("trainer")["trainer"]
+    assert on.to_dict()["trainer"]["progress_bar"] is True  # the manifest still records it

@@ -49,3 +49,22 @@ def test_a_failing_stage_is_recorded_as_failed(tmp_path):
 def test_fingerprint_ignores_key_order():
     assert fingerprint({"a": 1, "b": [1, 2]}) == fingerprint({"b": [1, 2], "a": 1})
     assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+
+
+def test_named_streams_are_reproducible_independent_and_checked():
+    import re
+
+    import numpy as np
+    import pytest
+
+    from defuse.seeding import int_seed, numpy_rng, torch_generator
+
+    assert numpy_rng(3, "a").integers(1 << 30, size=4).tolist() == numpy_rng(3, "a").integers(1 << 30, size=4).tolist()
+    assert int_seed(3, "a") != int_seed(3, "b") and int_seed(3, "a") != int_seed(4, "a")
+    assert 0 <= int_seed(0, "distill.umap") < 2**32
+    import torch
+
+    assert torch.equal(torch.rand(3, generator=torch_generator(1, "x")), torch.rand(3, generator=torch_generator(1, "x")))
+    assert not np.allclose(numpy_rng(0, "correct.train_samples").random(8), numpy_rng(0, "correct.val_samples").random(8))
+    with pytest.raises(ValueError, match=re.escape("`seed` must be an int >= 0, got -1 instead.")):
+        numpy_rng(-1, "a")
