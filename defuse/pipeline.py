@@ -1,13 +1,15 @@
 """Stage wiring: which stage writes what, from which config sections and artifacts, and when to skip it.
 
-A stage is skipped when the manifest says it finished with the same fingerprint
-(config sections + seed + sha256 of its input artifacts) and its outputs are intact.
-Re-running a stage changes its outputs' hashes, so every stage downstream re-runs too.
+Each adapter here loads artifacts, calls its stage module's one public function and saves the artifact it
+returns; every decision (fallbacks, sampling, exclusions, which split is read) lives in the stage module, where
+the benchmarks call it too. A stage is skipped when the manifest says it finished with the same fingerprint
+(config sections without presentation keys + seed + sha256 of its input artifacts) and its outputs are intact.
+Re-running a stage changes its outputs' hashes, so every stage downstream re-runs too. The pipeline stops
+after ``label`` while regions await a person's label: nothing is repaired unasked.
 """
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,7 +18,16 @@ from typing import Any
 from defuse.config import RunConfig
 from defuse.correct import CORRECT_DIR, REPAIRED_CKPT, repair
 from defuse.data import ImageDataModule
-from defuse.distill import REGIONS_DIR, REGIONS_JSON, UMAP_PNG, RealEvidence, Regions, distill, region_grids, save_pictures
+from defuse.distill import (
+    REGIONS_DIR,
+    REGIONS_JSON,
+    UMAP_PNG,
+    RealEvidence,
+    Regions,
+    distill,
+    region_grids,
+    save_pictures,
+)
 from defuse.fit import CLASSIFIER_CKPT, GENERATOR_CKPT, fit_classifier, fit_generator
 from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Discovery, discover
 from defuse.label import LABELS_FILE, LabelBook, label_stage
@@ -24,9 +35,6 @@ from defuse.models.loading import load_classifier, load_generator
 from defuse.rundir import RunDir, fingerprint
 from defuse.validity import ValidityModel
 from defuse.verify import VERIFY_JSON, verify
-
-log = logging.getLogger(__name__)
-
 
 def identify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Fit the validity judge on the audit split and search around its images; write failures and judge."""
@@ -65,7 +73,8 @@ def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Fine-tune the classifier on fresh samples of the regions labelled with a class; write repaired.ckpt."""
     fixed = repair(load_classifier(run.path(CLASSIFIER_CKPT)), LabelBook(run.path(LABELS_FILE)).bug_labels(),
-                   Regions.load(run), load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
+                   Regions.load(run), load_generator(run.path(GENERATOR_CKPT)),
+                   ValidityModel.load(run.path(VALIDITY_MODEL)),
                    ImageDataModule(config.data, config.seed), config.correct, tau=config.distill.tau,
                    workdir=run.path(CORRECT_DIR), seed=config.seed, trainer=config.trainer)
     fixed.save(run.path(REPAIRED_CKPT))
@@ -74,11 +83,11 @@ def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 
 def verify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Before/after on the test split, on fresh region samples, and by the same search around the test images."""
-    checked = verify(load_classifier(run.path(CLASSIFIER_CKPT)).model, load_classifier(run.path(REPAIRED_CKPT)).model,
-                     ImageDataModule(config.data, config.seed).split("test"), Regions.load(run),
+    before, after = (load_classifier(run.path(name)).model for name in (CLASSIFIER_CKPT, REPAIRED_CKPT))
+    checked = verify(before, after, ImageDataModule(config.data, config.seed).split("test"), Regions.load(run),
                      LabelBook(run.path(LABELS_FILE)).bug_labels(), load_generator(run.path(GENERATOR_CKPT)),
-                     ValidityModel.load(run.path(VALIDITY_MODEL)), tau=config.distill.tau, search=config.identify, seed=config.seed,
-                     trainer=config.trainer)
+                     ValidityModel.load(run.path(VALIDITY_MODEL)), tau=config.distill.tau, search=config.identify,
+                     seed=config.seed, trainer=config.trainer)
     checked.save(run.path(VERIFY_JSON))
     return checked.metrics
 
@@ -116,7 +125,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("correct", correct_stage, (REPAIRED_CKPT,), ("correct", "data", "distill", "trainer"),
           (LABELS_FILE, REGIONS_JSON, CLASSIFIER_CKPT, GENERATOR_CKPT, VALIDITY_MODEL)),
     Stage("verify", verify_stage, (VERIFY_JSON,), ("data", "identify", "distill", "trainer"),
-          (REPAIRED_CKPT, CLASSIFIER_CKPT, GENERATOR_CKPT, LABELS_FILE, REGIONS_JSON, FAILURES_TABLE, VALIDITY_MODEL)),
+          (REPAIRED_CKPT, CLASSIFIER_CKPT, GENERATOR_CKPT, LABELS_FILE, REGIONS_JSON, VALIDITY_MODEL)),
 )
 # The pipeline of ../shared/DESIGN.md beyond what is built so far, in order.
 NOT_BUILT_YET: tuple[str, ...] = ("check", "report")

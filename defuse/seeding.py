@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 
 def seed_sequence(seed: int, name: str) -> np.random.SeedSequence:
-    """The stream ``name`` of ``seed``: its spawn key is the name's sha256, so it is stable across runs and platforms."""
+    """The stream ``name`` of ``seed``: its spawn key is the name's sha256, stable across runs and platforms."""
     if not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"`seed` must be an int >= 0, got {seed!r} instead.")
     if not name:

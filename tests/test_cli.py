@@ -43,7 +43,8 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     table = pd.read_parquet(tmp_path / "failures.parquet")
     assert found["failures"] == len(table) > 0 and found["valid_failures"] == int(table["valid"].sum())
     regions = json.loads((tmp_path / "regions.json").read_text())
-    assert regions["stats"]["failures"] == len(table) and len(regions["regions"]) == stages["label"]["metrics"]["pending"] > 0
+    assert regions["stats"]["failures"] == len(table)
+    assert len(regions["regions"]) == stages["label"]["metrics"]["pending"] > 0
     for region in regions["regions"]:
         assert (tmp_path / region["grid"]).exists() and (tmp_path / region["params"]).exists()
     assert stages["fit-generator"]["metrics"]["reconstruction_split"] == "audit"
@@ -177,3 +178,15 @@ def test_labels_file_through_the_cli_and_new_regions_move_old_answers_aside(tmp_
     assert "999" in capsys.readouterr().err
     assert main(["run", *_args(tiny_overrides, tmp_path), "--force", "distill", "--set", "distill.tau=0.5"]) == 0
     assert list(tmp_path.glob("labels.before-*.jsonl"))  # answers for the old regions were kept, aside
+
+
+def test_a_programming_error_surfaces_with_its_traceback(tmp_path, monkeypatch):
+    """A ValueError is the user's (exit 2, one line); a TypeError is ours and must not be dressed up as theirs."""
+    import defuse.cli
+
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(defuse.cli, "run_pipeline", broken)
+    with pytest.raises(TypeError, match="unsupported operand"):
+        main(["run", "--run-dir", str(tmp_path)])

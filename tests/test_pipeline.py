@@ -11,7 +11,15 @@ from defuse.config import config_from_mapping, load_config
 from defuse.correct import REPAIRED_CKPT
 from defuse.label import LABELS_FILE, LabelBook
 from defuse.models import load_classifier
-from defuse.pipeline import AWAITING_LABELS, CURRENT, STAGES, correct_stage, run_pipeline, stage_fingerprint, stage_named
+from defuse.pipeline import (
+    AWAITING_LABELS,
+    CURRENT,
+    STAGES,
+    correct_stage,
+    run_pipeline,
+    stage_fingerprint,
+    stage_named,
+)
 from defuse.rundir import RunDir
 
 DISCOVERY_AND_REPAIR = ("classifier.ckpt", "generator.ckpt", "failures.parquet", "failures_z.npy", "validity.npz",

@@ -64,7 +64,9 @@ def test_named_streams_are_reproducible_independent_and_checked():
     assert 0 <= int_seed(0, "distill.umap") < 2**32
     import torch
 
-    assert torch.equal(torch.rand(3, generator=torch_generator(1, "x")), torch.rand(3, generator=torch_generator(1, "x")))
-    assert not np.allclose(numpy_rng(0, "correct.train_samples").random(8), numpy_rng(0, "correct.val_samples").random(8))
+    draw = lambda: torch.rand(3, generator=torch_generator(1, "x"))  # noqa: E731
+    assert torch.equal(draw(), draw())
+    train, val = numpy_rng(0, "correct.train_samples"), numpy_rng(0, "correct.val_samples")
+    assert not np.allclose(train.random(8), val.random(8))
     with pytest.raises(ValueError, match=re.escape("`seed` must be an int >= 0, got -1 instead.")):
         numpy_rng(-1, "a")
