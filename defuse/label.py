@@ -51,7 +51,7 @@ _RESET = "\x1b[0m"
 _UPPER_HALF = "\u2580"  # "▀": foreground paints the upper pixel, background the lower one
 _HELP = """\
   a class index or name   the class this region's images truly show (a bug: the classifier should say it)
-  Enter                   take the suggested label
+  Enter                   take the suggestion (a class only where real images are misread the same way)
   n                       not a bug (the images are ambiguous or not of their source class)
   s                       skip: no label, the region is left out of the repair
   u                       undo the last answer and go back to its region
@@ -330,6 +330,7 @@ def interactive_labels(
     previews: Mapping[int, torch.Tensor] | None = None,
     grid_path: Callable[[int], str | Path | None] | None = None,
     terminal_columns: int | None = None,
+    suggestions: Mapping[int, Answer] | None = None,
 ) -> dict[int, Answer]:
     """Ask a person for one label per region, in rank order, resuming where the book stops.
 
@@ -347,6 +348,8 @@ def interactive_labels(
         grid_path: region id -> the region's PNG grid (shown as a path), or None.
         terminal_columns: the terminal's width; the previews fill as many per row as fit
             (default ``shutil.get_terminal_size()``).
+        suggestions: what Enter takes, with the reason shown; default the conservative :func:`auto_labels`, so a
+            person who only presses Enter repairs no more than ``--labels auto`` would.
 
     Returns:
         The book's answers, by region id.
@@ -354,6 +357,7 @@ def interactive_labels(
     region_list = _region_list(regions)
     _check_classes(region_list, classes)
     by_id = {region.id: region for region in region_list}
+    suggestions = suggestions if suggestions is not None else auto_labels(region_list, classes)
     current = _first_pending(region_list, book.answers())
     if current is None:
         out(f"All {len(region_list)} regions are labelled ({book.path}).")
@@ -362,9 +366,10 @@ def interactive_labels(
     show = True
     while current is not None:
         if show:
-            _show_region(current, region_list, classes, out, previews, grid_path, terminal_columns)
+            _show_region(current, region_list, classes, out, previews, grid_path, terminal_columns,
+                         suggestions.get(current.id))
         show = True
-        command, label = _read_answer(current, classes, ask, out)
+        command, label = _read_answer(current, classes, ask, out, suggestions.get(current.id))
         if command == "quit":
             answered = sum(1 for a in book.answers() if a in by_id)
             out(f"Stopped: {answered} of {len(region_list)} regions labelled, saved in {book.path}. "
@@ -555,7 +560,8 @@ def label_stage(
             shown = previews() if callable(previews) else previews
             interactive_labels(region_list, classes, book, ask=ask, out=out, previews=shown,
                                grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}.png")),
-                               terminal_columns=terminal_columns)
+                               terminal_columns=terminal_columns,
+                               suggestions=auto_labels(region_list, classes, min_real_misread=min_real_misread))
     elif kind == "auto":
         answered = book.answers()
         added = [a for a in auto_labels(region_list, classes, min_real_misread=min_real_misread).values()
@@ -640,7 +646,7 @@ def preview_columns(images: torch.Tensor, terminal_columns: int, max_side: int =
 
 def _show_region(region: Region, region_list: list[Region], classes: Sequence[str], out: Callable,
                  previews: Mapping[int, Any] | None, grid_path: Callable | None,
-                 terminal_columns: int | None = None) -> None:
+                 terminal_columns: int | None = None, suggestion: Answer | None = None) -> None:
     position = region_list.index(region) + 1
     out("")
     out(f"Region #{region.id} ({position} of {len(region_list)}): {region.pair} | {region.n_failures} failures | "
@@ -653,15 +659,19 @@ def _show_region(region: Region, region_list: list[Region], classes: Sequence[st
         path = grid_path(region.id)
         if path is not None:
             out(f"samples: {path}")
-    suggested = int(region.suggested_label)
-    out(f"suggested label: {classes[suggested]} (index {suggested})")
+    if suggestion is not None:
+        out(f"suggested: {_describe(suggestion.label, classes)} ({suggestion.reason})")
+    else:
+        suggested = int(region.suggested_label)
+        out(f"suggested label: {classes[suggested]} (index {suggested})")
 
 
 def _read_answer(region: Region, classes: Sequence[str], ask: Callable[[str], str],
-                 out: Callable) -> tuple[str, Label | None]:
+                 out: Callable, suggestion: Answer | None = None) -> tuple[str, Label | None]:
     """Ask until the answer is a label or a command; returns ("label", label), ("undo", None) or ("quit", None)."""
-    suggested = int(region.suggested_label)
-    prompt = f"label for region #{region.id} [{classes[suggested]}]: "
+    suggested = suggestion.label if suggestion is not None else int(region.suggested_label)
+    shown = classes[suggested] if isinstance(suggested, int) else suggested
+    prompt = f"label for region #{region.id} [{shown}]: "
     while True:
         try:
             text = ask(prompt)

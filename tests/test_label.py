@@ -80,16 +80,19 @@ def test_interactive_labels_answers_commands_undo_and_resume(tmp_path):
     answers = interactive_labels(make_regions(), DIGITS, book, ask=scripted(script, prompts), out=printed.append)
     assert {r: (a.label, a.source) for r, a in answers.items()} == {1: (7, "prompt"), 2: ("skip", "prompt"),
                                                                      3: (2, "prompt")}
-    assert prompts == ["label for region #1 [7]: "] * 4 + ["label for region #2 [4]: ", "label for region #3 [2]: ",
-                                                           "label for region #2 [4]: ", "label for region #3 [2]: ",
-                                                           "label for region #4 [5]: "]
+    # Enter's default is the conservative suggestion: region 2 has 1 real misread of 20, so not-a-bug
+    assert prompts == ["label for region #1 [7]: "] * 4 + ["label for region #2 [not-a-bug]: ",
+                                                           "label for region #3 [2]: ",
+                                                           "label for region #2 [not-a-bug]: ",
+                                                           "label for region #3 [2]: ", "label for region #4 [5]: "]
     text = "\n".join(printed)
     assert "n                       not a bug" in text  # the help
     assert (f"'cat' is not a class. Classes (index name): {CLASS_LIST}; "
             f"or n (not a bug), s (skip), u (undo), ? (help), q (quit).") in printed
     assert f"'12' is not a class. Classes (index name): {CLASS_LIST}; " in text
     assert "Region #1 (1 of 4): 7 -> 1 | 11 failures | error rate 0.90 | validity 0.80" in printed
-    assert "suggested label: 7 (index 7)" in printed
+    assert ("suggested: 7 (index 7) (12 of the 20 nearest real audit images of class 7 are read as 1 (at least 3), "
+            "and the validity judge reads the region's samples as 7)") in printed
     assert "Undid the answer for region #2." in printed
     assert printed[-1] == (f"Stopped: 3 of 4 regions labelled, saved in {book.path}. "
                            f"Run the same command again to resume at region #4.")
@@ -120,7 +123,8 @@ def test_interactive_labels_take_class_names_and_show_previews(tmp_path):
     assert [answers[1].label, answers[2].label] == [1, 2]  # a name (any case), then an index
     assert sum("\u2580" in text for text in printed) == 1  # region 2 has no preview
     assert f"samples: {tmp_path / 'region_01.png'}" in printed
-    assert "suggested label: cat (index 0)" in printed
+    assert ("suggested: not-a-bug (0 of the 20 nearest real audit images of class cat are read as dog (fewer than 3): "
+            "no real evidence of a bug)") in printed
 
 
 def test_end_of_input_quits_and_undo_with_nothing_to_undo_asks_again(tmp_path):
@@ -131,7 +135,7 @@ def test_end_of_input_quits_and_undo_with_nothing_to_undo_asks_again(tmp_path):
                                  out=printed.append)
     assert "Nothing to undo." in printed
     assert {r: a.label for r, a in answers.items()} == {1: 2}  # 1 for region 1, undone, then 2 for region 1
-    assert prompts[-1] == "label for region #2 [4]: "  # then end of input: stop, nothing lost
+    assert prompts[-1] == "label for region #2 [not-a-bug]: "  # then end of input: stop, nothing lost
     assert printed[-1].startswith("Stopped: 1 of 4 regions labelled")
 
 
@@ -207,7 +211,8 @@ from defuse.rundir import RunDir
 
 def region(i, source, predicted, suggested):
     return SimpleNamespace(id=i, pair=f"{source} -> {predicted}", n_failures=10 + i, error_rate=0.9, validity=0.8,
-                           suggested_label=suggested, source_label=source, predicted_label=predicted)
+                           suggested_label=suggested, source_label=source, predicted_label=predicted,
+                           real_misread=12, real_neighbours=20)
 
 regions = [region(1, 7, 1, 7), region(2, 4, 9, 4), region(3, 2, 7, 2)]
 metrics = label_stage(RunDir(sys.argv[2]), regions, tuple(str(i) for i in range(10)), None, stdin_is_tty=True)
