@@ -247,8 +247,8 @@ def correct(
             module = CorrectionModule(copy.deepcopy(classifier), lam=lam, lr=config.lr, keep=config.keep)
             region_loader = DataLoader(TensorDataset(train_regions.images, train_regions.labels), batch_size=batch,
                                        shuffle=True, generator=torch_generator(seed, "correct.region_shuffle"))
-            loaders = CombinedLoader({"clean": data.images_loader(clean_train, shuffle=True), "regions": region_loader},
-                                     "max_size_cycle")
+            clean_loader = data.images_loader(clean_train, shuffle=True, stream="correct.clean_shuffle")
+            loaders = CombinedLoader({"clean": clean_loader, "regions": region_loader}, "max_size_cycle")
             val_loaders = [DataLoader(TensorDataset(val_x, val_y), batch_size=512),
                            DataLoader(TensorDataset(val_regions.images, val_regions.labels), batch_size=512)]
             checkpoints = ModelCheckpoint(dirpath=folder, filename="epoch{epoch}", save_top_k=-1, save_last=True,
@@ -346,7 +346,8 @@ def repair(
         tau: region samples come from N(mean, tau * cov) (``distill.tau``).
         workdir: checkpoints of every (lambda, epoch), so an interrupted fine-tune resumes; emptied when they
             belong to other inputs.
-        seed: the run's seed (streams ``correct.train_samples``, ``correct.val_samples``, ``correct.region_shuffle``).
+        seed: the run's seed (streams ``correct.train_samples``, ``correct.val_samples``, ``correct.region_shuffle``,
+            ``correct.clean_shuffle``).
         trainer: accelerator and progress settings.
     """
     if "arch" not in classifier.hparams:

@@ -485,9 +485,10 @@ class ImageDataModule(pl.LightningDataModule):
         return {"train": self.train, "val": self.val, "audit": self.audit, "test": self.test}[name]
 
     # ---- loaders
-    def images_loader(self, images: ImageSet, shuffle: bool) -> DataLoader:
-        """A batched loader over ``images`` with this module's batch size and workers (seeded when shuffled)."""
-        generator = torch_generator(self.seed, "data.shuffle") if shuffle else None
+    def images_loader(self, images: ImageSet, shuffle: bool, stream: str = "data.shuffle") -> DataLoader:
+        """A batched loader over ``images`` with this module's batch size and workers; shuffled from the named
+        random ``stream`` of the seed, so two users of the same images never share one order by accident."""
+        generator = torch_generator(self.seed, stream) if shuffle else None
         return DataLoader(
             ImageTensorDataset(images), batch_size=self.config.batch_size, shuffle=shuffle,
             generator=generator, num_workers=self.config.num_workers, collate_fn=_whole_batch,
