@@ -55,6 +55,7 @@ from torch import nn
 
 from defuse.config import DistillConfig
 from defuse.identify import Failures, make_evaluate
+from defuse.models.inference import BATCH, inference_copy
 from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
 from defuse.seeding import int_seed, numpy_rng
 from defuse.validity import ValidityModel
@@ -195,7 +196,7 @@ def inside_ellipsoid(z: np.ndarray, mean: np.ndarray, cov: np.ndarray, quantile:
     if len(z) == 0:
         return np.zeros(0, dtype=bool)
     diff = z - mean
-    m2 = np.einsum("nd,de,ne->n", diff, np.linalg.inv(cov), diff)
+    m2 = ((diff @ np.linalg.inv(cov)) * diff).sum(axis=1)  # a BLAS product: 10x a three-operand einsum
     return m2 <= chi2.ppf(quantile, df=z.shape[1])
 
 
@@ -265,7 +266,7 @@ def distill(
     if not candidates:
         log.warning("No confusion pair has %d or more failures: no regions.", config.min_failures)
         return Regions([], stats, tuple(classes))
-    evaluate = make_evaluate(generator.eval(), classifier.eval())
+    evaluate = make_evaluate(generator.eval(), inference_copy(classifier))
     _refine(candidates, evaluate, validity, config, rng)
     scored = _score(candidates, failures, evaluate, validity, config, rng, real)
     scored.sort(key=lambda c: (-c["bug_score"], c["source"], c["predicted"]))
@@ -288,7 +289,7 @@ def distill(
     return Regions(regions, stats, tuple(classes))
 
 
-def _classify_latents(evaluate, z: np.ndarray, chunk: int = 4096) -> np.ndarray:
+def _classify_latents(evaluate, z: np.ndarray, chunk: int = BATCH) -> np.ndarray:
     """Softmax probabilities (N, K) of the classifier on decoded latents, in chunks."""
     with torch.no_grad():
         return torch.cat([F.softmax(evaluate(torch.from_numpy(z[i : i + chunk])).float(), dim=1)

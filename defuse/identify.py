@@ -42,7 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from defuse.config import IdentifyConfig, TrainerConfig
-from defuse.models.inference import predict_labels, reconstruct
+from defuse.models.inference import BATCH, as_input, inference_copy, is_channels_last, predict_labels, reconstruct
 from defuse.data import ImageSet
 from defuse.rundir import RunDir, atomic_write_bytes
 from defuse.seeding import int_seed, torch_generator
@@ -102,13 +102,16 @@ class Failures:
 # ----------------------------------------------------------------------------- batched search kernels
 
 
-def make_evaluate(generator: nn.Module, classifier: nn.Module, chunk: int = 4096) -> Evaluate:
-    """decode + classify in chunks of ``chunk`` latents."""
+def make_evaluate(generator: nn.Module, classifier: nn.Module, chunk: int = BATCH) -> Evaluate:
+    """decode + classify in chunks of ``chunk`` latents; channels-last images for a channels-last classifier
+    (:func:`defuse.models.inference.inference_copy`: about 3x the throughput of large default-format batches)."""
+    fast = is_channels_last(classifier)
 
     def evaluate(z: torch.Tensor) -> torch.Tensor:
         if len(z) <= chunk:
-            return classifier(generator.decode(z))
-        return torch.cat([classifier(generator.decode(z[i : i + chunk])) for i in range(0, len(z), chunk)])
+            return classifier(as_input(generator.decode(z), fast))
+        return torch.cat([classifier(as_input(generator.decode(z[i : i + chunk]), fast))
+                          for i in range(0, len(z), chunk)])
 
     return evaluate
 
@@ -560,7 +563,7 @@ def identify(
         trainer: accelerator settings for Lightning's predict.
     """
     # Work on copies: the search freezes and switches modules to eval mode, which must not leak to the caller.
-    classifier, generator = copy.deepcopy(classifier).eval(), copy.deepcopy(generator).eval()
+    classifier, generator = inference_copy(classifier), copy.deepcopy(generator).eval()
     selection = select_sources(classifier, generator, images, labels, config.max_sources, seed)
     stats: dict[str, Any] = dict(selection.stats)
     correct = stats["images"] - stats["excluded_misclassified"]

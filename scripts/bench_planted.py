@@ -53,7 +53,7 @@ from defuse.data import ImageDataModule, ImageSet, load_source
 from defuse.distill import Regions
 from defuse.identify import Discovery, latent_means, make_evaluate, select_sources
 from defuse.label import auto_labels
-from defuse.models import load_classifier, load_generator
+from defuse.models import inference_copy, load_classifier, load_generator
 from defuse.models.inference import predict_labels, reconstruct
 from defuse.pipeline import run_pipeline
 from defuse.rundir import RunDir
@@ -226,7 +226,7 @@ def reference_yield(classifier, generator, judge, images, labels, queries: int, 
 
 @torch.no_grad()
 def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, group: torch.Tensor | None) -> dict:
-    model = load_classifier(run.path("classifier.ckpt")).model
+    model = inference_copy(load_classifier(run.path("classifier.ckpt")).model)  # as the search queries it
     generator = load_generator(run.path("generator.ckpt"))
     discovery, regions = Discovery.load(run), Regions.load(run)
     data = ImageDataModule(config.data, config.seed)

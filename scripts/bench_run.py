@@ -1,0 +1,108 @@
+"""Loop benchmark: how long does `defuse run --labels auto` take, stage by stage, and what does it produce?
+
+For each target (the embedded digits run, and ``configs/mnist-test-split.yaml``) it runs the CLI exactly as a
+user would, in a fresh run directory, as a child process:
+
+* ``defuse run --labels auto``: wall time, the child's peak RSS (``os.wait4``), each stage's time from the
+  manifest, and the run's key figures (clean test accuracy before/after, regions, valid failures per 1,000
+  queries, sources with a failure, regions auto-labelled a bug), so a speed-up that costs quality shows here;
+* with ``--stages``, each stage as its own subcommand in another fresh run directory, the wall time of each
+  (what a user iterating on one stage pays, CLI start-up included);
+* ``defuse --help``: the CLI's start-up time alone.
+
+Run: ``python scripts/bench_run.py [--targets digits,mnist] [--stages] [--out FILE]``. Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = {"digits": [], "mnist": ["--config", str(ROOT / "configs" / "mnist-test-split.yaml")]}
+STAGE_COMMANDS = ("fit-classifier", "fit-generator", "identify", "distill", "label", "correct", "verify")
+
+
+def timed(args: list[str]) -> dict:
+    """Run ``defuse ARGS`` as a child with no terminal; its wall time, peak RSS and exit code."""
+    start = time.perf_counter()
+    child = subprocess.Popen([sys.executable, "-m", "defuse", *args], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    stderr_chunks = []
+    while True:  # drain stderr so a chatty child never blocks on a full pipe
+        chunk = child.stderr.read(65536)
+        if not chunk:
+            break
+        stderr_chunks.append(chunk)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    out = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+           "exit_code": child.returncode}
+    if child.returncode != 0:
+        out["stderr_tail"] = b"".join(stderr_chunks).decode(errors="replace")[-2000:]
+    return out
+
+
+def figures(run_dir: Path) -> dict:
+    """The run's key figures, read from its manifest and verify.json."""
+    stages = json.loads((run_dir / "manifest.json").read_text())["stages"]
+    found = stages.get("identify", {}).get("metrics", {})
+    out = {
+        "stage_seconds": {name: record.get("seconds") for name, record in stages.items()},
+        "regions": stages.get("distill", {}).get("metrics", {}).get("regions"),
+        "valid_failures_per_1000_queries": found.get("valid_failures_per_1000_queries"),
+        "sources_with_failure": found.get("sources_with_failure"),
+        "sources": found.get("sources"),
+        "auto_labelled_bugs": stages.get("label", {}).get("metrics", {}).get("bugs"),
+        "reconstruction_accuracy": stages.get("fit-generator", {}).get("metrics", {}).get("reconstruction_accuracy"),
+    }
+    if (run_dir / "verify.json").exists():
+        clean = json.loads((run_dir / "verify.json").read_text())["clean_accuracy"]
+        out["clean_accuracy"] = {k: clean[k] for k in ("before", "after", "change_ci95")}
+    return out
+
+
+def bench_target(name: str, folder: Path, each_stage: bool) -> dict:
+    config = TARGETS[name]
+    run_dir = folder / f"{name}-run"
+    result = {"run": timed(["run", "--labels", "auto", "--run-dir", str(run_dir), *config])}
+    result.update(figures(run_dir))
+    if each_stage:
+        alone = folder / f"{name}-stages"
+        result["stage_alone_seconds"] = {}
+        for stage in STAGE_COMMANDS:
+            extra = ["--labels", "auto"] if stage == "label" else []
+            result["stage_alone_seconds"][stage] = timed([stage, "--run-dir", str(alone), *config, *extra])
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="digits,mnist", help="comma-separated subset of digits,mnist")
+    parser.add_argument("--stages", action="store_true", help="also run each stage alone")
+    parser.add_argument("--out", default=None, help="also write the JSON here")
+    args = parser.parse_args(argv)
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; the targets are {', '.join(TARGETS)}")
+    result: dict = {"cli_startup": timed(["--help"]), "targets": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for target in targets:
+            result["targets"][target] = bench_target(target, Path(tmp), args.stages)
+            print(f"[{target}] {json.dumps(result['targets'][target])}", file=sys.stderr, flush=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
