@@ -26,6 +26,9 @@ DISCOVERY_SPLITS = ("train", "val", "audit")  # what identify may search and fit
 # Field metadata of keys that change how a run looks, never what it computes: left out of stage fingerprints, so
 # turning progress bars off (as the CLI does when stderr is no terminal) never re-runs a finished stage.
 PRESENTATION = {"presentation": True}
+# Field metadata of keys that name a file or folder: stage fingerprints include what is there, not only the name,
+# so editing the data file (relabelling, say) or replacing a model file re-runs what read it.
+PATH = {"path": True}
 GENERATOR_SIZES = (28, 32, 64)
 
 
@@ -34,7 +37,7 @@ class DataConfig:
     """Where images come from and how they are split."""
 
     source: str = "digits"  # one of SOURCES
-    root: str | None = None  # folder/file for idx, folder, npz and torchvision sources
+    root: str | None = field(default=None, metadata=PATH)  # folder/file for idx, folder, npz and torchvision sources
     image_size: int = 28  # images are resized to image_size x image_size
     download: bool = False  # torchvision sources only; off so nothing is fetched silently
     test_size: float = 0.25  # fraction (<1) or count (>=1); ignored when the source has an official test split
@@ -76,9 +79,9 @@ class ClassifierConfig:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     # Bring your own (instead of training): a TorchScript file, or factory + weights.
-    torchscript: str | None = None  # path to a TorchScript classifier mapping [0,1] images to logits
+    torchscript: str | None = field(default=None, metadata=PATH)  # a TorchScript classifier: [0,1] images -> logits
     factory: str | None = None  # "package.module:function" returning an nn.Module
-    weights: str | None = None  # .safetensors or a state-dict file for `factory`
+    weights: str | None = field(default=None, metadata=PATH)  # .safetensors or a state-dict file for `factory`
 
     def validate(self) -> None:
         _check_choice("classifier.arch", self.arch, CLASSIFIER_ARCHS)
@@ -114,6 +117,8 @@ class GeneratorConfig:
     width: int = 32  # channels of the first conv layer; doubled at each down-sampling
     epochs: int = 60
     lr: float = 2e-3
+    # Adopt a generator.ckpt that defuse wrote (e.g. another run's on the same images) instead of training one.
+    checkpoint: str | None = field(default=None, metadata=PATH)
 
     def validate(self) -> None:
         _check_range("generator.latent_dim", self.latent_dim, 1, 4096)
@@ -321,6 +326,12 @@ def outcome_fields(section: Any) -> dict[str, Any]:
     """A config section as plain data without its presentation keys: what its results depend on."""
     values = dataclasses.asdict(section)
     return {f.name: values[f.name] for f in dataclasses.fields(section) if not f.metadata.get("presentation")}
+
+
+def path_fields(section: Any) -> dict[str, str]:
+    """The keys of a config section that name a file or folder, and the paths they name (set ones only)."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if f.metadata.get("path") and getattr(section, f.name)}
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

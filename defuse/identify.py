@@ -51,7 +51,7 @@ from defuse.validity import LatentJudge, ValidityModel
 FAILURES_TABLE = "failures.parquet"
 FAILURES_Z = "failures_z.npy"
 VALIDITY_MODEL = "validity.npz"
-WEAK_RECONSTRUCTION = 0.5  # below this share of correct images surviving reconstruction, warn
+WEAK_RECONSTRUCTION = 0.9  # below this share of correct images surviving reconstruction, warn
 
 log = logging.getLogger(__name__)
 
@@ -527,6 +527,8 @@ def select_sources(
         index = index[keep].sort().values
     stats = {
         "images": int(len(labels)),
+        # the generator's reach as the classifier sees it: images whose reconstruction it reads as their label
+        "reconstruction_accuracy": round(float((pred_recon == labels).float().mean()), 4) if len(labels) else 0.0,
         "excluded_misclassified": int((~correct).sum()),
         "excluded_reconstruction_misclassified": int((correct & ~eligible).sum()),
         "eligible": int(eligible.sum()),
@@ -569,8 +571,10 @@ def identify(
     correct = stats["images"] - stats["excluded_misclassified"]
     if correct and stats["eligible"] / correct < WEAK_RECONSTRUCTION:
         log.warning(
-            "Only %d of %d correctly classified images keep their class through the generator's reconstruction: "
-            "the generator is too weak to search with. Train it longer or larger.", stats["eligible"], correct,
+            "Only %d of %d correctly classified images keep their class through the generator's reconstruction "
+            "(< %.0f%%): the generator is too weak to search with reliably, and a bug it cannot draw cannot be found. "
+            "Train it longer (generator.epochs) or larger (generator.width, generator.latent_dim).",
+            stats["eligible"], correct, 100 * WEAK_RECONSTRUCTION,
         )
     d = int(generator.latent_dim)
     if len(selection.index) == 0:

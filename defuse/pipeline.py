@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from defuse.config import RunConfig
+from defuse.config import RunConfig, path_fields
 from defuse.correct import CORRECT_DIR, REPAIRED_CKPT, repair
 from defuse.data import ImageDataModule
 from defuse.distill import (
@@ -32,7 +32,7 @@ from defuse.fit import CLASSIFIER_CKPT, GENERATOR_CKPT, fit_classifier, fit_gene
 from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Discovery, discover
 from defuse.label import LABELS_FILE, LabelBook, label_stage
 from defuse.models.loading import load_classifier, load_generator
-from defuse.rundir import RunDir, fingerprint
+from defuse.rundir import RunDir, fingerprint, path_digest
 from defuse.validity import ValidityModel
 from defuse.verify import VERIFY_JSON, verify
 
@@ -116,7 +116,7 @@ class StageResult:
 
 STAGES: tuple[Stage, ...] = (
     Stage("fit-classifier", fit_classifier, (CLASSIFIER_CKPT,), ("data", "classifier", "trainer")),
-    Stage("fit-generator", fit_generator, (GENERATOR_CKPT,), ("data", "generator", "trainer"), (CLASSIFIER_CKPT,)),
+    Stage("fit-generator", fit_generator, (GENERATOR_CKPT,), ("data", "generator", "trainer")),
     Stage("identify", identify_stage, (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL), ("data", "identify"),
           (CLASSIFIER_CKPT, GENERATOR_CKPT)),
     Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill", "data", "identify"),
@@ -140,8 +140,12 @@ def stage_named(name: str) -> Stage:
 
 
 def stage_fingerprint(stage: Stage, config: RunConfig, run: RunDir) -> str:
+    """What a stage's outputs depend on: its config sections, the contents of the files they name, its inputs."""
     inputs = {name: run.artifact_hash(name) for name in stage.inputs}
-    return fingerprint({"stage": stage.name, "config": config.section(*stage.sections), "inputs": inputs})
+    files = {f"{section}.{key}": path_digest(path) for section in stage.sections
+             for key, path in path_fields(getattr(config, section)).items()}
+    return fingerprint({"stage": stage.name, "config": config.section(*stage.sections), "inputs": inputs,
+                        "files": files})
 
 
 def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False) -> StageResult:

@@ -70,6 +70,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def path_digest(path: str | Path) -> str:
+    """What a user's file or folder holds, as a digest: a file's sha256; a folder's listing of (relative path,
+    size, modification time), which notices edits without reading every image; "missing" if nothing is there."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        listing = sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
+                         for p in path.rglob("*") if p.is_file())
+        return fingerprint(listing)
+    return "missing"
+
+
 def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=_jsonable).encode()).hexdigest()
 

@@ -60,7 +60,7 @@ def figures(run_dir: Path) -> dict:
         "sources_with_failure": found.get("sources_with_failure"),
         "sources": found.get("sources"),
         "auto_labelled_bugs": stages.get("label", {}).get("metrics", {}).get("bugs"),
-        "reconstruction_accuracy": stages.get("fit-generator", {}).get("metrics", {}).get("reconstruction_accuracy"),
+        "reconstruction_accuracy": found.get("reconstruction_accuracy"),
     }
     if (run_dir / "verify.json").exists():
         clean = json.loads((run_dir / "verify.json").read_text())["clean_accuracy"]

@@ -48,6 +48,7 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     for region in regions["regions"]:
         assert (tmp_path / region["grid"]).exists() and (tmp_path / region["params"]).exists()
     assert stages["fit-generator"]["metrics"]["reconstruction_split"] == "audit"
+    assert found["reconstruction_accuracy"] * 270 >= found["eligible"]  # every source survives reconstruction
     assert stages["fit-classifier"]["metrics"]["test_accuracy"] > 0.3  # two epochs are far above chance (0.1)
     assert stages["fit-classifier"]["metrics"]["test_n"] == 449
     assert manifest["config"]["classifier"]["epochs"] == 2
@@ -72,13 +73,15 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     assert verified["clean_accuracy"]["before"] == stages["fit-classifier"]["metrics"]["test_accuracy"]
 
 
-def test_changing_the_classifier_reruns_it_and_everything_downstream(tmp_path, tiny_overrides, capsys):
+def test_changing_the_classifier_reruns_it_and_everything_downstream_but_the_generator(tmp_path, tiny_overrides, capsys):
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
     before = RunDir(tmp_path).manifest()["stages"]
     assert main(["run", *_args(tiny_overrides, tmp_path, "--set", "classifier.lr=0.001")]) == 0
     after = RunDir(tmp_path).manifest()["stages"]
     assert after["fit-classifier"]["fingerprint"] != before["fit-classifier"]["fingerprint"]
-    assert after["fit-generator"]["fingerprint"] != before["fit-generator"]["fingerprint"]
+    assert after["identify"]["fingerprint"] != before["identify"]["fingerprint"]
+    # the generator reads images only: a new classifier leaves it current, trained once
+    assert after["fit-generator"]["finished"] == before["fit-generator"]["finished"]
 
 
 def test_force_reruns_a_current_stage(tmp_path, tiny_overrides):
@@ -112,10 +115,45 @@ def test_same_seed_same_models_and_metrics_other_seed_differs(tmp_path, tiny_ove
     assert runs["a"].artifact_hash("failures_z.npy") != runs["c"].artifact_hash("failures_z.npy")
 
 
-def test_fit_generator_without_a_classifier_says_what_to_run(tmp_path, tiny_overrides, capsys):
-    assert main(["fit-generator", *_args(tiny_overrides, tmp_path)]) == 2
+def test_a_stage_without_its_inputs_says_what_to_run(tmp_path, tiny_overrides, capsys):
+    assert main(["fit-generator", *_args(tiny_overrides, tmp_path)]) == 0  # needs no classifier
+    assert main(["identify", *_args(tiny_overrides, tmp_path)]) == 2
     out = capsys.readouterr().err
     assert "classifier.ckpt is missing" in out and "defuse fit-classifier" in out
+
+
+def test_a_generator_is_adopted_from_another_run_and_a_mismatched_one_refused(tmp_path, tiny_overrides, capsys):
+    assert main(["fit-generator", *_args(tiny_overrides, tmp_path / "a")]) == 0
+    trained = tmp_path / "a" / "generator.ckpt"
+    adopt = ["--set", f"generator.checkpoint={trained}"]
+    assert main(["fit-generator", *_args(tiny_overrides, tmp_path / "b"), *adopt]) == 0
+    assert (tmp_path / "b" / "generator.ckpt").read_bytes() == trained.read_bytes()
+    metrics = RunDir(tmp_path / "b").metrics("fit-generator")
+    assert metrics["adopted"] == str(trained) and metrics["reconstruction_mse"] == \
+        RunDir(tmp_path / "a").metrics("fit-generator")["reconstruction_mse"]
+    assert main(["fit-generator", *_args(tiny_overrides, tmp_path / "c"), *adopt, "--set", "data.image_size=32"]) == 2
+    assert (f"`generator.checkpoint` {trained} draws 1-channel 28px images, but the data has 1 channel(s) at 32px."
+            in capsys.readouterr().err)
+    assert main(["fit-generator", *_args(tiny_overrides, tmp_path / "d"), "--set",
+                 f"generator.checkpoint={tmp_path / 'none.ckpt'}"]) == 2
+    assert f"`generator.checkpoint` {tmp_path / 'none.ckpt'} does not exist." in capsys.readouterr().err
+
+
+def test_editing_the_data_file_reruns_what_read_it(tmp_path, tiny_overrides, capsys):
+    """The config names the file; the fingerprint follows what is in it (relabelling in place, say)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, size=(300, 28, 28), dtype=np.uint8), np.arange(300) % 3
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    args = [*_args(tiny_overrides, tmp_path / "run"), "--set", "data.source=npz", "--set",
+            f"data.root={tmp_path / 'data.npz'}"]
+    assert main(["fit-classifier", *args]) == 0
+    assert main(["fit-classifier", *args]) == 0
+    assert "skipped (current)" in capsys.readouterr().out
+    np.savez(tmp_path / "data.npz", x=x, y=(y + 1) % 3)  # same name, new labels
+    assert main(["fit-classifier", *args]) == 0
+    assert "skipped (current)" not in capsys.readouterr().out
 
 
 def test_bad_config_exits_2_with_the_message(tmp_path, capsys):

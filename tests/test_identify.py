@@ -31,8 +31,8 @@ def test_sources_exclude_misclassified_images_and_reconstruction_artefacts():
     images[1, 0, 0, 0] = -1.5  # its reconstruction lands at z0 = 1.5: class 1, an artefact
     selection = select_sources(LineClassifier(), scrambled, images, labels)
     assert 0 not in selection.index.tolist() and 1 not in selection.index.tolist()
-    assert selection.stats == {"images": 10, "excluded_misclassified": 1, "excluded_reconstruction_misclassified": 1,
-                               "eligible": 8, "sources": 8}
+    assert selection.stats == {"images": 10, "reconstruction_accuracy": 0.8, "excluded_misclassified": 1,
+                               "excluded_reconstruction_misclassified": 1, "eligible": 8, "sources": 8}
 
 
 def test_max_sources_takes_a_seeded_subset():
