@@ -3,33 +3,39 @@
 The public API; everything else is private to its module.
 """
 
-from defuse.config import RunConfig, config_from_mapping, load_config
-from defuse.correct import Repair, repair
-from defuse.data import ImageDataModule, ImageSet, load_source
-from defuse.distill import RealEvidence, Regions, distill
-from defuse.fit import fit_classifier, fit_generator
-from defuse.identify import Discovery, Failures, discover
-from defuse.label import LabelBook, auto_labels, label_stage
-from defuse.models import (
-    ClassifierModule,
-    ConvVAE,
-    Generator,
-    VAEModule,
-    load_classifier,
-    load_generator,
-    predict_labels,
-)
-from defuse.pipeline import run_pipeline, run_stage
-from defuse.rundir import RunDir
-from defuse.validity import ValidityModel
-from defuse.verify import Verification, verify
+import importlib
+from typing import Any
+
+# Names -> the module that defines them. Imported on first use (PEP 562), so `import defuse` and the CLI's --help
+# do not pay for torch and Lightning (seconds) before they are needed.
+_EXPORTS = {
+    "RunConfig": "defuse.config", "config_from_mapping": "defuse.config", "load_config": "defuse.config",
+    "Repair": "defuse.correct", "repair": "defuse.correct",
+    "ImageDataModule": "defuse.data", "ImageSet": "defuse.data", "load_source": "defuse.data",
+    "RealEvidence": "defuse.distill", "Regions": "defuse.distill", "distill": "defuse.distill",
+    "fit_classifier": "defuse.fit", "fit_generator": "defuse.fit",
+    "Discovery": "defuse.identify", "Failures": "defuse.identify", "discover": "defuse.identify",
+    "LabelBook": "defuse.label", "auto_labels": "defuse.label", "label_stage": "defuse.label",
+    "ClassifierModule": "defuse.models", "ConvVAE": "defuse.models", "Generator": "defuse.models",
+    "VAEModule": "defuse.models", "load_classifier": "defuse.models", "load_generator": "defuse.models",
+    "predict_labels": "defuse.models",
+    "run_pipeline": "defuse.pipeline", "run_stage": "defuse.pipeline",
+    "RunDir": "defuse.rundir",
+    "ValidityModel": "defuse.validity",
+    "Verification": "defuse.verify", "verify": "defuse.verify",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'defuse' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ClassifierModule", "ConvVAE", "Discovery", "Failures", "Generator", "ImageDataModule", "ImageSet", "LabelBook",
-    "RealEvidence", "Regions", "Repair", "RunConfig", "RunDir", "VAEModule", "ValidityModel", "Verification",
-    "auto_labels", "config_from_mapping", "discover", "distill", "fit_classifier", "fit_generator", "label_stage",
-    "load_classifier", "load_config", "load_generator", "load_source", "predict_labels", "repair", "run_pipeline",
-    "run_stage", "verify",
-]
+__all__ = sorted(_EXPORTS)

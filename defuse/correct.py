@@ -41,6 +41,7 @@ from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from defuse.artifacts import CORRECT_DIR, REPAIRED_CKPT  # noqa: F401  (CORRECT_DIR: re-exported)
 from defuse.config import CorrectConfig, TrainerConfig, outcome_fields
 from defuse.data import ImageDataModule, ImageSet
 from defuse.distill import Regions
@@ -52,8 +53,6 @@ from defuse.rundir import atomic_write_json, fingerprint
 from defuse.seeding import numpy_rng, torch_generator
 from defuse.validity import ValidityModel
 
-CORRECT_DIR = "correct"
-REPAIRED_CKPT = "repaired.ckpt"
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +381,9 @@ def repair(
                                              images.labels.numpy(), judge)
     model, summary = correct(classifier.model, data, train_regions, val_regions, config, workdir, trainer=trainer,
                              seed=seed, val_exclude=exclude["val"], train_exclude=exclude["train"])
-    return Repair(model, classifier.hparams, {"labelled_regions": len(bug_labels), **summary})
+    return Repair(model, classifier.hparams, {"labelled_regions": len(bug_labels),
+                                              "region_samples_trained": int(len(train_regions.labels)),
+                                              "region_samples_validated": int(len(val_regions.labels)), **summary})
 
 
 def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, judge: ValidityModel,

@@ -53,6 +53,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import BayesianGaussianMixture
 from torch import nn
 
+from defuse.artifacts import REGIONS_DIR, REGIONS_JSON, UMAP_PNG
 from defuse.config import DistillConfig
 from defuse.identify import Failures, make_evaluate
 from defuse.models.inference import BATCH, inference_copy
@@ -63,12 +64,9 @@ from defuse.validity import ValidityModel
 if TYPE_CHECKING:
     from defuse.data import ImageSet
 
-REGIONS_JSON = "regions.json"
 BUG_SCORE = "error_rate * validity * confidence * real_error_rate (see defuse.distill)"
 ELLIPSOID_QUANTILE = 0.9  # "inside a region": within the 90% ellipsoid of its Gaussian
 REAL_PRIOR = (0.5, 5.0)  # real_error_rate = (real_misread + 0.5) / (real_neighbours + 5)
-REGIONS_DIR = "regions"
-UMAP_PNG = "umap.png"
 GRID_SAMPLES = 16
 
 log = logging.getLogger(__name__)

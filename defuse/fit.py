@@ -17,6 +17,7 @@ import torch
 
 from torch import nn
 
+from defuse.artifacts import CLASSIFIER_CKPT, GENERATOR_CKPT
 from defuse.config import ClassifierConfig, GeneratorConfig, RunConfig, TrainerConfig
 from defuse.data import ImageDataModule
 from defuse.models.classifiers import ClassifierModule
@@ -33,8 +34,6 @@ from defuse.models.loading import (
 )
 from defuse.rundir import RunDir, atomic_write_bytes
 
-CLASSIFIER_CKPT = "classifier.ckpt"
-GENERATOR_CKPT = "generator.ckpt"
 
 log = logging.getLogger(__name__)
 

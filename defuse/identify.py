@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from defuse.artifacts import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL
 from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.models.inference import BATCH, as_input, inference_copy, is_channels_last, predict_labels, reconstruct
 from defuse.data import ImageSet
@@ -48,9 +49,6 @@ from defuse.rundir import RunDir, atomic_write_bytes
 from defuse.seeding import int_seed, torch_generator
 from defuse.validity import LatentJudge, ValidityModel
 
-FAILURES_TABLE = "failures.parquet"
-FAILURES_Z = "failures_z.npy"
-VALIDITY_MODEL = "validity.npz"
 WEAK_RECONSTRUCTION = 0.9  # below this share of correct images surviving reconstruction, warn
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any, Union
 
 import yaml
 
+from defuse.artifacts import LABELS_FILE, LABELS_FOR
+
 if TYPE_CHECKING:
     import torch
 
@@ -41,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-LABELS_FILE = "labels.jsonl"
 NOT_A_BUG = "not-a-bug"
 SKIP = "skip"
 SOURCES = ("prompt", "file", "auto")
@@ -485,7 +486,6 @@ def auto_labels(regions: Regions | Sequence[Region], classes: Sequence[str] | No
 
 # ----------------------------------------------------------------------------- the stage
 
-LABELS_FOR = "labels.regions-sha256"  # which regions.json the answers in labels.jsonl belong to
 
 
 def awaiting_labels_notice(run: RunDir, pending: int, total: int) -> str:

@@ -15,29 +15,47 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from defuse.config import RunConfig, path_fields
-from defuse.correct import CORRECT_DIR, REPAIRED_CKPT, repair
-from defuse.data import ImageDataModule
-from defuse.distill import (
+from defuse.artifacts import (
+    CLASSIFIER_CKPT,
+    CORRECT_DIR,
+    FAILURES_TABLE,
+    FAILURES_Z,
+    GENERATOR_CKPT,
+    LABELS_FILE,
     REGIONS_DIR,
     REGIONS_JSON,
+    REPAIRED_CKPT,
     UMAP_PNG,
-    RealEvidence,
-    Regions,
-    distill,
-    region_grids,
-    save_pictures,
+    VALIDITY_MODEL,
+    VERIFY_JSON,
 )
-from defuse.fit import CLASSIFIER_CKPT, GENERATOR_CKPT, fit_classifier, fit_generator
-from defuse.identify import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, Discovery, discover
-from defuse.label import LABELS_FILE, LabelBook, label_stage
-from defuse.models.loading import load_classifier, load_generator
+from defuse.config import RunConfig, path_fields
 from defuse.rundir import RunDir, fingerprint, path_digest
-from defuse.validity import ValidityModel
-from defuse.verify import VERIFY_JSON, verify
+
+# The adapters import their stage modules when they run: knowing the pipeline's shape (the CLI's --help, the stage
+# table) then costs no torch or Lightning import, which takes seconds.
+
+
+def fit_classifier_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
+    """Train the classifier under test (or adopt the user's); write classifier.ckpt."""
+    from defuse.fit import fit_classifier
+
+    return fit_classifier(config, run)
+
+
+def fit_generator_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
+    """Train the VAE on the images (or adopt generator.checkpoint); write generator.ckpt."""
+    from defuse.fit import fit_generator
+
+    return fit_generator(config, run)
+
 
 def identify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Fit the validity judge on the audit split and search around its images; write failures and judge."""
+    from defuse.data import ImageDataModule
+    from defuse.identify import discover
+    from defuse.models.loading import load_classifier, load_generator
+
     data = ImageDataModule(config.data, config.seed)
     discovery = discover(load_classifier(run.path(CLASSIFIER_CKPT)).model, load_generator(run.path(GENERATOR_CKPT)),
                          data.split(config.identify.split), data.split(config.identify.validity_split),
@@ -48,6 +66,11 @@ def identify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 
 def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Group the failures into ranked regions, with real evidence from the audit split; draw their pictures."""
+    from defuse.data import ImageDataModule
+    from defuse.distill import RealEvidence, distill, save_pictures
+    from defuse.identify import Discovery
+    from defuse.models.loading import load_classifier, load_generator
+
     discovery = Discovery.load(run)
     loaded = load_classifier(run.path(CLASSIFIER_CKPT))
     generator = load_generator(run.path(GENERATOR_CKPT))
@@ -61,6 +84,10 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 
 def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """One label per region from a person (prompt), a labels file, or the conservative suggestions (auto)."""
+    from defuse.distill import Regions, region_grids
+    from defuse.label import label_stage
+    from defuse.models.loading import load_generator
+
     regions = Regions.load(run)
     return label_stage(
         run, regions, regions.classes, config.label.mode, regions_sha256=run.artifact_hash(REGIONS_JSON),
@@ -72,6 +99,13 @@ def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 
 def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Fine-tune the classifier on fresh samples of the regions labelled with a class; write repaired.ckpt."""
+    from defuse.correct import repair
+    from defuse.data import ImageDataModule
+    from defuse.distill import Regions
+    from defuse.label import LabelBook
+    from defuse.models.loading import load_classifier, load_generator
+    from defuse.validity import ValidityModel
+
     fixed = repair(load_classifier(run.path(CLASSIFIER_CKPT)), LabelBook(run.path(LABELS_FILE)).bug_labels(),
                    Regions.load(run), load_generator(run.path(GENERATOR_CKPT)),
                    ValidityModel.load(run.path(VALIDITY_MODEL)),
@@ -83,6 +117,13 @@ def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 
 def verify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Before/after on the test split, on fresh region samples, and by the same search around the test images."""
+    from defuse.data import ImageDataModule
+    from defuse.distill import Regions
+    from defuse.label import LabelBook
+    from defuse.models.loading import load_classifier, load_generator
+    from defuse.validity import ValidityModel
+    from defuse.verify import verify
+
     before, after = (load_classifier(run.path(name)).model for name in (CLASSIFIER_CKPT, REPAIRED_CKPT))
     checked = verify(before, after, ImageDataModule(config.data, config.seed).split("test"), Regions.load(run),
                      LabelBook(run.path(LABELS_FILE)).bug_labels(), load_generator(run.path(GENERATOR_CKPT)),
@@ -115,8 +156,8 @@ class StageResult:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("fit-classifier", fit_classifier, (CLASSIFIER_CKPT,), ("data", "classifier", "trainer")),
-    Stage("fit-generator", fit_generator, (GENERATOR_CKPT,), ("data", "generator", "trainer")),
+    Stage("fit-classifier", fit_classifier_stage, (CLASSIFIER_CKPT,), ("data", "classifier", "trainer")),
+    Stage("fit-generator", fit_generator_stage, (GENERATOR_CKPT,), ("data", "generator", "trainer")),
     Stage("identify", identify_stage, (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL), ("data", "identify"),
           (CLASSIFIER_CKPT, GENERATOR_CKPT)),
     Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill", "data", "identify"),

@@ -23,7 +23,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "manifest.json"
+from defuse.artifacts import MANIFEST
+
 _TRACKED_PACKAGES = ("defuse", "torch", "torchvision", "pytorch-lightning", "numpy", "scikit-learn", "umap-learn")
 
 

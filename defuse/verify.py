@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from defuse.artifacts import VERIFY_JSON  # noqa: F401  (re-exported)
 from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.data import ImageSet
 from defuse.distill import Region, Regions
@@ -29,7 +30,6 @@ from defuse.rundir import atomic_write_json
 from defuse.seeding import int_seed, numpy_rng
 from defuse.validity import ValidityModel
 
-VERIFY_JSON = "verify.json"
 
 
 @dataclass(frozen=True)

@@ -228,3 +228,15 @@ def test_a_programming_error_surfaces_with_its_traceback(tmp_path, monkeypatch):
     monkeypatch.setattr(defuse.cli, "run_pipeline", broken)
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["run", "--run-dir", str(tmp_path)])
+
+
+def test_help_and_the_stage_table_load_without_torch():
+    """`defuse --help` answers at once: the CLI, the config and the stage table import no torch or Lightning."""
+    import subprocess
+    import sys
+
+    code = ("import sys, defuse, defuse.cli, defuse.pipeline; defuse.cli.build_parser().format_help(); "
+            "heavy = sorted(m for m in ('torch', 'pytorch_lightning', 'sklearn') if m in sys.modules); print(heavy)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -1,0 +1,20 @@
+"""The names of the run directory's artifacts, in one place (see the README's run-directory table).
+
+Stage modules, the pipeline, the benchmarks and the report read these names from here, so renaming an artifact is
+one edit. This module imports nothing, so the CLI can know the pipeline's shape without loading torch.
+"""
+
+MANIFEST = "manifest.json"
+CLASSIFIER_CKPT = "classifier.ckpt"  # fit-classifier
+GENERATOR_CKPT = "generator.ckpt"  # fit-generator
+FAILURES_TABLE = "failures.parquet"  # identify
+FAILURES_Z = "failures_z.npy"  # identify
+VALIDITY_MODEL = "validity.npz"  # identify
+REGIONS_JSON = "regions.json"  # distill
+REGIONS_DIR = "regions"  # distill: region_XX.npz (mean, cov) and region_XX.png (sample grid)
+UMAP_PNG = "umap.png"  # distill
+LABELS_FILE = "labels.jsonl"  # label
+LABELS_FOR = "labels.regions-sha256"  # label: which regions.json the answers in labels.jsonl belong to
+CORRECT_DIR = "correct"  # correct: resumable checkpoints of every (lambda, epoch)
+REPAIRED_CKPT = "repaired.ckpt"  # correct
+VERIFY_JSON = "verify.json"  # verify
