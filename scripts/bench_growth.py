@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import yaml
 
+from _bench import emit, progress  # scripts/_bench.py
 from defuse.config import RunConfig, config_from_mapping, load_config
 from defuse.pipeline import run_stage, stage_named
 from defuse.rundir import RunDir
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                          "seconds": round(found["seconds"] + grouped["seconds"], 2),
                          "failures": found["metrics"]["failures"], "queries": found["metrics"]["queries"],
                          "regions": grouped["metrics"]["regions"], "pairs": grouped["metrics"]["pairs"]})
-            print(f"[sources {n}] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+            progress(f"sources {n}", rows[-1])
         out["identify_distill"] = rows
         out["identify_distill_exponent"] = exponent(SOURCES, [r["seconds"] for r in rows])
         out["identify_exponent"] = exponent(SOURCES, [r["identify_seconds"] for r in rows])
@@ -84,14 +85,10 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"labelled_regions": min(k, len(regions)), "seconds": fixed["seconds"],
                          "chosen": fixed["metrics"].get("chosen"),
                          "region_samples": fixed["metrics"].get("region_samples_trained")})
-            print(f"[labelled {k}] {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+            progress(f"labelled {k}", rows[-1])
         out["correct"] = rows
         out["correct_exponent"] = exponent([r["labelled_regions"] for r in rows], [r["seconds"] for r in rows])
-    text = json.dumps(out, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit(out, args.out)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 import yaml
 
+from _bench import emit, progress  # scripts/_bench.py
 from defuse.config import DataConfig, RunConfig, config_from_mapping, load_config
 from defuse.data import ImageDataModule, ImageSet, load_source
 from defuse.distill import Regions
@@ -388,13 +389,9 @@ def main(argv: list[str] | None = None) -> int:
                 score = out.get("planted_bug_score")
                 out["beats_clean_control"] = bool(score is not None and score > clean_max)
             result["cases"][case] = out
-            print(f"[{case}] {json.dumps(out)}", file=sys.stderr, flush=True)
+            progress(case, out)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _bench import emit, progress  # scripts/_bench.py
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"digits": [], "mnist": ["--config", str(ROOT / "configs" / "mnist-test-split.yaml")]}
 STAGE_COMMANDS = ("fit-classifier", "fit-generator", "identify", "distill", "label", "correct", "verify")
@@ -96,12 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for target in targets:
             result["targets"][target] = bench_target(target, Path(tmp), args.stages)
-            print(f"[{target}] {json.dumps(result['targets'][target])}", file=sys.stderr, flush=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+            progress(target, result["targets"][target])
+    return emit(result, args.out)
 
 
 if __name__ == "__main__":
