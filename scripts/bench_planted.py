@@ -1,38 +1,42 @@
 """Planted-bug benchmark: can defuse find, and repair, a bug we put into a classifier on purpose?
 
-Every case runs the product: ``run_pipeline`` (what ``defuse run`` calls) on the shipped
+Every case runs the product as shipped: ``run_pipeline`` (what ``defuse run`` calls) on
 ``configs/mnist-test-split.yaml``, with the data swapped for an npz of the official MNIST test split
 (../shared/data/MNIST/raw; first 8,000 images: train, val and audit; last 2,000: test) whose *training
-and validation* labels of one subgroup are switched to another class. The few values that differ from
-the shipped config are listed in the output under ``deviations``, each with its reason.
+and validation* labels of one subgroup are switched to another class. The only values that differ from the
+shipped config are presentational (listed under ``deviations`` with their reasons); the planted cases of a seed
+adopt its clean case's generator.ckpt (the VAE reads images only, and the cases share every image).
 
-Cases: slant (the 25% most right-slanted 7s relabelled 1), thin (the 25% thinnest-stroke 6s relabelled 1),
-clean (nothing poisoned; its classifier is also the clean reference that plays the person).
+Cases (each subgroup is 25% of its class, by a feature computed on the train and val images only):
+slant (right-slanted 7s -> 1, geometry), thin (thin-stroke 6s -> 1, stroke), bold (thick-stroke 3s -> 8, stroke),
+narrow (horizontally narrow 0s -> 6, shape), short (vertically short 2s -> 7, size); and clean (nothing poisoned).
 
-Who labels: in the planted cases a simulated person, a labels file written from the clean reference
-classifier's majority vote on each region's fresh samples ("not-a-bug" where it agrees with the model under
-test), never from the planted ground truth; in the clean control, ``--labels auto`` (the conservative
-suggestions), as a user who asks for them would run it.
+Who labels: a simulated person, a labels file written from an independent clean *reference* classifier (trained on
+the clean labels with its own seed stream) by its majority vote on each region's fresh samples ("not-a-bug" where
+it agrees with the model under test), never from the planted ground truth. The clean control is labelled and
+repaired the same way, so whatever its repair costs is measured. The person consents to relabelling the training
+images its answers contradict (``correct.relabel``, the consent ``--relabel`` gives); ``--no-consent`` runs
+without it.
 
 Measured, reading only the run directories' artifacts, and grading only on the test split (no stage read it):
 
 * visibility: the share of the planted subgroup's test images whose VAE reconstruction the poisoned model
   reads as the planted class (the ceiling for any latent search);
 * the rank of the first region with the planted pair, its precision (the share of its fresh samples the
-  clean reference reads as the source class while the poisoned model reads the planted class), its bug score,
-  and whether that beats every region of the clean control; what ``--labels auto`` would say of it;
+  reference reads as the source class while the poisoned model reads the planted class), its bug score;
 * valid failures per 1,000 classifier queries, against random sampling from the prior and against the
   reference search (Beta(50, 50) shift of the mean, 10 samples per source) at equal budget, from the audit split;
 * repair: accuracy on the planted subgroup of the test split before/after, clean accuracy outside it, the largest
-  per-class drop outside it, and the planted pair's failures re-found by the same search around the test images
-  (verify.json);
-* clean control: regions auto-labelled a bug, and clean test accuracy before/after the repair they lead to.
+  per-class drop outside it; the decoded-to-real gap (accuracy on fresh decoded samples of the planted pair's
+  regions against accuracy on the real subgroup, before and after); label_issues.csv against the poisoned rows;
+* clean control: clean test accuracy before/after the repair its labels lead to.
+* over the seeds: mean and worst of every figure, and each acceptance bar of the repair issue, met or not.
 
 The audit split's labels are left clean: it models a small, carefully labelled set, as a test set is.
-``--poison-audit`` poisons it too (a user whose every label carries the bug) and reports what that costs.
+``--poison-audit`` poisons it too (a user whose every label carries the bug).
 
-Run: ``python scripts/bench_planted.py [--cases slant,thin] [--no-repair] [--poison-audit] [--keep DIR]
-[--out FILE]``. Prints JSON.
+Run: ``python scripts/bench_planted.py [--seeds 0,1,2] [--cases slant,thin,...] [--no-repair] [--no-consent]
+[--poison-audit] [--keep DIR] [--out FILE]``. Prints JSON.
 """
 
 from __future__ import annotations
@@ -45,44 +49,42 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
-
 from _bench import emit, progress  # scripts/_bench.py
-from defuse.config import DataConfig, RunConfig, config_from_mapping, load_config
+
+from defuse.config import (
+    CorrectConfig,
+    DataConfig,
+    RunConfig,
+    config_from_mapping,
+    load_config,
+)
 from defuse.data import ImageDataModule, ImageSet, load_source
 from defuse.distill import Regions
 from defuse.identify import Discovery, latent_means, make_evaluate, select_sources
 from defuse.label import auto_labels
 from defuse.models import inference_copy, load_classifier, load_generator
 from defuse.models.inference import predict_labels, reconstruct
-from defuse.pipeline import run_pipeline
+from defuse.pipeline import run_pipeline, run_stage, stage_named
 from defuse.rundir import RunDir
-from defuse.seeding import numpy_rng, torch_generator
+from defuse.seeding import int_seed, numpy_rng, torch_generator
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "mnist-test-split.yaml"
-# Values that differ from the shipped config, each with its reason. The figures this benchmark's README rows replace
-# were measured with them; moving the benchmark onto the shipped values is the next issue's job.
+# Values that differ from the shipped config, each with its reason: presentation only.
 DEVIATIONS = {
-    "classifier.width": (16, "the benchmark's classifiers since its first figures; keeps three trainings short"),
-    "classifier.epochs": (6, "as above"),
-    "classifier.lr": (0.003, "as above"),
-    "generator.epochs": (12, "as above: one VAE per case"),
-    "generator.lr": (0.003, "as above"),
-    "identify.max_sources": (1000, "1,000 of the 1,600 audit images: the figures it replaces searched 1,000 sources"),
-    "identify.budget": (128, "as above: 128 queries per source"),
-    "identify.batch_sources": (128, "throughput only"),
-    "identify.min_radius": (2.0, "first shell at 2 posterior scales, as the figures it replaces"),
-    "distill.max_regions": (100, "the simulated person labels every region, not the top 30"),
-    "distill.umap": (False, "no picture is read here"),
+    "distill.umap": (False, "the failure map is a picture for people; no figure here reads it"),
     "trainer.progress_bar": (False, "output is JSON"),
 }
 # Not a config value but the same kind of deviation: the planted cases adopt the clean case's generator.ckpt.
-SHARED_GENERATOR = ("generator.checkpoint (planted cases)", "the clean case's generator.ckpt: the VAE reads images "
-                    "only, and the cases share every image and the seed, so each would train these very weights "
-                    "(checked: the same sha256 in all three cases when each trained its own)")
+SHARED_GENERATOR = ("generator.checkpoint (planted cases)",
+                    ("the clean case's generator.ckpt of the same seed: the VAE reads images only, and the cases share "
+                    "every image and the seed, so each would train these very weights (checked: the same sha256 in "
+                    "all cases when each trained its own)"))
 PRECISION_SAMPLES = 256
 VOTE_SAMPLES = 128
+GAP_SAMPLES = 256
 
 
 # ----------------------------------------------------------------------------- subgroups
@@ -112,10 +114,34 @@ def stroke_width(images: torch.Tensor) -> torch.Tensor:
     return 2 * ink.sum(dim=(1, 2)) / boundary.sum(dim=(1, 2)).clamp_min(1)
 
 
+def _spread(images: torch.Tensor, axis: int) -> torch.Tensor:
+    """Standard deviation of the ink's position along ``axis`` (-1: columns, width; -2: rows, height)."""
+    x = images[:, 0].double()
+    n = x.shape[axis]
+    shape = [1, 1, 1]
+    shape[axis] = n
+    pos = torch.arange(n, dtype=torch.float64).view(shape)
+    mass = x.sum(dim=(1, 2)).clamp_min(1e-9)
+    mean = (x * pos).sum(dim=(1, 2)) / mass
+    var = (x * (pos - mean.view(-1, 1, 1)) ** 2).sum(dim=(1, 2)) / mass
+    return var.sqrt().float()
+
+
+def width(images: torch.Tensor) -> torch.Tensor:
+    return _spread(images, -1)
+
+
+def height(images: torch.Tensor) -> torch.Tensor:
+    return _spread(images, -2)
+
+
 CASES = {
     # name: (source class, planted class, feature, take the top (+1) or bottom (-1) quarter)
     "slant": (7, 1, slant, +1),
     "thin": (6, 1, stroke_width, -1),
+    "bold": (3, 8, stroke_width, +1),
+    "narrow": (0, 6, width, -1),
+    "short": (2, 7, height, -1),
 }
 
 
@@ -127,26 +153,27 @@ def subgroup(images: ImageSet, case: str, threshold: float) -> torch.Tensor:
 # ----------------------------------------------------------------------------- data and config
 
 
-def case_config(npz: Path, generator: Path | None = None) -> RunConfig:
-    overrides = ["data.source=npz", f"data.root={npz}", *(f"{k}={json.dumps(v)}" for k, (v, _) in DEVIATIONS.items())]
+def case_config(npz: Path, seed: int, generator: Path | None = None, extra: tuple[str, ...] = ()) -> RunConfig:
+    overrides = ["data.source=npz", f"data.root={npz}", f"seed={seed}",
+                 *(f"{k}={json.dumps(v)}" for k, (v, _) in DEVIATIONS.items()), *extra]
     if generator is not None:
         overrides.append(f"generator.checkpoint={generator}")
     return load_config(SHIPPED, overrides)
 
 
-def write_case_data(folder: Path, case: str, poison_audit: bool) -> tuple[Path, dict]:
+def write_case_data(folder: Path, case: str, seed: int, poison_audit: bool) -> tuple[Path, dict, np.ndarray]:
     """The MNIST test split as an npz, with the case's subgroup relabelled in train and val (and audit if asked).
 
     Which rows are train, val and audit is read from the product's own split of the clean file, so the poison
-    lands exactly where the run will train and select."""
+    lands exactly where the run will train and select. Returns the file, its figures and the poisoned rows."""
+    clean = folder / "clean.npz"
     pool = load_source(DataConfig(source="idx")).pool
     x, y = pool.images[:, 0].numpy(), pool.labels.numpy().copy()
-    clean = folder / "clean.npz"
     if not clean.exists():
         np.savez(clean, x=x, y=y)
     if case == "clean":
-        return clean, {}
-    data = ImageDataModule(case_config(clean).data, case_config(clean).seed)
+        return clean, {}, np.zeros(0, dtype=np.int64)
+    data = ImageDataModule(case_config(clean, seed).data, seed)
     poisoned_splits = ("train", "val", "audit") if poison_audit else ("train", "val")
     rows = torch.cat([data.indices(name) for name in ("train", "val")])
     source, planted, feature, sign = CASES[case]
@@ -154,17 +181,28 @@ def write_case_data(folder: Path, case: str, poison_audit: bool) -> tuple[Path, 
     values = feature(fitted.float_images()[fitted.labels == source]) * sign
     threshold = float(torch.quantile(values, 0.75))
     poisoned: dict[str, int] = {}
+    hit_rows = []
     for name in poisoned_splits:
         index = data.indices(name)
         hit = subgroup(ImageSet(pool.images[index], pool.labels[index], pool.classes), case, threshold).numpy()
         y[index.numpy()[hit]] = planted
+        hit_rows.append(index.numpy()[hit])
         poisoned[name] = int(hit.sum())
     path = folder / f"{case}.npz"
     np.savez(path, x=x, y=y)
-    return path, {"threshold": round(threshold, 4), "poisoned_labels": poisoned}
+    return path, {"threshold": round(threshold, 4), "poisoned_labels": poisoned}, np.concatenate(hit_rows)
 
 
 # ----------------------------------------------------------------------------- the person
+
+
+def train_reference(folder: Path, clean_npz: Path, seed: int) -> torch.nn.Module:
+    """The person's eyes: a classifier trained on the clean labels by the product's own fit-classifier stage, with
+    a seed of its own (so it is not the clean control's classifier, whose regions it judges)."""
+    config = case_config(clean_npz, int_seed(seed, "bench.reference") % 100_000)
+    run = RunDir(folder / "reference")
+    run_stage(stage_named("fit-classifier"), config, run)
+    return load_classifier(run.path("classifier.ckpt")).model
 
 
 @torch.no_grad()
@@ -292,49 +330,88 @@ def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, grou
 
 
 @torch.no_grad()
-def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tensor | None) -> dict:
+def decoded_accuracy(run: RunDir, config: RunConfig, case: str, models: dict[str, torch.nn.Module]) -> dict:
+    """Accuracy (reading the source class) on fresh decoded samples of the regions of the planted pair that the
+    person labelled with the source class: what the repair's own validation sees of the bug."""
+    source, planted = CASES[case][:2]
+    answers = yaml.safe_load(run.path("person.yaml").read_text())
+    regions, generator = Regions.load(run), load_generator(run.path("generator.ckpt"))
+    rng = numpy_rng(config.seed, "bench.decoded_gap")
+    z = [region.sample(GAP_SAMPLES, config.distill.tau, rng) for region in regions.regions
+         if (region.source_label, region.predicted_label) == (source, planted) and answers.get(region.id) == source]
+    if not z:
+        return {name: None for name in models}
+    decoded = generator.decode(torch.from_numpy(np.concatenate(z)))
+    return {name: round(float((predict_labels(model, decoded) == source).float().mean()), 4)
+            for name, model in models.items()}
+
+
+def label_issue_figures(run: RunDir, poisoned_rows: np.ndarray) -> dict:
+    """label_issues.csv against the rows the benchmark poisoned (train and val)."""
+    path = run.path("label_issues.csv")
+    if not path.exists():
+        return {"label_issues_listed": None}
+    listed = pd.read_csv(path)
+    hit = listed["image"].isin(poisoned_rows)
+    return {"label_issues_listed": len(listed), "label_issues_poisoned": int(hit.sum()),
+            "label_issues_not_poisoned": int((~hit).sum()), "poisoned_rows": len(poisoned_rows),
+            "label_issues_relabelled": int(listed["relabelled"].sum()) if "relabelled" in listed else 0}
+
+
+@torch.no_grad()
+def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tensor | None,
+                   poisoned_rows: np.ndarray) -> dict:
     stages = run.manifest()["stages"]
     verified = json.loads(run.path("verify.json").read_text())
     test = ImageDataModule(config.data, config.seed).split("test")
     x, y = test.float_images(), test.labels
-    before = predict_labels(load_classifier(run.path("classifier.ckpt")).model, x)
-    after = predict_labels(load_classifier(run.path("repaired.ckpt")).model, x)
+    models = {"before": load_classifier(run.path("classifier.ckpt")).model,
+              "after": load_classifier(run.path("repaired.ckpt")).model}
+    before, after = (predict_labels(models[k], x) for k in ("before", "after"))
     correct = stages["correct"]["metrics"]
     out = {
         "labelled_bug_regions": stages["label"]["metrics"]["bugs"],
         "chosen": correct.get("chosen"),
         "reason": correct.get("reason"),
-        "train_excluded_contradicting": correct.get("train_excluded_contradicting"),
-        "val_excluded_contradicting": correct.get("val_excluded_contradicting"),
+        **{k: correct[k] for k in ("train_excluded_contradicting", "val_excluded_contradicting", "guard")
+           if k in correct},
         "clean_accuracy": {k: verified["clean_accuracy"][k] for k in ("before", "after", "change", "change_ci95")},
         "correct_seconds": stages["correct"]["seconds"], "verify_seconds": stages["verify"]["seconds"],
+        **label_issue_figures(run, poisoned_rows),
     }
     outside = torch.ones_like(y, dtype=torch.bool) if group is None else ~group
     drops = [float((before[outside & (y == k)] == k).float().mean() - (after[outside & (y == k)] == k).float().mean())
              for k in range(int(y.max()) + 1)]
+    acc_out = [float((p[outside] == y[outside]).float().mean()) for p in (before, after)]
     out.update({
-        "clean_accuracy_outside_subgroup_before": round(float((before[outside] == y[outside]).float().mean()), 4),
-        "clean_accuracy_outside_subgroup_after": round(float((after[outside] == y[outside]).float().mean()), 4),
+        "clean_accuracy_outside_subgroup_before": round(acc_out[0], 4),
+        "clean_accuracy_outside_subgroup_after": round(acc_out[1], 4),
+        "clean_accuracy_outside_subgroup_change": round(acc_out[1] - acc_out[0], 4),
         "largest_per_class_drop_outside_subgroup": round(max(drops), 4),
     })
     if case != "clean":
         source, planted = CASES[case][:2]
         pair = verified.get("failures_by_pair", {}).get(f"{source} -> {planted}", {})
+        decoded = decoded_accuracy(run, config, case, models)
+        real = {k: round(float((p[group] == source).float().mean()), 4) for k, p in (("before", before),
+                                                                                    ("after", after))}
         out.update({
-            "subgroup_accuracy_before": round(float((before[group] == source).float().mean()), 4),
-            "subgroup_accuracy_after": round(float((after[group] == source).float().mean()), 4),
+            "subgroup_accuracy_before": real["before"],
+            "subgroup_accuracy_after": real["after"],
+            "decoded_accuracy_before": decoded["before"],
+            "decoded_accuracy_after": decoded["after"],
+            "decoded_to_real_gap_after": None if decoded["after"] is None else round(decoded["after"] - real["after"], 4),
             "planted_pair_failures_on_test_before": pair.get("failures_before", 0),
             "planted_pair_failures_on_test_after": pair.get("failures_after", 0),
-            "planted_pair_sources_on_test_before": pair.get("sources_before", 0),
-            "planted_pair_sources_on_test_after": pair.get("sources_after", 0),
         })
     return out
 
 
-def run_case(case: str, folder: Path, reference, do_repair: bool, poison_audit: bool) -> tuple[dict, RunDir]:
+def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, consent: bool,
+             poison_audit: bool) -> dict:
     start = time.perf_counter()
-    npz, info = write_case_data(folder, case, poison_audit)
-    config = case_config(npz, None if case == "clean" else folder / "clean" / "generator.ckpt")
+    npz, info, poisoned_rows = write_case_data(folder, case, seed, poison_audit)
+    config = case_config(npz, seed, None if case == "clean" else folder / "clean" / "generator.ckpt")
     run = RunDir(folder / case)
     run_pipeline(config, run)  # stops before correct: nobody has labelled yet
     stages = run.manifest()["stages"]
@@ -342,26 +419,82 @@ def run_case(case: str, folder: Path, reference, do_repair: bool, poison_audit: 
                  "reconstruction_accuracy": stages["identify"]["metrics"]["reconstruction_accuracy"]}
     test = ImageDataModule(config.data, config.seed).split("test")
     group = subgroup(test, case, info["threshold"]) if case != "clean" else None
-    if case == "clean":
-        reference = load_classifier(run.path("classifier.ckpt")).model
     out.update(discovery_figures(run, config, case, reference, group))
     if do_repair:
-        labels = "auto" if case == "clean" else str(simulated_person(run, reference, config.distill.tau, config.seed))
-        labelled = config_from_mapping(config.to_dict(), [f"label.mode={labels}"])
+        labels = simulated_person(run, reference, config.distill.tau, config.seed)
+        extra = [f"label.mode={labels}"]
+        if consent and "relabel" in CorrectConfig.__dataclass_fields__:
+            extra.append("correct.relabel=true")
+        labelled = config_from_mapping(config.to_dict(), extra)
         run_pipeline(labelled, run)
-        out["repair"] = {"labels": "auto" if case == "clean" else "simulated person (clean reference's vote)",
-                         **repair_figures(run, labelled, case, group)}
+        out["repair"] = {"labels": "simulated person (independent clean reference's vote)",
+                         "relabel_consent": "correct.relabel=true" in extra,
+                         **repair_figures(run, labelled, case, group, poisoned_rows)}
     out["seconds"] = round(time.perf_counter() - start, 1)
-    return out, run
+    return out
+
+
+# ----------------------------------------------------------------------------- over seeds
+
+# Figure -> (which end is worse, the acceptance bar of the repair issue or None)
+BARS = {
+    "planted_rank": ("max", 5), "planted_precision": ("min", 0.8),
+    "subgroup_accuracy_after": ("min", 0.90), "clean_accuracy_outside_subgroup_change": ("min", -0.003),
+    "largest_per_class_drop_outside_subgroup": ("max", 0.02),
+}
+
+
+def summarise(per_seed: dict[int, dict]) -> dict:
+    """Mean and worst of each figure per case over the seeds, and whether each bar holds on the worst seed."""
+    figures = ("visibility", "planted_rank", "planted_precision", "planted_bug_score", "valid_failures_per_1000_queries",
+               "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
+    repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "decoded_accuracy_before", "decoded_accuracy_after",
+              "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
+              "largest_per_class_drop_outside_subgroup", "label_issues_poisoned", "label_issues_not_poisoned",
+              "poisoned_rows")
+    out: dict = {}
+    cases = next(iter(per_seed.values())).keys()
+    for case in cases:
+        rows = [per_seed[s][case] for s in per_seed]
+        table: dict = {}
+        for name in figures + repair:
+            values = [r.get(name, r.get("repair", {}).get(name)) for r in rows]
+            values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(values) < len(rows):
+                values_note = f"{len(rows) - len(values)} seed(s) without it"
+            else:
+                values_note = None
+            if not values:
+                table[name] = {"mean": None, "worst": None, "missing": values_note}
+                continue
+            side = BARS.get(name, ("min",))[0]
+            worst = max(values) if side == "max" else min(values)
+            table[name] = {"mean": round(float(np.mean(values)), 4), "worst": worst, "values": values,
+                           **({"missing": values_note} if values_note else {})}
+            if name in BARS and case != "clean":
+                bar = BARS[name][1]
+                table[name]["bar"] = bar
+                table[name]["met"] = (values_note is None) and (worst <= bar if side == "max" else worst >= bar)
+        if case == "clean":
+            changes = [r["repair"]["clean_accuracy"]["change"] for r in rows if "repair" in r]
+            if changes:
+                table["clean_test_accuracy_change"] = {"mean": round(float(np.mean(changes)), 4),
+                                                       "worst": min(changes), "values": changes,
+                                                       "bar": -0.002, "met": min(changes) >= -0.002}
+        out[case] = table
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cases", default="slant,thin", help="planted cases to run (the clean control always runs)")
+    parser.add_argument("--cases", default=",".join(CASES), help="planted cases to run (the clean control always "
+                        f"runs); default: all of {', '.join(CASES)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--keep", default=None, metavar="DIR", help="keep the run directories here (default: a "
                         "temporary folder, removed at the end)")
     parser.add_argument("--no-repair", action="store_true", help="discovery only: no labels, correct or verify")
+    parser.add_argument("--no-consent", action="store_true", help="the person does not consent to relabelling")
     parser.add_argument("--poison-audit", action="store_true", help="poison the audit split's labels too")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -369,27 +502,39 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [c for c in cases if c != "clean" and c not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; the cases are {', '.join(CASES)}")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     t0 = time.perf_counter()
     deviations = {k: {"value": v, "reason": r} for k, (v, r) in DEVIATIONS.items()}
     deviations[SHARED_GENERATOR[0]] = {"value": "clean/generator.ckpt", "reason": SHARED_GENERATOR[1]}
-    result: dict = {"config": str(SHIPPED.name), "deviations": deviations,
-                    "poison_audit": args.poison_audit, "cases": {}}
+    result: dict = {"config": str(SHIPPED.name), "deviations": deviations, "seeds": seeds,
+                    "poison_audit": args.poison_audit, "consent": not args.no_consent, "cases": {}}
+    per_seed: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.keep) if args.keep else Path(tmp)
-        folder.mkdir(parents=True, exist_ok=True)
-        reference = None
-        clean_max = 0.0
-        for case in cases:
-            out, run = run_case(case, folder, reference, not args.no_repair, args.poison_audit)
-            if case == "clean":
-                reference = load_classifier(run.path("classifier.ckpt")).model
-                clean_max = out["max_bug_score"]
-                result["splits"] = run.metrics("fit-classifier").get("split_sizes")
-            else:
-                score = out.get("planted_bug_score")
-                out["beats_clean_control"] = bool(score is not None and score > clean_max)
-            result["cases"][case] = out
-            progress(case, out)
+        root = Path(args.keep) if args.keep else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        for seed in seeds:
+            folder = root / f"seed{seed}"
+            folder.mkdir(parents=True, exist_ok=True)
+            clean_npz, _, _ = write_case_data(folder, "clean", seed, args.poison_audit)
+            reference = train_reference(folder, clean_npz, seed)
+            per_seed[seed] = {}
+            clean_max = 0.0
+            for case in cases:
+                out = run_case(case, folder, seed, reference, not args.no_repair, not args.no_consent,
+                               args.poison_audit)
+                if case == "clean":
+                    clean_max = out["max_bug_score"]
+                    result.setdefault("splits", RunDir(folder / "clean").metrics("fit-classifier").get("split_sizes"))
+                else:
+                    score = out.get("planted_bug_score")
+                    out["beats_clean_control"] = bool(score is not None and score > clean_max)
+                per_seed[seed][case] = out
+                progress(f"seed {seed} {case}", out)
+    result["cases"] = {str(seed): cases_out for seed, cases_out in per_seed.items()}
+    result["summary"] = summarise(per_seed)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return emit(result, args.out)
 
