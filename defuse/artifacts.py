@@ -17,4 +17,5 @@ LABELS_FILE = "labels.jsonl"  # label
 LABELS_FOR = "labels.regions-sha256"  # label: which regions.json the answers in labels.jsonl belong to
 CORRECT_DIR = "correct"  # correct: resumable checkpoints of every (lambda, epoch)
 REPAIRED_CKPT = "repaired.ckpt"  # correct
+LABEL_ISSUES = "label_issues.csv"  # correct: labels the person's answers contradict
 VERIFY_JSON = "verify.json"  # verify

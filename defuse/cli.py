@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                                 "labelled and run stops before correct), auto (a bug only where real audit images are "
                                 "misread the same way; asked for each time), or a JSON/YAML file mapping region id -> "
                                 "class, not-a-bug or skip")
+        if name in ("run", "correct"):
+            p.add_argument("--relabel", action="store_true",
+                           help="consent to relabel: training, validation and audit images whose labels your region "
+                                "labels and the validity judge both contradict (listed in label_issues.csv) are "
+                                "trained and graded under your label instead of being left out "
+                                "(correct.relabel=true)")
         if name == "run":
             p.add_argument("--force", action="append", default=[], metavar="STAGE",
                            help=f"re-run STAGE even if current (repeatable; 'all' for every stage). "
@@ -105,6 +111,8 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, RunDir]:
         overrides.append(f"seed={args.seed}")
     if getattr(args, "labels", None):
         overrides.append(f"label.mode={args.labels}")
+    if getattr(args, "relabel", False):
+        overrides.append("correct.relabel=true")
     if args.no_progress or not sys.stderr.isatty():
         overrides.append("trainer.progress_bar=false")
     recorded = RunDir(args.run_dir).manifest().get("config") if args.run_dir and args.config is None else None

@@ -21,6 +21,7 @@ from defuse.artifacts import (
     FAILURES_TABLE,
     FAILURES_Z,
     GENERATOR_CKPT,
+    LABEL_ISSUES,
     LABELS_FILE,
     REGIONS_DIR,
     REGIONS_JSON,
@@ -98,7 +99,7 @@ def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 
 
 def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Fine-tune the classifier on fresh samples of the regions labelled with a class; write repaired.ckpt."""
+    """Fine-tune the classifier on the regions labelled with a class; write repaired.ckpt and label_issues.csv."""
     from defuse.correct import repair
     from defuse.data import ImageDataModule
     from defuse.distill import Regions
@@ -112,6 +113,7 @@ def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
                    ImageDataModule(config.data, config.seed), config.correct, tau=config.distill.tau,
                    workdir=run.path(CORRECT_DIR), seed=config.seed, trainer=config.trainer)
     fixed.save(run.path(REPAIRED_CKPT))
+    fixed.save_label_issues(run.path(LABEL_ISSUES))
     return fixed.summary
 
 
@@ -163,7 +165,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill", "data", "identify"),
           (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, GENERATOR_CKPT)),
     Stage("label", labelling_stage, (LABELS_FILE,), ("label",), (REGIONS_JSON,), always=True),
-    Stage("correct", correct_stage, (REPAIRED_CKPT,), ("correct", "data", "distill", "trainer"),
+    Stage("correct", correct_stage, (REPAIRED_CKPT, LABEL_ISSUES), ("correct", "data", "distill", "trainer"),
           (LABELS_FILE, REGIONS_JSON, CLASSIFIER_CKPT, GENERATOR_CKPT, VALIDITY_MODEL)),
     Stage("verify", verify_stage, (VERIFY_JSON,), ("data", "identify", "distill", "trainer"),
           (REPAIRED_CKPT, CLASSIFIER_CKPT, GENERATOR_CKPT, LABELS_FILE, REGIONS_JSON, VALIDITY_MODEL)),

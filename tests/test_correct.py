@@ -1,13 +1,15 @@
 import copy
 import json
 import re
+from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from defuse.config import CorrectConfig, DataConfig
-from defuse.correct import RegionSamples, contradicting_labels, correct, sample_regions
+from defuse.correct import RealImages, RegionSamples, contradicting_labels, correct, paired_change, sample_regions
 from defuse.data import ImageDataModule
 from defuse.distill import Region, Regions
 from defuse.models import build_classifier
@@ -44,22 +46,33 @@ def _regions_of_ones_called_seven(data: ImageDataModule, n: int) -> RegionSample
     return RegionSamples(ones, torch.full((len(ones),), 7), torch.ones(len(ones), dtype=torch.long))
 
 
+def _issues(data: ImageDataModule, split: str, label: int, person: int, relabelled: bool) -> pd.DataFrame:
+    """Label issues: every image of ``split`` labelled ``label``, which the person calls ``person``."""
+    rows = np.flatnonzero(data.split(split).labels.numpy() == label)
+    return pd.DataFrame({"split": split, "position": rows, "image": data.indices(split).numpy()[rows],
+                         "given_label": label, "given_class": str(label), "region": 1, "person_label": person,
+                         "person_class": str(person), "relabelled": relabelled})
+
+
 def test_correct_raises_region_accuracy_and_resumes(tmp_path, digits):
     torch.manual_seed(0)
     classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
     regions = _regions_of_ones_called_seven(digits, 60)
+    real = RealImages.gather(digits)
     config = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
-    repaired, summary = correct(classifier, digits, regions, regions, config, tmp_path)
+    repaired, summary = correct(classifier, digits, real, regions, regions, config, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())  # the original is untouched
     assert summary["chosen"] == {"lambda": 2.0, "epoch": 0}
+    assert summary["chosen_on"].startswith("decoded")  # no real bug images here
     assert summary["val_region_accuracy_after"] > summary["val_region_accuracy_before"]
     first = json.loads((tmp_path / "lambda_2" / "epochs.json").read_text())
     assert len(first) == 1 and (tmp_path / "lambda_2" / "last.ckpt").exists()
+    assert len(first[0]["guard"]) == len(real.guard) == len(digits.split("val")) + len(digits.split("audit"))
 
     # A second call with more epochs resumes from last.ckpt: epoch 0 is not trained again.
     longer = CorrectConfig(lambdas=[2.0], epochs=2, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
-    _, again = correct(classifier, digits, regions, regions, longer, tmp_path)
+    _, again = correct(classifier, digits, real, regions, regions, longer, tmp_path)
     second = json.loads((tmp_path / "lambda_2" / "epochs.json").read_text())
     assert [r["epoch"] for r in second] == [0, 1] and second[0] == first[0]
     assert len(again["candidates"]) == 2
@@ -69,46 +82,74 @@ def test_clean_accuracy_bound_keeps_the_original_when_nothing_qualifies(tmp_path
     torch.manual_seed(0)
     classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
     regions = _regions_of_ones_called_seven(digits, 30)
-    config = CorrectConfig(lambdas=[1.0], epochs=1, lr=3e-3, max_clean_drop=0.0)
     # an untrained classifier gains clean accuracy when fine-tuned, so force the bound with a tiny lr
     tiny = CorrectConfig(lambdas=[1.0], epochs=1, lr=1e-9, max_clean_drop=0.0)
-    repaired, summary = correct(classifier, digits, regions, regions, tiny, tmp_path)
+    repaired, summary = correct(classifier, digits, RealImages.gather(digits), regions, regions, tiny, tmp_path)
     assert summary["chosen"] is None and "no candidate" in summary["reason"]
     x = torch.rand(4, 1, 28, 28)
     assert torch.equal(repaired.eval()(x), classifier.eval()(x))
-    del config
 
 
-def test_a_repair_that_gives_up_part_of_a_class_is_refused(tmp_path, digits):
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
     from defuse.config import ClassifierConfig, TrainerConfig
     from defuse.fit import train_classifier
 
-    classifier, _ = train_classifier(digits, ClassifierConfig(width=8, epochs=3), TrainerConfig(progress_bar=False),
-                                     root=str(tmp_path / "fit"))
+    data = ImageDataModule(DataConfig(source="digits", batch_size=128), seed=0)
+    classifier, _ = train_classifier(data, ClassifierConfig(width=8, epochs=3), TrainerConfig(progress_bar=False),
+                                     root=str(tmp_path_factory.mktemp("fit")))
+    return classifier
+
+
+def test_a_repair_that_gives_up_part_of_a_class_is_refused(tmp_path, digits, trained):
     regions = _regions_of_ones_called_seven(digits, 60)  # teaching real 1s as 7 costs the 1s
+    real = RealImages.gather(digits)
     loose = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
-    _, chosen = correct(classifier, digits, regions, regions, loose, tmp_path / "a")
+    _, chosen = correct(trained, digits, real, regions, regions, loose, tmp_path / "a")
     guarded = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=0.05)
-    _, refused = correct(classifier, digits, regions, regions, guarded, tmp_path / "b")
-    ones = chosen["val_per_class_before"][1] - chosen["candidates"][0]["per_class"][1]
-    assert chosen["chosen"] is not None and ones > 0.05
-    assert chosen["candidates"][0]["largest_class_drop"] >= ones
+    _, refused = correct(trained, digits, real, regions, regions, guarded, tmp_path / "b")
+    assert chosen["chosen"] is not None and chosen["candidates"][0]["largest_class_drop"] > 0.05
     assert refused["chosen"] is None and "no candidate" in refused["reason"]
+    # ... and the clean guard's bootstrap bound refuses it too: it loses the held-out 1s, far beyond noise.
+    bounded = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=0.005, max_class_drop=1.0)
+    _, bound = correct(trained, digits, real, regions, regions, bounded, tmp_path / "c")
+    low, high = bound["candidates"][0]["guard_change_ci95"]
+    assert low < -0.005 and low <= bound["candidates"][0]["guard_change"] <= high and bound["chosen"] is None
 
 
-def test_training_images_whose_labels_contradict_the_person_leave_the_clean_loss(tmp_path, digits):
-    torch.manual_seed(0)
-    classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
-    regions = _regions_of_ones_called_seven(digits, 30)
-    train = digits.split("train")
-    exclude = (train.labels == 1).numpy()  # the clean loss no longer says "these are 1s"
-    config = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
-    _, kept = correct(classifier, digits, regions, regions, config, tmp_path / "a")
-    _, dropped = correct(classifier, digits, regions, regions, config, tmp_path / "b", train_exclude=exclude)
-    assert kept["train_excluded_contradicting"] == 0
-    assert dropped["train_excluded_contradicting"] == int(exclude.sum()) > 0
-    # without real 1s pulling back, the 1s-called-7 are learned at least as well
-    assert dropped["candidates"][0]["region"] >= kept["candidates"][0]["region"]
+def test_label_issues_leave_every_loss_and_check_unless_the_person_consents_to_relabel(digits):
+    issues = pd.concat([_issues(digits, "train", 1, 7, False), _issues(digits, "val", 1, 7, False)])
+    left_out = RealImages.gather(digits, issues)
+    n_train, n_val = (int((digits.split(s).labels == 1).sum()) for s in ("train", "val"))
+    assert len(left_out.clean_train) == len(digits.split("train")) - n_train and len(left_out.relabelled) == 0
+    assert len(left_out.guard) == len(digits.split("val")) + len(digits.split("audit")) - n_val
+    consented = RealImages.gather(digits, issues.assign(relabelled=True))
+    assert len(consented.clean_train) == len(left_out.clean_train)  # never in the clean loss under the old label
+    assert len(consented.relabelled) == n_train and (consented.relabelled.labels == 7).all()
+    # held-out relabelled images are graded under the person's label (here no model reads them: all guard)
+    assert len(consented.guard) == len(left_out.guard) + n_val
+
+
+def test_held_out_images_the_original_misreads_as_a_labelled_mistake_are_the_bug_images(digits):
+    class ReadsEverythingAsOne(torch.nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.ones(len(x), dtype=torch.long), 10).float()
+
+    real = RealImages.gather(digits, bug_pairs={(7, 1)}, original=ReadsEverythingAsOne())
+    held_out = [digits.split(s) for s in ("val", "audit")]
+    sevens = sum(int((h.labels == 7).sum()) for h in held_out)
+    assert len(real.bugs) == sevens > 0 and (real.bugs.labels == 7).all()
+    assert len(real.guard) == sum(len(h) for h in held_out) - sevens and not (real.guard.labels == 7).any()
+
+
+def test_paired_change_and_its_bootstrap_interval():
+    before = np.ones(1000, dtype=bool)
+    assert paired_change(before, before, np.random.default_rng(0)) == (0.0, 0.0, 0.0)
+    after = before.copy()
+    after[:20] = False  # 20 of 1,000 lost: -2 points, an interval of about +-0.9 around it
+    change, low, high = paired_change(before, after, np.random.default_rng(0))
+    assert change == pytest.approx(-0.02) and low < -0.02 < high < -0.005 and low > -0.04
+    assert paired_change(before, after, np.random.default_rng(0)) == (change, low, high)  # seeded: reproducible
 
 
 def test_region_samples_the_judge_denies_the_persons_label_are_left_out():
@@ -124,32 +165,21 @@ def test_region_samples_the_judge_denies_the_persons_label_are_left_out():
 
 
 def test_contradicting_labels_need_the_person_and_the_independent_judge():
-    regions = Regions([_region(1), _region(2)], {})  # both 0 -> 1
+    regions = Regions([_region(1), replace(_region(2), mean=[-2.0, -2.0])], {})  # both 0 -> 1
     judge = quadrant_validity()  # class 1 where z0 > 1, class 2 where z1 > 1, else class 0
-    latents = np.array([[0.0, 0.0], [0.0, 0.0], [3.0, 0.0], [0.0, 0.0]])
-    labels = np.array([1, 0, 1, 2])
+    latents = np.array([[0.0, 0.0], [0.0, 0.0], [3.0, 0.0], [0.0, 0.0], [-1.0, -1.0]])
+    labels = np.array([1, 0, 1, 2, 1])
     # Region 1 labelled 0: image 0 is labelled 1 (the region's mistake) and the judge reads it as 0, the person's
     # class; image 1 is labelled 0 already; image 2 is labelled 1 and the judge agrees it is a 1; image 3 is another
     # class altogether.
-    assert contradicting_labels(regions, {1: 0}, latents, labels, judge).tolist() == [True, False, False, False]
+    region_of, person_of = contradicting_labels(regions, {1: 0}, latents, labels, judge)
+    assert region_of.tolist() == [1, -1, -1, -1, 1] and person_of.tolist() == [0, -1, -1, -1, 0]
+    # Both regions labelled 0: each image goes to the nearest (image 4 is nearer to region 2's mean, (-2, -2)).
+    region_of, _ = contradicting_labels(regions, {1: 0, 2: 0}, latents, labels, judge)
+    assert region_of.tolist() == [1, -1, -1, -1, 2]
     # A region labelled with its own predicted class (the person agrees with the model): nothing contradicts.
-    assert not contradicting_labels(regions, {1: 1}, latents, labels, judge).any()
-    assert not contradicting_labels(regions, {}, latents, labels, judge).any()
-
-
-def test_excluded_validation_images_leave_the_clean_check(tmp_path, digits):
-    torch.manual_seed(0)
-    classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
-    regions = _regions_of_ones_called_seven(digits, 30)
-    val = digits.split("val")
-    exclude = np.zeros(len(val), dtype=bool)
-    exclude[: len(val) // 2] = True
-    config = CorrectConfig(lambdas=[1.0], epochs=1, lr=1e-9, max_clean_drop=0.0)
-    _, summary = correct(classifier, digits, regions, regions, config, tmp_path, val_exclude=exclude)
-    kept = val.float_images()[~torch.from_numpy(exclude)]
-    expected = float((classifier.eval()(kept).argmax(1) == val.labels[~torch.from_numpy(exclude)]).float().mean())
-    assert summary["val_excluded_contradicting"] == len(val) // 2
-    assert summary["val_clean_accuracy_before"] == pytest.approx(expected, abs=1e-4)
+    assert (contradicting_labels(regions, {1: 1}, latents, labels, judge)[0] == -1).all()
+    assert (contradicting_labels(regions, {}, latents, labels, judge)[0] == -1).all()
 
 
 def test_the_keep_term_holds_the_model_to_the_original_and_stays_out_of_checkpoints():

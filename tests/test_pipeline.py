@@ -3,12 +3,13 @@
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from defuse.config import config_from_mapping, load_config
-from defuse.correct import REPAIRED_CKPT
+from defuse.correct import LABEL_ISSUE_COLUMNS, REPAIRED_CKPT
 from defuse.label import LABELS_FILE, LabelBook
 from defuse.models import load_classifier
 from defuse.pipeline import (
@@ -97,7 +98,10 @@ def test_correct_with_no_bug_labelled_keeps_the_original_weights(finished, tmp_p
     for region in json.loads(run.path("regions.json").read_text())["regions"]:
         book.record(region["id"], "not-a-bug", "prompt")
     metrics = correct_stage(config, copy)
-    assert metrics == {"labelled_regions": 0, "chosen": None, "reason": "no region labelled with a class"}
+    assert metrics == {"labelled_regions": 0, "chosen": None, "reason": "no region labelled with a class",
+                       "label_issues": 0}
+    assert pd.read_csv(copy.path("label_issues.csv")).empty  # written, with its columns, even when empty
+    assert list(pd.read_csv(copy.path("label_issues.csv")).columns) == list(LABEL_ISSUE_COLUMNS)
     before = load_classifier(copy.path("classifier.ckpt")).model.state_dict()
     after = load_classifier(copy.path(REPAIRED_CKPT)).model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -62,7 +62,9 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = BAT
 
 
 def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
-    """Predicted class indices (N,)."""
+    """Predicted class indices (N,); an empty tensor for no images."""
+    if len(images) == 0:
+        return torch.empty(0, dtype=torch.long)
     return predict_logits(model, images, batch_size).argmax(dim=1)
 
 
