@@ -242,7 +242,9 @@ class CorrectConfig:
 
     lambdas: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # weights of the region loss to try
     epochs: int = 3  # per lambda; every epoch is a candidate
-    lr: float = 5e-4
+    # Measured on the slant benchmark (seed 0, with consent): 5e-4 -> held-out 1s lost to 7 beyond the guard's bound
+    # (-0.5 points at best, refused); 1e-4 -> admissible, real slanted 7s 0.885; 2e-4 -> admissible, 0.897.
+    lr: float = 2e-4
     samples_per_region: int = 256  # fresh training samples per labelled region
     val_samples_per_region: int = 64  # fresh held-out samples per region, for choosing lambda and epoch
     # Allowed drop of clean held-out accuracy (val and audit, without the bug images): the lower end of the paired
@@ -260,6 +262,9 @@ class CorrectConfig:
     # and the validity judge both contradict (label_issues.csv) are trained and graded under the person's label.
     # Without it they are listed and left out. `defuse run --relabel` gives it.
     relabel: bool = False
+    # Per region the person relabelled: the nearest training images of its mistaken class (labelled and judged so),
+    # trained beside its samples under their own label, so the boundary moves only where the region is (0: none).
+    anchors_per_region: int = 64
 
     def validate(self) -> None:
         if not self.lambdas or any(not lam > 0 for lam in self.lambdas):
@@ -270,6 +275,7 @@ class CorrectConfig:
         _check_range("correct.val_samples_per_region", self.val_samples_per_region, 1, 1 << 24)
         if not 0 <= self.min_validity <= 1:
             raise ValueError(f"`correct.min_validity` must be in [0, 1], got {self.min_validity} instead.")
+        _check_range("correct.anchors_per_region", self.anchors_per_region, 0, 1 << 24)
         if self.keep < 0:
             raise ValueError(f"`correct.keep` must be >= 0 (0 turns it off), got {self.keep} instead.")
         if not 0 <= self.max_class_drop <= 1:
