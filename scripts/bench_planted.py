@@ -347,15 +347,20 @@ def decoded_accuracy(run: RunDir, config: RunConfig, case: str, models: dict[str
 
 
 def label_issue_figures(run: RunDir, poisoned_rows: np.ndarray) -> dict:
-    """label_issues.csv against the rows the benchmark poisoned (train and val)."""
+    """label_issues.csv against the rows the benchmark poisoned (train and val), overall and per kind."""
     path = run.path("label_issues.csv")
     if not path.exists():
         return {"label_issues_listed": None}
     listed = pd.read_csv(path)
     hit = listed["image"].isin(poisoned_rows)
-    return {"label_issues_listed": len(listed), "label_issues_poisoned": int(hit.sum()),
-            "label_issues_not_poisoned": int((~hit).sum()), "poisoned_rows": len(poisoned_rows),
-            "label_issues_relabelled": int(listed["relabelled"].sum()) if "relabelled" in listed else 0}
+    out = {"label_issues_listed": len(listed), "label_issues_poisoned": int(hit.sum()),
+           "label_issues_not_poisoned": int((~hit).sum()), "poisoned_rows": len(poisoned_rows),
+           "label_issues_relabelled": int(listed["relabelled"].sum()) if "relabelled" in listed else 0}
+    if "kind" in listed:
+        for kind in ("contradicted", "doubted"):
+            mine = listed["kind"] == kind
+            out[f"{kind}_poisoned"], out[f"{kind}_not_poisoned"] = int((mine & hit).sum()), int((mine & ~hit).sum())
+    return out
 
 
 @torch.no_grad()
@@ -451,6 +456,7 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "decoded_accuracy_before", "decoded_accuracy_after",
               "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
               "largest_per_class_drop_outside_subgroup", "label_issues_poisoned", "label_issues_not_poisoned",
+              "contradicted_poisoned", "contradicted_not_poisoned", "doubted_poisoned", "doubted_not_poisoned",
               "poisoned_rows")
     out: dict = {}
     cases = next(iter(per_seed.values())).keys()

@@ -71,6 +71,18 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     verified = json.loads((tmp_path / "verify.json").read_text())
     assert verified["clean_accuracy"]["n"] == 449 and "failures_by_pair" in verified
     assert verified["clean_accuracy"]["before"] == stages["fit-classifier"]["metrics"]["test_accuracy"]
+    issues = pd.read_csv(tmp_path / "label_issues.csv")
+    assert stages["correct"]["metrics"]["relabelled"] is False and not issues["relabelled"].any()
+    assert stages["correct"]["metrics"]["label_issues"] == len(issues)
+
+    # --relabel is the person's consent: correct re-runs with it (and verify after it), nothing before it.
+    assert main(["run", *_args(tiny_overrides, tmp_path), "--labels", str(labels), "--relabel"]) == 0
+    consented = RunDir(tmp_path).manifest()
+    assert consented["config"]["correct"]["relabel"] is True
+    assert consented["stages"]["correct"]["metrics"]["relabelled"] is True
+    assert consented["stages"]["correct"]["finished"] != stages["correct"]["finished"]
+    assert consented["stages"]["distill"]["finished"] == stages["distill"]["finished"]
+    assert pd.read_csv(tmp_path / "label_issues.csv")["relabelled"].all()
 
 
 def test_changing_the_classifier_reruns_it_and_everything_downstream_but_the_generator(tmp_path, tiny_overrides, capsys):

@@ -201,3 +201,59 @@ def test_the_keep_term_holds_the_model_to_the_original_and_stays_out_of_checkpoi
             p.add_(0.05 * torch.randn_like(p))
         free.model.load_state_dict(held.model.state_dict())
     assert float(held.training_step(batch, 0)) > float(free.training_step(batch, 0)) + 1e-4
+
+
+def test_boundary_anchors_are_real_images_of_the_mistaken_class_nearest_the_region_and_its_label_issues():
+    from defuse.correct import boundary_anchors
+
+    regions = Regions([_region(1)], {})  # 0 -> 1, mean (2, 1); the judge reads z0 > 1 as class 1
+    judge = quadrant_validity()
+    latents = np.array([[2.0, 1.0], [2.5, 1.0], [6.0, 0.0], [2.0, 1.1], [-3.0, -3.0], [-3.0, -2.9], [8.0, 0.0]])
+    labels = np.array([1, 1, 1, 0, 1, 1, 1])
+    # Labelled 0 by the person: anchors are images labelled 1 and read as 1, nearest the region's mean first;
+    # image 3 is labelled 0 (not the mistaken class), images 4-5 are labelled 1 but the judge reads them as 0.
+    assert boundary_anchors(regions, {1: 0}, latents, labels, judge, per_region=2).tolist() == [0, 1]
+    # A label issue at image 6 brings its nearest eligible neighbour (image 2) in, and is never an anchor itself.
+    issues = pd.DataFrame({"split": ["train"], "position": [6], "region": [1]})
+    assert boundary_anchors(regions, {1: 0}, latents, labels, judge, per_region=2, issues=issues,
+                            per_issue=1).tolist() == [0, 1, 2]
+    # The person agrees with the model (or did not answer): no boundary moves, no anchors.
+    assert len(boundary_anchors(regions, {1: 1}, latents, labels, judge, per_region=2)) == 0
+    assert len(boundary_anchors(regions, {}, latents, labels, judge, per_region=2)) == 0
+
+
+def test_decoded_samples_give_way_where_relabelled_real_images_show_the_pair():
+    from defuse.correct import MIN_BUG_IMAGES, _without_pairs_shown_by_real_images
+
+    regions = Regions([_region(1), replace(_region(2), source_label=2, pair="2 -> 1")], {})  # 0 -> 1 and 2 -> 1
+    samples = sample_regions(regions, {1: 0, 2: 2}, LineGenerator(), per_region=5, tau=1.0,
+                             rng=np.random.default_rng(0))
+    issues = pd.DataFrame({"split": "train", "position": np.arange(MIN_BUG_IMAGES), "person_label": 0,
+                           "given_label": 1, "region": 1, "relabelled": True})
+    kept = _without_pairs_shown_by_real_images(samples, regions, {1: 0, 2: 2}, issues)
+    assert kept.regions.tolist() == [2] * 5  # the 0 -> 1 pair has its real images; 2 -> 1 keeps its samples
+    # Without consent nothing is relabelled: the decoded samples are all there is, and they stay.
+    unconsented = _without_pairs_shown_by_real_images(samples, regions, {1: 0, 2: 2}, issues.assign(relabelled=False))
+    assert len(unconsented.labels) == 10
+    fewer = _without_pairs_shown_by_real_images(samples, regions, {1: 0, 2: 2}, issues.iloc[:MIN_BUG_IMAGES - 1])
+    assert len(fewer.labels) == 10
+
+
+def test_labels_the_judge_doubts_are_found_but_never_relabelled():
+    from defuse.correct import doubted_labels
+
+    regions = Regions([_region(1)], {})  # 0 -> 1
+    judge = quadrant_validity()  # class 1 where z0 > 1, class 2 where z1 > 1, else class 0
+    latents = np.array([[0.0, 3.0], [3.0, 0.0], [0.0, 0.0], [0.0, 3.0]])
+    labels = np.array([1, 1, 1, 2])
+    # Labelled 1 (the region's mistake): the judge reads image 0 as 2 and image 2 as 0 (both doubt the 1), image 1
+    # as 1 (agrees); image 3 has another label.
+    assert doubted_labels(regions, {1: 0}, latents, labels, judge).tolist() == [1, -1, 1, -1]
+    assert (doubted_labels(regions, {1: 1}, latents, labels, judge) == -1).all()  # the person agrees: no doubt
+
+
+def test_doubted_labels_leave_training_but_stay_in_the_guard(digits):
+    doubted = pd.concat([_issues(digits, "train", 1, 7, False), _issues(digits, "val", 1, 7, False)])
+    real = RealImages.gather(digits, doubted.assign(kind="doubted"))
+    assert len(real.clean_train) == len(digits.split("train")) - int((digits.split("train").labels == 1).sum())
+    assert len(real.guard) == len(digits.split("val")) + len(digits.split("audit"))
