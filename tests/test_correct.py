@@ -252,8 +252,9 @@ def test_labels_the_judge_doubts_are_found_but_never_relabelled():
     assert (doubted_labels(regions, {1: 1}, latents, labels, judge) == -1).all()  # the person agrees: no doubt
 
 
-def test_doubted_labels_leave_training_but_stay_in_the_guard(digits):
-    doubted = pd.concat([_issues(digits, "train", 1, 7, False), _issues(digits, "val", 1, 7, False)])
-    real = RealImages.gather(digits, doubted.assign(kind="doubted"))
-    assert len(real.clean_train) == len(digits.split("train")) - int((digits.split("train").labels == 1).sum())
-    assert len(real.guard) == len(digits.split("val")) + len(digits.split("audit"))
+def test_doubted_labels_leave_training_and_the_guard_but_are_never_relabelled(digits):
+    doubted = pd.concat([_issues(digits, "train", 1, 7, True), _issues(digits, "val", 1, 7, True)])
+    real = RealImages.gather(digits, doubted.assign(kind="doubted", relabelled=False))
+    ones = {name: int((digits.split(name).labels == 1).sum()) for name in ("train", "val")}
+    assert len(real.clean_train) == len(digits.split("train")) - ones["train"] and len(real.relabelled) == 0
+    assert len(real.guard) == len(digits.split("val")) + len(digits.split("audit")) - ones["val"]
