@@ -32,9 +32,11 @@ _DESCRIPTIONS = {
     "label": "Give each region one label: a class (a bug), n (not a bug) or s (skip), at a prompt showing the "
     "region's samples; or --labels FILE; or --labels auto, which labels a region a bug only on real evidence and "
     "records why. Answers go to labels.jsonl at once; run again to resume.",
-    "correct": "Fine-tune the classifier on fresh samples of the regions labelled with a class, choosing lambda and "
-    "epochs on validation data (clean accuracy may drop by at most correct.max_clean_drop); write repaired.ckpt. "
-    "An interrupted fine-tune resumes from its last checkpoint.",
+    "correct": "Fine-tune the classifier on the regions labelled with a class (fresh samples, and with --relabel the "
+    "real images whose labels your answers contradict), choosing lambda and epochs on real held-out val and audit "
+    "images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
+    "correct.max_clean_drop, else the original weights stay. Writes repaired.ckpt and label_issues.csv. An "
+    "interrupted fine-tune resumes from its last checkpoint.",
     "verify": "Compare the repaired classifier with the original on the test split, which no other stage reads: "
     "accuracy (with 95% bootstrap intervals), per-class accuracy, fresh region samples, and the same search run "
     "around the test images against both models; write verify.json.",
