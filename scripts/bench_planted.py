@@ -464,10 +464,13 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         rows = [per_seed[s][case] for s in per_seed]
         table: dict = {}
         for name in figures + repair:
-            values = [r.get(name, r.get("repair", {}).get(name)) for r in rows]
+            # The discovery bar holds where the generator can show the bug at all (visibility >= 0.5).
+            counted = [r for r in rows if name not in ("planted_rank", "planted_precision")
+                       or (r.get("visibility") or 0) >= 0.5]
+            values = [r.get(name, r.get("repair", {}).get(name)) for r in counted]
             values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
-            if len(values) < len(rows):
-                values_note = f"{len(rows) - len(values)} seed(s) without it"
+            if len(values) < len(counted):
+                values_note = f"{len(counted) - len(values)} seed(s) without it"
             else:
                 values_note = None
             if not values:

@@ -82,7 +82,8 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     assert consented["stages"]["correct"]["metrics"]["relabelled"] is True
     assert consented["stages"]["correct"]["finished"] != stages["correct"]["finished"]
     assert consented["stages"]["distill"]["finished"] == stages["distill"]["finished"]
-    assert pd.read_csv(tmp_path / "label_issues.csv")["relabelled"].all()
+    relabelled = pd.read_csv(tmp_path / "label_issues.csv")
+    assert ((relabelled["kind"] == "contradicted") == relabelled["relabelled"]).all()  # doubted: never relabelled
 
 
 def test_changing_the_classifier_reruns_it_and_everything_downstream_but_the_generator(tmp_path, tiny_overrides, capsys):
