@@ -24,6 +24,13 @@ def test_overrides_parse_values_as_yaml():
     assert (config.classifier.epochs, config.data.shuffle, config.generator.beta, config.seed) == (3, False, 0.5, 7)
 
 
+def test_exponent_without_a_dot_is_a_float_not_a_string():
+    # YAML 1.1 reads 1e-2 as the string "1e-2"; a float key must still take it, and words must still be refused.
+    assert load_config(None, ["correct.lr=1e-2", "generator.lr=3E-4"]).correct.lr == 0.01
+    with pytest.raises(ValueError, match=re.escape("`correct.lr` in the defaults or the overrides (correct.lr=e-2) must be a float, got 'e-2'")):
+        load_config(None, ["correct.lr=e-2"])
+
+
 def test_unknown_key_suggests_the_closest_one(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"data": {"sorce": "digits"}}))

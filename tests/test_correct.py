@@ -203,23 +203,57 @@ def test_the_keep_term_holds_the_model_to_the_original_and_stays_out_of_checkpoi
     assert float(held.training_step(batch, 0)) > float(free.training_step(batch, 0)) + 1e-4
 
 
-def test_boundary_anchors_are_real_images_of_the_mistaken_class_nearest_the_region_and_its_label_issues():
-    from defuse.correct import boundary_anchors
+def test_the_keep_term_frees_the_images_whose_label_the_original_does_not_give():
+    from defuse.correct import CorrectionModule
 
-    regions = Regions([_region(1)], {})  # 0 -> 1, mean (2, 1); the judge reads z0 > 1 as class 1
+    torch.manual_seed(0)
+    classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8).eval()
+    x = torch.rand(16, 1, 28, 28)
+    original = classifier(x).argmax(dim=1)
+    module = CorrectionModule(copy.deepcopy(classifier), lam=0.0, keep=1.0)
+    module.log = lambda *a, **k: None  # no Trainer attached
+    with torch.no_grad():
+        for p in module.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    module.model.eval()
+    clean_only = CorrectionModule(copy.deepcopy(module.model), lam=0.0, keep=0.0)
+    clean_only.log = module.log
+    clean_only.model.eval()
+    relabelled = (original + 1) % 10  # a label the original never gives: a corrected image, free to move
+    held = float(module.training_step({"clean": (x, original)}, 0)) - float(
+        clean_only.training_step({"clean": (x, original)}, 0))
+    freed = float(module.training_step({"clean": (x, relabelled)}, 0)) - float(
+        clean_only.training_step({"clean": (x, relabelled)}, 0))
+    assert held > 1e-4 and freed == pytest.approx(0.0, abs=1e-6)
+
+
+def test_training_set_counts_each_relabelled_image_the_configured_number_of_times(digits):
+    relabelled = _issues(digits, "train", 1, 7, True)
+    real = RealImages.gather(digits, relabelled.assign(kind="contradicted"))
+    ones = int((digits.split("train").labels == 1).sum())
+    training = real.training_set(relabelled_repeats=3)
+    assert len(training) == len(digits.split("train")) - ones + 3 * ones
+    assert int((training.labels == 7).sum()) == int((digits.split("train").labels == 7).sum()) + 3 * ones
+    assert int((training.labels == 1).sum()) == 0
+
+
+def test_pairs_that_few_training_images_contradict_are_listed_but_not_relabelled(digits):
+    from defuse.correct import MIN_BUG_IMAGES, find_label_issues
+
+    # Region 1 (0 -> 1, labelled 0): the quadrant judge reads every latent at (0, 0) as 0, so every training image
+    # labelled 1 contradicts it, plenty of them; with only a few such images the pair is a boundary case.
+    regions = Regions([_region(1)], {})
     judge = quadrant_validity()
-    latents = np.array([[2.0, 1.0], [2.5, 1.0], [6.0, 0.0], [2.0, 1.1], [-3.0, -3.0], [-3.0, -2.9], [8.0, 0.0]])
-    labels = np.array([1, 1, 1, 0, 1, 1, 1])
-    # Labelled 0 by the person: anchors are images labelled 1 and read as 1, nearest the region's mean first;
-    # image 3 is labelled 0 (not the mistaken class), images 4-5 are labelled 1 but the judge reads them as 0.
-    assert boundary_anchors(regions, {1: 0}, latents, labels, judge, per_region=2).tolist() == [0, 1]
-    # A label issue at image 6 brings its nearest eligible neighbour (image 2) in, and is never an anchor itself.
-    issues = pd.DataFrame({"split": ["train"], "position": [6], "region": [1]})
-    assert boundary_anchors(regions, {1: 0}, latents, labels, judge, per_region=2, issues=issues,
-                            per_issue=1).tolist() == [0, 1, 2]
-    # The person agrees with the model (or did not answer): no boundary moves, no anchors.
-    assert len(boundary_anchors(regions, {1: 1}, latents, labels, judge, per_region=2)) == 0
-    assert len(boundary_anchors(regions, {}, latents, labels, judge, per_region=2)) == 0
+    train_labels = digits.split("train").labels.numpy()
+    latents = {name: np.zeros((len(digits.split(name)), 2)) for name in ("train", "val", "audit")}
+    issues = find_label_issues(regions, {1: 0}, latents, judge, digits, relabel=True)
+    contradicted = issues[(issues["kind"] == "contradicted") & (issues["split"] == "train")]
+    assert len(contradicted) == int((train_labels == 1).sum()) >= MIN_BUG_IMAGES and contradicted["relabelled"].all()
+    few = np.tile([5.0, 0.0], (len(train_labels), 1))  # read as class 1 (z0 > 1): no contradiction ...
+    few[np.flatnonzero(train_labels == 1)[: MIN_BUG_IMAGES - 1]] = 0.0  # ... but for MIN_BUG_IMAGES - 1 of them
+    issues = find_label_issues(regions, {1: 0}, {**latents, "train": few}, judge, digits, relabel=True)
+    contradicted = issues[(issues["kind"] == "contradicted") & (issues["split"] == "train")]
+    assert len(contradicted) == MIN_BUG_IMAGES - 1 and not issues["relabelled"].any()
 
 
 def test_decoded_samples_give_way_where_relabelled_real_images_show_the_pair():
