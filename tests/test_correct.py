@@ -292,3 +292,17 @@ def test_doubted_labels_leave_training_and_the_guard_but_are_never_relabelled(di
     ones = {name: int((digits.split(name).labels == 1).sum()) for name in ("train", "val")}
     assert len(real.clean_train) == len(digits.split("train")) - ones["train"] and len(real.relabelled) == 0
     assert len(real.guard) == len(digits.split("val")) + len(digits.split("audit")) - ones["val"]
+
+
+def test_with_every_pair_shown_by_real_images_only_the_corrected_labels_train(tmp_path, digits, trained):
+    # Every 1 is called 7 by the person and relabelled: no region needs decoded samples, so lambda changes
+    # nothing and only lambda 0 trains; the held-out relabelled 1s are the bug images it is chosen on.
+    issues = pd.concat([_issues(digits, name, 1, 7, True) for name in ("train", "val", "audit")])
+    real = RealImages.gather(digits, issues.assign(kind="contradicted"), {(7, 1)}, trained)
+    shape = tuple(real.guard.images.shape[1:])
+    empty = RegionSamples(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    config = CorrectConfig(lambdas=[0.0, 1.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
+    _, summary = correct(trained, digits, real, empty, empty, config, tmp_path)
+    assert [c["lambda"] for c in summary["candidates"]] == [0.0] and not (tmp_path / "lambda_1").exists()
+    assert summary["chosen_on"] == "real held-out bug images" and summary["real_bug_images"] >= 10
+    assert summary["real_bug_accuracy_after"] > summary["real_bug_accuracy_before"] + 0.5
