@@ -32,9 +32,10 @@ _DESCRIPTIONS = {
     "label": "Give each region one label: a class (a bug), n (not a bug) or s (skip), at a prompt showing the "
     "region's samples; or --labels FILE; or --labels auto, which labels a region a bug only on real evidence and "
     "records why. Answers go to labels.jsonl at once; run again to resume.",
-    "correct": "Fine-tune the classifier on the regions labelled with a class (fresh samples, and with --relabel the "
-    "real images whose labels your answers contradict), choosing lambda and epochs on real held-out val and audit "
-    "images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
+    "correct": "Fine-tune the classifier on its training labels as your region labels correct them (with --relabel, "
+    "the training images whose labels your answers contradict, under your label; without it they are left out), "
+    "plus fresh samples of the labelled regions that no real image shows, choosing lambda and epochs on real "
+    "held-out val and audit images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
     "correct.max_clean_drop, else the original weights stay. Writes repaired.ckpt and label_issues.csv. An "
     "interrupted fine-tune resumes from its last checkpoint.",
     "verify": "Compare the repaired classifier with the original on the test split, which no other stage reads: "
