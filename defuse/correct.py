@@ -20,9 +20,10 @@ fixed the same bugs at -0.18 to 0.0 points of held-out accuracy.
 *Label issues.* An image whose given label is a labelled region's mistake (1, in a "7 -> 1" region the person
 called 7) and which the independent validity judge (fitted on the audit split, never on the classifier) reads as
 the person's class is contradicted by both. Every such image of train, val and audit is listed (label_issues.csv,
-with the nearest such region). Without consent they leave every loss and every check; with it they are trained
-(train) or graded (val, audit) under the person's label, for pairs that at least ``MIN_BUG_IMAGES`` training
-images contradict (fewer are boundary cases the judge is unsure of, not a labelling bug; they are left out).
+with the nearest such region). A pair is a *labelling bug* when at least ``MIN_BUG_IMAGES`` training images, and
+at least ``LABEL_BUG_SHARE`` of those with the given label, contradict it; fewer are boundary cases the judge is
+unsure of, whose labels stand (listed, nothing else). Images of a labelling bug leave every loss and every check
+without consent; with it they are trained (train) or graded (val, audit) under the person's label.
 
 *Choice and guard.* Every (lambda, epoch) is a candidate. Held-out real images (val and audit) play two roles:
 the *bug images* (labelled with a class a person gave a region, read by the original model as that region's
@@ -113,9 +114,16 @@ def sample_regions(regions: Regions, bug_labels: dict[int, int], generator: nn.M
 
 
 MIN_BUG_IMAGES = 10  # real held-out bug images needed to choose on them rather than on decoded samples
+# Share of a label's training images that must contradict it (person and judge) for the pair to be a labelling
+# bug. Measured on the planted benchmark (five planted pairs, seeds 0 and 1): the planted pairs had 93-130
+# contradicted training images (13-20% of the label's images), every other pair the reference labelled 1-16 (at
+# most 3%). Those others are the judge's doubts on a natural boundary; treated as label issues, 92 real training
+# 8s doubted for a "9 -> 8" region left the clean loss and 16 became 9s, and the fine-tune lost held-out 8s to 9
+# beyond the guard's class bound (thin, seed 1: every candidate refused).
+LABEL_BUG_SHARE = 0.05
 BOOTSTRAP_RESAMPLES = 2000
 LABEL_ISSUE_COLUMNS = ("split", "position", "image", "kind", "given_label", "given_class", "region", "person_label",
-                       "person_class", "relabelled")
+                       "person_class", "label_bug", "relabelled")
 CONTRADICTED, DOUBTED = "contradicted", "doubted"
 
 
@@ -146,7 +154,8 @@ def doubted_labels(regions: Regions, bug_labels: dict[int, int], latents: np.nda
     judge reads it as another class than m (-1: none).
 
     Weaker than :func:`contradicting_labels`: the judge doubts the label without being sure of the person's class.
-    Such images are never relabelled, but they leave the clean loss and the guard: on the slant benchmark 23 of
+    Such images are never relabelled, but those of a labelling bug leave the clean loss and the guard: on the
+    slant benchmark 23 of
     the 46 poisoned labels the sure rule misses are of this kind (the judge reads most as 8 or 9), and left in
     the clean loss they teach the bug again."""
     if len(labels) == 0:
@@ -193,8 +202,10 @@ def find_label_issues(regions: Regions, bug_labels: dict[int, int], latents: dic
     """label_issues.csv: every train, val and audit image whose label the person's answers and the judge
     contradict (kind "contradicted", :func:`contradicting_labels`) or the judge doubts (kind "doubted",
     :func:`doubted_labels`), with its split, position there, position in the source (``image``), the given label,
-    the region, the person's label for it, and whether it is relabelled (the person's consent; contradicted only).
-    Either kind leaves the clean loss and the guard."""
+    the region, the person's label for it, whether its pair is a labelling bug (``label_bug``: enough training
+    images contradict it, see ``LABEL_BUG_SHARE``) and whether it is relabelled (the person's consent; contradicted
+    images of labelling bugs only). Images of labelling bugs leave the clean loss and the guard unless relabelled;
+    the others are listed for review, and their labels stand."""
     classes = data.classes
     frames = []
     for name, z in latents.items():
@@ -221,16 +232,18 @@ def find_label_issues(regions: Regions, bug_labels: dict[int, int], latents: dic
     table = table.sort_values(["split", "position"], kind="stable").reset_index(drop=True)
     table = table.astype({"position": "int64", "image": "int64", "given_label": "int64", "region": "int64",
                           "person_label": "int64", "relabelled": "bool"})
-    # Relabel only the (person's label, given label) pairs that at least MIN_BUG_IMAGES training images contradict:
-    # fewer are the judge's doubts on natural boundary cases, not a labelling bug (measured on the planted slant
-    # benchmark, seed 1: a "7 -> 2" region the person called 7 made 9 real training 2s "7", and the repaired
-    # model read 3% of the test 2s as 7).
+    # A (person's label, given label) pair is a labelling bug when enough training images contradict it: at least
+    # MIN_BUG_IMAGES, and at least LABEL_BUG_SHARE of the training images with that label. Fewer are the judge's
+    # doubts on a natural boundary, whose labels stand (see LABEL_BUG_SHARE).
     contradicted = table[(table["kind"] == CONTRADICTED) & (table["split"] == "train")]
     counts = contradicted.groupby(["person_label", "given_label"]).size()
-    shown = {pair for pair, n in counts.items() if n >= MIN_BUG_IMAGES}
+    per_label = np.bincount(data.split("train").labels.numpy(), minlength=len(classes))
+    label_bugs = {pair for pair, n in counts.items()
+                  if n >= max(MIN_BUG_IMAGES, LABEL_BUG_SHARE * per_label[int(pair[1])])}
     pairs = list(zip(table["person_label"], table["given_label"]))
-    table["relabelled"] = table["relabelled"] & np.array([pair in shown for pair in pairs], dtype=bool)
-    return table
+    table["label_bug"] = np.array([pair in label_bugs for pair in pairs], dtype=bool)
+    table["relabelled"] = table["relabelled"] & table["label_bug"]
+    return table[list(LABEL_ISSUE_COLUMNS)]
 
 
 @dataclass(frozen=True)
@@ -254,7 +267,8 @@ class RealImages:
                bug_pairs: set[tuple[int, int]] = frozenset(), original: nn.Module | None = None,
                held_out: tuple[str, ...] = ("val", "audit")) -> "RealImages":
         """Split ``data`` into the four roles. ``issues``: the label issues (:func:`find_label_issues`); relabelled
-        ones join ``relabelled`` (train) or the held-out pool under the person's label, the others leave. Held-out
+        ones join ``relabelled`` (train) or the held-out pool under the person's label, the other ones of labelling
+        bugs leave (all leave when the frame has no ``label_bug`` column). Held-out
         images labelled p that ``original`` reads as m, for a labelled pair ``(p, m)`` in ``bug_pairs``, are bugs."""
         issues = issues if issues is not None else pd.DataFrame(columns=list(LABEL_ISSUE_COLUMNS))
 
@@ -266,6 +280,8 @@ class RealImages:
             showed +0.16 points outside the slant subgroup)."""
             images = data.split(name)
             rows = issues[issues["split"] == name]
+            if "label_bug" in rows:  # a boundary pair's labels stand: those images stay where they are
+                rows = rows[rows["label_bug"].astype(bool)]
             flagged = torch.zeros(len(images), dtype=torch.bool)
             flagged[_column(rows, "position")] = True
             moved = rows[rows["relabelled"].astype(bool)]
@@ -586,14 +602,18 @@ def repair(
     issues = find_label_issues(regions, bug_labels, latents, judge, data, config.relabel)
     counts = {"label_issues": len(issues), "label_issues_by_split": issues["split"].value_counts().to_dict(),
               "label_issues_by_kind": issues["kind"].value_counts().to_dict(),
+              "label_issues_of_labelling_bugs": int(issues["label_bug"].sum()),
               "relabelled": bool(config.relabel)}
     if len(issues):
-        contradicted = int((issues["kind"] == CONTRADICTED).sum())
-        log.warning("%d training/validation/audit labels contradict the person's region labels and the judge, and "
-                    "the judge doubts %d more (label_issues.csv); the doubted ones are left out. %s", contradicted,
-                    len(issues) - contradicted, "The contradicted ones are relabelled with the person's label "
-                    "(correct.relabel)." if config.relabel else "The contradicted ones are left out too; to train on "
-                    "them under the person's label, consent with --relabel (correct.relabel=true).")
+        bug_rows = issues[issues["label_bug"]]
+        contradicted = int((bug_rows["kind"] == CONTRADICTED).sum())
+        log.warning("%d training/validation/audit labels contradict the person's region labels and the judge, and the "
+                    "judge doubts %d more, in pairs that look like labelling bugs (label_issues.csv); the doubted "
+                    "ones are left out. %s %d more doubted on natural boundaries are listed, and their labels stand.",
+                    contradicted, len(bug_rows) - contradicted, "The contradicted ones are relabelled with the "
+                    "person's label (correct.relabel)." if config.relabel else "The contradicted ones are left out "
+                    "too; to train on them under the person's label, consent with --relabel (correct.relabel=true).",
+                    len(issues) - len(bug_rows))
     original = replace(original, label_issues=issues)
     train_regions = sample_regions(regions, bug_labels, generator, config.samples_per_region, tau,
                                    numpy_rng(seed, "correct.train_samples"), judge, config.min_validity)

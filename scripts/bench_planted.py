@@ -356,6 +356,9 @@ def label_issue_figures(run: RunDir, poisoned_rows: np.ndarray) -> dict:
     out = {"label_issues_listed": len(listed), "label_issues_poisoned": int(hit.sum()),
            "label_issues_not_poisoned": int((~hit).sum()), "poisoned_rows": len(poisoned_rows),
            "label_issues_relabelled": int(listed["relabelled"].sum()) if "relabelled" in listed else 0}
+    if "label_bug" in listed:  # the rows of pairs judged labelling bugs (left out or relabelled; the rest stand)
+        bug = listed["label_bug"].astype(bool)
+        out["labelling_bug_poisoned"], out["labelling_bug_not_poisoned"] = int((bug & hit).sum()), int((bug & ~hit).sum())
     if "kind" in listed:
         for kind in ("contradicted", "doubted"):
             mine = listed["kind"] == kind

@@ -256,6 +256,32 @@ def test_pairs_that_few_training_images_contradict_are_listed_but_not_relabelled
     assert len(contradicted) == MIN_BUG_IMAGES - 1 and not issues["relabelled"].any()
 
 
+def test_a_pair_few_of_its_labels_contradict_is_a_boundary_whose_labels_stand(digits, monkeypatch):
+    import defuse.correct as correct_module
+
+    # Region 1 (0 -> 1, labelled 0): the judge reads latents at (0, 0) as 0. Two in five training 1s sit there, more
+    # than MIN_BUG_IMAGES but (with the share raised to one half) too small a share of the 1s for a labelling bug.
+    monkeypatch.setattr(correct_module, "LABEL_BUG_SHARE", 0.5)
+    regions = Regions([_region(1)], {})
+    latents = {name: np.tile([5.0, 0.0], (len(digits.split(name)), 1)) for name in ("train", "val", "audit")}
+    ones = np.flatnonzero(digits.split("train").labels.numpy() == 1)
+    contradicted_ones = ones[: 2 * len(ones) // 5]
+    latents["train"][contradicted_ones] = 0.0
+    assert len(contradicted_ones) >= correct_module.MIN_BUG_IMAGES
+    issues = correct_module.find_label_issues(regions, {1: 0}, latents, quadrant_validity(), digits, relabel=True)
+    listed = issues[issues["split"] == "train"]
+    assert sorted(listed["position"]) == sorted(contradicted_ones)  # listed for review ...
+    assert not issues["label_bug"].any() and not issues["relabelled"].any()  # ... but no labelling bug
+    real = RealImages.gather(digits, issues)
+    assert len(real.clean_train) == len(digits.split("train")) and len(real.relabelled) == 0  # the labels stand
+    # Three in five are a labelling bug: they are relabelled, and leave the clean loss.
+    latents["train"][ones[: 3 * len(ones) // 5]] = 0.0
+    issues = correct_module.find_label_issues(regions, {1: 0}, latents, quadrant_validity(), digits, relabel=True)
+    assert issues["label_bug"].all() and issues["relabelled"].all()
+    real = RealImages.gather(digits, issues)
+    assert len(real.relabelled) == 3 * len(ones) // 5 == len(digits.split("train")) - len(real.clean_train)
+
+
 def test_decoded_samples_give_way_where_relabelled_real_images_show_the_pair():
     from defuse.correct import MIN_BUG_IMAGES, _without_pairs_shown_by_real_images
 
