@@ -607,13 +607,17 @@ def repair(
     if len(issues):
         bug_rows = issues[issues["label_bug"]]
         contradicted = int((bug_rows["kind"] == CONTRADICTED).sum())
-        log.warning("%d training/validation/audit labels contradict the person's region labels and the judge, and the "
-                    "judge doubts %d more, in pairs that look like labelling bugs (label_issues.csv); the doubted "
-                    "ones are left out. %s %d more doubted on natural boundaries are listed, and their labels stand.",
-                    contradicted, len(bug_rows) - contradicted, "The contradicted ones are relabelled with the "
-                    "person's label (correct.relabel)." if config.relabel else "The contradicted ones are left out "
-                    "too; to train on them under the person's label, consent with --relabel (correct.relabel=true).",
-                    len(issues) - len(bug_rows))
+        if len(bug_rows):
+            log.warning("%d training/validation/audit labels contradict the person's region labels and the judge, "
+                        "and the judge doubts %d more, in pairs that look like labelling bugs (label_issues.csv); "
+                        "the doubted ones are left out. %s", contradicted, len(bug_rows) - contradicted,
+                        "The contradicted ones are relabelled with the person's label (correct.relabel)."
+                        if config.relabel else "The contradicted ones are left out too; to train on them under "
+                        "the person's label, consent with --relabel (correct.relabel=true).")
+        if len(issues) > len(bug_rows):
+            log.warning("%d labels on natural boundaries of the labelled regions are doubted by the judge (too few "
+                        "for a labelling bug): listed in label_issues.csv for review, and their labels stand.",
+                        len(issues) - len(bug_rows))
     original = replace(original, label_issues=issues)
     train_regions = sample_regions(regions, bug_labels, generator, config.samples_per_region, tau,
                                    numpy_rng(seed, "correct.train_samples"), judge, config.min_validity)

@@ -1,0 +1,174 @@
+"""Invariance checks: Effective Invariance, ML4ML variance matrices, the transforms they apply."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from torch import nn
+
+from defuse.invariance import ei as ei_module
+from defuse.invariance import transforms as T
+from defuse.invariance.ei import compare_ei, effective_invariance, per_image_scores, summarize
+
+logits_pairs = st.integers(1, 40).flatmap(lambda n: st.integers(2, 10).flatmap(lambda k: st.tuples(
+    arrays(np.float32, (n, k), elements=st.floats(-20, 20, width=32)),
+    arrays(np.float32, (n, k), elements=st.floats(-20, 20, width=32)))))
+
+
+@settings(max_examples=200, deadline=None)
+@given(logits_pairs)
+def test_ei_lies_in_0_1_and_is_0_wherever_the_predictions_disagree(pair):
+    a, b = (torch.from_numpy(x).softmax(dim=1) for x in pair)
+    ei = effective_invariance(a, b)
+    assert ((ei >= 0) & (ei <= 1 + 1e-6)).all()
+    disagree = a.argmax(dim=1) != b.argmax(dim=1)
+    assert (ei[disagree] == 0).all()
+    assert (ei[~disagree] > 0).all()  # agreeing predictions have positive confidence on both sides
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits_pairs)
+def test_the_identity_gives_the_max_softmax_confidence(pair):
+    p = torch.from_numpy(pair[0]).softmax(dim=1)
+    assert torch.allclose(effective_invariance(p, p), p.max(dim=1).values, atol=1e-6)
+
+
+@settings(max_examples=100, deadline=None)
+@given(logits_pairs)
+def test_ei_equals_the_papers_formula_on_random_logits(pair):
+    # Deng et al. 2022, eq. 1, written out image by image in numpy: sqrt(p^ * p^_t) when the argmaxes agree.
+    x, xt = pair
+    p = np.exp(x - x.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    pt = np.exp(xt - xt.max(1, keepdims=True)); pt /= pt.sum(1, keepdims=True)
+    expected = [np.sqrt(p[i].max() * pt[i].max()) if p[i].argmax() == pt[i].argmax() else 0.0 for i in range(len(p))]
+    got = effective_invariance(torch.from_numpy(x).softmax(1), torch.from_numpy(xt).softmax(1)).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_ei_refuses_mismatched_shapes():
+    with pytest.raises(ValueError, match=r"must both be \(N, K\), got \(3, 2\) and \(2, 2\) instead"):
+        effective_invariance(torch.zeros(3, 2), torch.zeros(2, 2))
+
+
+class Quadrant(nn.Module):
+    """Reads which image quadrant holds the most ink (0 top-left, 1 top-right, 2 bottom-right, 3 bottom-left):
+    every quarter turn changes its answer, a brightness change never does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2] // 2, x.shape[-1] // 2
+        ink = torch.stack([x[..., :h, :w].sum((1, 2, 3)), x[..., :h, w:].sum((1, 2, 3)),
+                           x[..., h:, w:].sum((1, 2, 3)), x[..., h:, :w].sum((1, 2, 3))], dim=1)
+        return 10 * ink / ink.sum(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def _blobs(n: int = 16, size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bright 2x2 blob per image, in quadrant i % 4."""
+    images = torch.zeros(n, 1, size, size)
+    corners = [(1, 1), (1, 5), (5, 5), (5, 1)]
+    for i in range(n):
+        r, c = corners[i % 4]
+        images[i, 0, r : r + 2, c : c + 2] = 0.6
+    return images, torch.arange(n) % 4
+
+
+def test_quarter_turns_break_a_quadrant_reader_and_brightness_does_not():
+    images, labels = _blobs()
+    model = Quadrant()
+    rotation = per_image_scores(model, images, "rotation", labels)
+    assert (rotation.ei == 0).all() and (rotation.agree == 0).all() and (rotation.correct == 0).all()
+    brightness = per_image_scores(model, images, "brightness", labels)
+    assert (brightness.agree == 1).all() and (brightness.correct == 1).all() and (brightness.ei > 0.5).all()
+    summary = summarize(brightness, "brightness", np.random.default_rng(0), labels.numpy())
+    assert summary.agreement.mean == summary.agreement.low == summary.agreement.high == 1.0
+    assert sorted(summary.per_class) == [0, 1, 2, 3] and summary.per_class[2]["accuracy"].mean == 1.0
+
+
+def test_grayscale_does_not_apply_to_one_channel_images_and_says_so():
+    images, labels = _blobs()
+    assert per_image_scores(Quadrant(), images, "grayscale", labels) is None
+    summary = summarize(None, "grayscale", np.random.default_rng(0))
+    assert summary.applicable is False and summary.ei is None
+
+
+def test_a_significant_ei_drop_is_a_regression_and_a_small_one_is_not():
+    rng = np.random.default_rng(0)
+    ei = rng.uniform(0.5, 1.0, 500)
+    base = ei_module.PerImage(ei, np.ones(500), ei, None)
+    worse = ei_module.PerImage(ei - 0.05, np.ones(500), ei, None)
+    slightly = ei_module.PerImage(ei - 0.005, np.ones(500), ei, None)
+    assert compare_ei(base, worse, "scale", rng).regression
+    assert not compare_ei(base, slightly, "scale", rng).regression  # significant, but within the 0.01 allowed
+    assert not compare_ei(base, base, "scale", rng).regression
+
+
+def test_transforms_keep_shape_and_range_and_the_identity_values_change_nothing():
+    images = torch.rand(5, 1, 28, 28)
+    for family, grid in T.GRIDS.items():
+        assert torch.equal(T.GRID_TRANSFORMS[family](images, float(grid[T.IDENTITY_INDEX])), images)
+        for value in grid[[0, -1]]:
+            out = T.GRID_TRANSFORMS[family](images, float(value))
+            assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(T.rotate90(T.rotate90(images, 1), 3), images)
+    shifted = T.translate(images, 3, 0)
+    assert torch.equal(shifted[..., 3:], images[..., :-3]) and (shifted[..., :3] == 0).all()
+
+
+# ----------------------------------------------------------------------------- ML4ML variance matrices
+
+from defuse.invariance.variance import FEATURES, family_variance, matrix_features, variance_matrix  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.tuples(st.integers(2, 31), st.integers(1, 60)).flatmap(
+    lambda shape: arrays(np.float64, shape, elements=st.floats(0, 1))))
+def test_variance_matrices_are_symmetric_with_a_zero_diagonal_and_values_in_0_1(table):
+    matrix = variance_matrix(table)
+    assert np.array_equal(matrix, matrix.T) and (np.diagonal(matrix) == 0).all()
+    assert (matrix >= 0).all() and (matrix <= 1 + 1e-12).all()
+    i, j = 0, len(table) - 1  # the formula, cell by cell
+    assert matrix[i, j] == pytest.approx(np.linalg.norm(table[i] - table[j]) / np.sqrt(table.shape[1]), abs=1e-6)
+
+
+def test_a_matrix_that_grows_away_from_its_diagonal_has_positive_gradients_and_no_asymmetry():
+    i, j = np.indices((31, 31))
+    growing = matrix_features(np.abs(i - j) * 0.01)
+    assert set(growing) == set(FEATURES)
+    assert growing["h_mean"] == pytest.approx(0.01) and growing["v_mean"] == pytest.approx(0.01)
+    assert growing["d_mean"] == pytest.approx(0.02) and growing["asymmetry"] == pytest.approx(0.0, abs=1e-12)
+    assert growing["discontinuity"] == pytest.approx(0.0, abs=1e-12) and growing["share_above"] > 0
+    # Only positive transform values hurt (t > 0: rows and columns 16..30): the matrix is lopsided.
+    lopsided = np.maximum.outer(np.maximum(i[:, 0] - 15, 0), np.maximum(j[0] - 15, 0)) * 0.02
+    np.fill_diagonal(lopsided, 0.0)
+    assert matrix_features(lopsided)["asymmetry"] > 0.5
+    # One stripe (a transform value unlike its neighbours): discontinuous.
+    striped = np.abs(i - j) * 0.01
+    striped[7, :] += 0.2
+    striped[:, 7] += 0.2
+    np.fill_diagonal(striped, 0.0)
+    assert matrix_features(striped)["discontinuity"] > matrix_features(np.abs(i - j) * 0.01)["discontinuity"] + 1
+
+
+class InkMeter(nn.Module):
+    """Class 0 with a confidence that grows with the image's ink: brightness changes it, the class never."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ink = x.flatten(1).sum(dim=1)
+        return torch.stack([ink, torch.zeros_like(ink), torch.zeros_like(ink)], dim=1)
+
+
+def test_an_invariant_model_has_a_zero_matrix_and_an_ink_meter_a_growing_brightness_matrix():
+    images, labels = _blobs(16, size=16)
+    constant = nn.Sequential(nn.Flatten(), nn.Linear(256, 4))
+    nn.init.zeros_(constant[1].weight)
+    nn.init.zeros_(constant[1].bias)  # every image read as class 0 at confidence 1/4, whatever the transform
+    zeros = torch.zeros(16, dtype=torch.long)
+    flat = family_variance(constant, images, zeros, "rotation", np.random.default_rng(0))
+    assert (flat.correct == 0).all() and flat.counts == {"correct": 16, "incorrect": 0}
+    meter = family_variance(InkMeter(), images, labels, "brightness", np.random.default_rng(0), per_class=True)
+    assert meter.counts == {"correct": 4, "incorrect": 12}  # class 0 is right for the images of quadrant 0
+    assert meter.correct[0, -1] == meter.correct.max() > 0.05  # darkest against brightest: the largest change
+    assert meter.features["h_mean"] > 0 and sorted(meter.per_class) == [0, 1, 2, 3]
