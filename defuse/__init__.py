@@ -21,6 +21,9 @@ _EXPORTS = {
     "predict_labels": "defuse.models",
     "run_pipeline": "defuse.pipeline", "run_stage": "defuse.pipeline",
     "RunDir": "defuse.rundir",
+    "InvarianceMonitor": "defuse.callbacks",
+    "InvarianceCheck": "defuse.invariance.check", "check_invariance": "defuse.invariance.check",
+    "effective_invariance": "defuse.invariance.ei", "variance_matrix": "defuse.invariance.variance",
     "ValidityModel": "defuse.validity",
     "Verification": "defuse.verify", "verify": "defuse.verify",
 }

@@ -19,3 +19,6 @@ CORRECT_DIR = "correct"  # correct: resumable checkpoints of every (lambda, epoc
 REPAIRED_CKPT = "repaired.ckpt"  # correct
 LABEL_ISSUES = "label_issues.csv"  # correct: labels the person's answers contradict
 VERIFY_JSON = "verify.json"  # verify
+CHECKS_DIR = "checks"  # check-before, check-after: <name>.json, <name>_ei.npz, matrices (.npy) and heat maps (.png)
+CHECK_BEFORE = "checks/before.json"  # check-before
+CHECK_AFTER = "checks/after.json"  # check-after

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 
@@ -14,7 +15,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from defuse.config import RunConfig, config_from_mapping, describe_options, load_config
-from defuse.pipeline import AWAITING_LABELS, NOT_BUILT_YET, STAGES, StageResult, run_pipeline, run_stage, stage_named
+from defuse.pipeline import (
+    AWAITING_LABELS,
+    NOT_BUILT_YET,
+    STAGES,
+    StageResult,
+    check_file,
+    run_pipeline,
+    run_stage,
+    stage_named,
+)
 from defuse.rundir import RunDir
 
 _DESCRIPTIONS = {
@@ -38,10 +48,18 @@ _DESCRIPTIONS = {
     "held-out val and audit images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
     "correct.max_clean_drop, else the original weights stay. Writes repaired.ckpt and label_issues.csv. An "
     "interrupted fine-tune resumes from its last checkpoint.",
+    "check": "Check the classifier's invariances on the test split: Effective Invariance (Deng et al. 2022) under "
+    "90/180/270-degree rotation, grayscale (colour images), +-15-degree rotation, brightness, scale and translation, "
+    "with 95% bootstrap intervals overall and per class; and ML4ML variance matrices (Liao et al. 2021) over 31 "
+    "rotations, brightness and scale factors, with their features and heat maps. --model before (the original, "
+    "check-before), after (the repaired, check-after, paired image by image with before: an EI drop beyond 0.01 "
+    "whose interval excludes 0 is a regression) or a checkpoint file. Writes checks/<name>.json, .npy and .png.",
     "verify": "Compare the repaired classifier with the original on the test split, which no other stage reads: "
     "accuracy (with 95% bootstrap intervals), per-class accuracy, fresh region samples, and the same search run "
     "around the test images against both models; write verify.json.",
 }
+
+SUBCOMMANDS = tuple(_DESCRIPTIONS)
 
 
 def _options_epilog() -> str:
@@ -99,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "labels and the validity judge both contradict (listed in label_issues.csv) are "
                                 "trained and graded under your label instead of being left out "
                                 "(correct.relabel=true)")
+        if name == "check":
+            p.add_argument("--model", default="before", metavar="before|after|PATH",
+                           help="which classifier: before (classifier.ckpt, the default), after (repaired.ckpt) or a "
+                                "checkpoint file (written as checks/<its stem>.*)")
         if name == "run":
             p.add_argument("--force", action="append", default=[], metavar="STAGE",
                            help=f"re-run STAGE even if current (repeatable; 'all' for every stage). "
@@ -163,6 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config, run = _resolve(args)
         if args.command == "run":
             results = run_pipeline(config, run, force=tuple(args.force))
+        elif args.command == "check" and args.model not in ("before", "after"):
+            start = time.perf_counter()
+            metrics = check_file(config, run, args.model)
+            results = [StageResult(f"check {args.model}", False, time.perf_counter() - start, metrics)]
+        elif args.command == "check":
+            results = [run_stage(stage_named(f"check-{args.model}"), config, run, force=args.force)]
         else:
             results = [run_stage(stage_named(args.command), config, run, force=args.force)]
     except (ValueError, FileNotFoundError) as err:  # a user's mistake; anything else is ours: a traceback

@@ -79,6 +79,11 @@ class ClassifierConfig:
     epochs: int = 12
     lr: float = 2e-3
     weight_decay: float = 1e-4
+    # Random per-image training augmentation, 0 for none: rotation up to +-degrees, zoom and brightness factors in
+    # 1 +- the value (the model zoo of scripts/build_zoo.py varies them).
+    augment_rotation: float = 0.0
+    augment_scale: float = 0.0
+    augment_brightness: float = 0.0
     # Bring your own (instead of training): a TorchScript file, or factory + weights.
     torchscript: str | None = field(default=None, metadata=PATH)  # a TorchScript classifier: [0,1] images -> logits
     factory: str | None = None  # "package.module:function" returning an nn.Module
@@ -89,6 +94,12 @@ class ClassifierConfig:
         _check_range("classifier.width", self.width, 4, 1024)
         _check_range("classifier.epochs", self.epochs, 1, 10_000)
         _check_positive("classifier.lr", self.lr)
+        if not 0 <= self.augment_rotation <= 180:
+            raise ValueError(f"`classifier.augment_rotation` must be in [0, 180] degrees, got {self.augment_rotation} "
+                             "instead.")
+        for key in ("augment_scale", "augment_brightness"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"`classifier.{key}` must be in [0, 1), got {getattr(self, key)} instead.")
         if self.torchscript and self.factory:
             raise ValueError(
                 "`classifier.torchscript` and `classifier.factory` are exclusive, got both instead. "
@@ -240,6 +251,33 @@ class LabelConfig:
         _check_range("label.auto_min_real_misread", self.auto_min_real_misread, 1, 1 << 20)
 
 
+EI_TRANSFORM_NAMES = ("rotation", "grayscale", "rotation15", "brightness", "scale", "translation")
+VARIANCE_FAMILIES = ("rotation", "brightness", "scale")
+
+
+@dataclass
+class CheckConfig:
+    """The invariance checks of the original (check-before) and repaired (check-after) classifiers, on the test
+    split (see defuse.invariance)."""
+
+    enabled: bool = True  # false: check-before and check-after write nothing
+    # Effective Invariance transforms: rotation (90/180/270 degrees, the paper's), grayscale (3-channel images
+    # only), and ours: rotation15 (+-15 degrees), brightness (x0.7, x1.3), scale (x0.8, x1.2), translation
+    # (+-10% of the width).
+    ei_transforms: list[str] = field(default_factory=lambda: list(EI_TRANSFORM_NAMES))
+    # ML4ML variance matrices: 31 values each (rotation -15..15 degrees, brightness and scale x0.7..1.3).
+    families: list[str] = field(default_factory=lambda: list(VARIANCE_FAMILIES))
+    max_images: int = 2000  # test images checked (a seeded subset beyond that): 31 forward passes each per family
+    per_class: bool = False  # also a variance matrix per class
+
+    def validate(self) -> None:
+        for name in self.ei_transforms:
+            _check_choice("check.ei_transforms", name, EI_TRANSFORM_NAMES)
+        for name in self.families:
+            _check_choice("check.families", name, VARIANCE_FAMILIES)
+        _check_range("check.max_images", self.max_images, 1, 1 << 30)
+
+
 @dataclass
 class CorrectConfig:
     """Fine-tuning the classifier on fresh samples of the labelled regions (see defuse.correct)."""
@@ -319,6 +357,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     label: LabelConfig = field(default_factory=LabelConfig)
     correct: CorrectConfig = field(default_factory=CorrectConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> "RunConfig":
@@ -327,7 +366,7 @@ class RunConfig:
         if self.seed < 0:
             raise ValueError(f"`seed` must be >= 0, got {self.seed} instead.")
         for section in (self.data, self.classifier, self.generator, self.identify, self.distill, self.label, self.correct,
-                        self.trainer):
+                        self.check, self.trainer):
             section.validate()
         if self.generator and self.data.image_size not in GENERATOR_SIZES:
             raise ValueError(

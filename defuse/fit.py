@@ -14,7 +14,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-
 from torch import nn
 
 from defuse.artifacts import CLASSIFIER_CKPT, GENERATOR_CKPT
@@ -33,7 +32,7 @@ from defuse.models.loading import (
     save_generator,
 )
 from defuse.rundir import RunDir, atomic_write_bytes
-
+from defuse.seeding import int_seed
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +72,20 @@ def accuracy_report(pred: torch.Tensor, labels: torch.Tensor, classes: tuple[str
 
 
 def train_classifier(
-    data: ImageDataModule, config: ClassifierConfig, trainer: TrainerConfig, root: str = "."
+    data: ImageDataModule, config: ClassifierConfig, trainer: TrainerConfig, root: str = ".", seed: int = 0
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train a built-in classifier on ``data``; returns the model ([0,1] images -> logits) and its hparams."""
+    """Train a built-in classifier on ``data``; returns the model ([0,1] images -> logits) and its hparams.
+
+    ``seed``: the run's seed (stream ``classifier.augment``, drawn only when ``config`` asks for augmentation)."""
     mean, std = data.channel_stats()
+    augment = {}
+    if config.augment_rotation or config.augment_scale or config.augment_brightness:
+        augment = {"augment_rotation": config.augment_rotation, "augment_scale": config.augment_scale,
+                   "augment_brightness": config.augment_brightness,
+                   "augment_seed": int_seed(seed, "classifier.augment")}
     module = ClassifierModule(
         arch=config.arch, width=config.width, in_channels=data.channels, num_classes=data.num_classes,
-        mean=mean, std=std, lr=config.lr, weight_decay=config.weight_decay, classes=list(data.classes),
+        mean=mean, std=std, lr=config.lr, weight_decay=config.weight_decay, classes=list(data.classes), **augment,
     )
     make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)
     return module.model.eval(), dict(module.hparams)
@@ -114,7 +120,7 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
         source = {"torchscript": c.torchscript} if c.torchscript else {"factory": c.factory, "weights": c.weights or ""}
         save_classifier_pointer(run.path(CLASSIFIER_CKPT), kind, source, data.classes)
     else:
-        model, hparams = train_classifier(data, c, config.trainer, str(run.root))
+        model, hparams = train_classifier(data, c, config.trainer, str(run.root), seed=config.seed)
         save_classifier(run.path(CLASSIFIER_CKPT), model, hparams)
     seconds = time.perf_counter() - start
     loaded = load_classifier(run.path(CLASSIFIER_CKPT))  # evaluate exactly what was saved

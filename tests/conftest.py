@@ -18,6 +18,7 @@ TINY_OVERRIDES = [
     "identify.screen=false",  # a 1-epoch VAE's posterior is too wide for the judge: screened, nothing is queried
     "distill.umap=false", "distill.fresh_samples=32",
     "correct.epochs=1", "correct.lambdas=[1.0]", "correct.samples_per_region=16", "correct.val_samples_per_region=8",
+    "check.max_images=64",
 ]
 
 

@@ -7,9 +7,8 @@ import pandas as pd
 import pytest
 import torch
 
-from defuse.cli import main
+from defuse.cli import SUBCOMMANDS, main
 from defuse.models import load_classifier, load_generator
-from defuse.pipeline import STAGES
 from defuse.rundir import RunDir
 
 
@@ -34,7 +33,7 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     assert (tmp_path / "labels.jsonl").read_text() == ""  # nobody answered, nothing answered for them
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     stages = manifest["stages"]
-    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "label"}
+    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "check-before", "label"}
     assert {stage["status"] for stage in stages.values()} == {"done"}
     found = stages["identify"]["metrics"]
     assert found["images"] == 270  # the search started from the audit split, not the 449 test images
@@ -58,7 +57,7 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
 
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0  # again: every stage current, still waiting
     out = capsys.readouterr().out
-    assert out.count("skipped (current)") == 4 and out.count("awaiting labels") == 2
+    assert out.count("skipped (current)") == 5 and out.count("awaiting labels") == 3
     again = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     assert {k: v.get("finished") for k, v in again.items() if k != "label"} == first
 
@@ -66,8 +65,14 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     labels.write_text("".join(f"{r['id']}: {r['source_label']}\n" for r in regions["regions"]))
     assert main(["run", *_args(tiny_overrides, tmp_path), "--labels", str(labels)]) == 0
     stages = RunDir(tmp_path).manifest()["stages"]
-    assert stages["correct"]["status"] == stages["verify"]["status"] == "done"
+    assert stages["correct"]["status"] == stages["verify"]["status"] == stages["check-after"]["status"] == "done"
     assert stages["correct"]["metrics"]["labelled_regions"] == len(regions["regions"])
+    before, after = (json.loads((tmp_path / "checks" / f"{name}.json").read_text()) for name in ("before", "after"))
+    assert before["images"] == after["images"] == 64  # check.max_images of the 449 test images, the same ones
+    assert before["ei"]["grayscale"]["applicable"] is False  # one-channel digits: not applicable, never a pass
+    assert set(after["ei_change"]) == set(after["ei"]) and after["ei_change"]["grayscale"] is None
+    assert set(after["variance_mean_change"]) == {"rotation", "brightness", "scale"}
+    assert (tmp_path / "checks" / "after_rotation.png").exists() and (tmp_path / "checks" / "after_ei.npz").exists()
     assert RunDir(tmp_path).artifact_hash("classifier.ckpt") == classifier_hash  # the original is never touched
     verified = json.loads((tmp_path / "verify.json").read_text())
     assert verified["clean_accuracy"]["n"] == 449 and "failures_by_pair" in verified
@@ -181,19 +186,19 @@ def test_bad_config_exits_2_with_the_message(tmp_path, capsys):
 def test_unknown_force_stage_is_refused(tmp_path, capsys):
     assert main(["run", "--run-dir", str(tmp_path), "--force", "fit-everything"]) == 2
     expected = ("Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator, identify, distill, "
-                "label, correct, verify.")
+                "check-before, label, correct, verify, check-after.")
     assert expected in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [[], *([s.name] for s in STAGES)])
+@pytest.mark.parametrize("command", [[], *([name] for name in SUBCOMMANDS)])
 def test_help_exits_0_for_the_top_level_and_every_subcommand(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])
     assert exit_info.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert out.startswith(f"usage: defuse {command[0] if command else ''}".rstrip())
-    if command in ([], ["verify"]):  # the text whose "%" crashed argparse's formatting
-        assert "(with 95% bootstrap intervals)" in out
+    if command in ([], ["verify"], ["check"]):  # texts whose "%" crashed argparse's formatting
+        assert "95% bootstrap intervals" in out
 
 
 def test_help_lists_config_keys_with_defaults(capsys):

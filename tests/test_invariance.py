@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import nn
 
-from defuse.invariance import ei as ei_module
 from defuse.invariance import transforms as T
 from defuse.invariance.ei import compare_ei, effective_invariance, per_image_scores, summarize
 
@@ -97,12 +96,12 @@ def test_grayscale_does_not_apply_to_one_channel_images_and_says_so():
 def test_a_significant_ei_drop_is_a_regression_and_a_small_one_is_not():
     rng = np.random.default_rng(0)
     ei = rng.uniform(0.5, 1.0, 500)
-    base = ei_module.PerImage(ei, np.ones(500), ei, None)
-    worse = ei_module.PerImage(ei - 0.05, np.ones(500), ei, None)
-    slightly = ei_module.PerImage(ei - 0.005, np.ones(500), ei, None)
-    assert compare_ei(base, worse, "scale", rng).regression
-    assert not compare_ei(base, slightly, "scale", rng).regression  # significant, but within the 0.01 allowed
-    assert not compare_ei(base, base, "scale", rng).regression
+    assert compare_ei(ei, ei - 0.05, "scale", rng).regression
+    assert not compare_ei(ei, ei - 0.005, "scale", rng).regression  # significant, but within the 0.01 allowed
+    assert not compare_ei(ei, ei, "scale", rng).regression
+    assert compare_ei(None, ei, "grayscale", rng) is None
+    with pytest.raises(ValueError, match="must score the same images, got 500 and 3 instead"):
+        compare_ei(ei, ei[:3], "scale", rng)
 
 
 def test_transforms_keep_shape_and_range_and_the_identity_values_change_nothing():
@@ -172,3 +171,72 @@ def test_an_invariant_model_has_a_zero_matrix_and_an_ink_meter_a_growing_brightn
     assert meter.counts == {"correct": 4, "incorrect": 12}  # class 0 is right for the images of quadrant 0
     assert meter.correct[0, -1] == meter.correct.max() > 0.05  # darkest against brightest: the largest change
     assert meter.features["h_mean"] > 0 and sorted(meter.per_class) == [0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- augmentation and a trained model
+
+
+def test_random_augmentation_is_per_image_reproducible_and_the_identity_at_zero():
+    images = torch.rand(6, 1, 12, 12)
+    assert torch.equal(T.random_augment(images, torch.Generator().manual_seed(0)), images)
+    one = T.random_augment(images, torch.Generator().manual_seed(1), rotation=30, scale=0.2, brightness=0.3)
+    two = T.random_augment(images, torch.Generator().manual_seed(1), rotation=30, scale=0.2, brightness=0.3)
+    assert torch.equal(one, two) and one.min() >= 0 and one.max() <= 1 and not torch.equal(one, images)
+    # per image: the same image six times comes out six different ways
+    same = T.random_augment(images[:1].expand(6, -1, -1, -1), torch.Generator().manual_seed(2), rotation=30)
+    assert len({tuple(x.flatten().tolist()) for x in same}) == 6
+
+
+def test_training_with_rotations_makes_a_classifier_more_rotation_invariant(tiny_config):
+    # The check of the checks: the same recipe with and without +-15-degree training rotations.
+    from dataclasses import replace
+
+    from defuse.data import ImageDataModule
+    from defuse.fit import train_classifier
+
+    data = ImageDataModule(tiny_config.data, tiny_config.seed)
+    test = data.split("test")
+    figures = {}
+    for rotation in (0.0, 15.0):
+        config = replace(tiny_config.classifier, epochs=8, width=8, augment_rotation=rotation)
+        torch.manual_seed(0)
+        model, hparams = train_classifier(data, config, tiny_config.trainer, seed=0)
+        assert hparams["augment_rotation"] == rotation
+        matrix = family_variance(model, test.float_images(), test.labels, "rotation", np.random.default_rng(0))
+        ei = per_image_scores(model, test.float_images(), "rotation15").ei.mean()
+        figures[rotation] = (matrix.features["mean"], ei)
+    assert figures[15.0][0] < figures[0.0][0], figures  # a darker rotation matrix
+    assert figures[15.0][1] > figures[0.0][1], figures  # a higher small-angle rotation EI
+
+
+# ----------------------------------------------------------------------------- the check stage
+
+
+def test_a_check_saves_its_figures_and_a_same_weights_check_is_a_zero_change_copy(tmp_path):
+    import json
+
+    from defuse.config import CheckConfig
+    from defuse.data import ImageSet
+    from defuse.invariance.check import check_invariance, copy_unchanged, load_per_image, same_weights
+
+    images, labels = _blobs(12, size=16)
+    test = ImageSet((images * 255).to(torch.uint8), labels, ("a", "b", "c", "d"))
+    config = CheckConfig(ei_transforms=["rotation", "grayscale", "brightness"], families=["rotation"], max_images=8)
+    before = check_invariance(Quadrant(), test, config, name="before", seed=3)
+    assert len(before.positions) == 8 and before.ei["rotation"].ei.mean == 0.0  # every quarter turn changes it
+    before.save(tmp_path)
+    saved = json.loads((tmp_path / "before.json").read_text())
+    assert saved["ei"]["grayscale"]["applicable"] is False and saved["variance"]["rotation"]["verdict"] is None
+    assert np.load(tmp_path / "before_rotation_correct.npy").shape == (31, 31)
+    positions, per_image = load_per_image(tmp_path, "before")
+    assert np.array_equal(positions, before.positions) and set(per_image) == {"rotation", "brightness"}
+    # the same images, paired: an identical model changes nothing
+    again = check_invariance(Quadrant(), test, config, name="after", seed=3, reference=(positions, per_image))
+    assert again.ei_change["brightness"].change.mean == 0.0 and not again.ei_change["brightness"].regression
+    with pytest.raises(ValueError, match="read other test images"):
+        check_invariance(Quadrant(), test, config, name="after", seed=4, reference=(positions, per_image))
+    assert same_weights(InkMeter(), InkMeter()) and not same_weights(nn.Linear(2, 2), nn.Linear(2, 2))
+    copied = copy_unchanged(tmp_path, "before", "after")
+    assert copied["ei"] == saved["ei"] and copied["ei_change"]["rotation"]["change"]["mean"] == 0.0
+    assert copied["variance"]["rotation"]["matrices"]["correct"] == "after_rotation_correct.npy"
+    assert (tmp_path / "after_rotation_correct.npy").read_bytes() == (tmp_path / "before_rotation_correct.npy").read_bytes()

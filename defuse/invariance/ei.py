@@ -138,15 +138,16 @@ class EIChange:
     regression: bool
 
 
-def compare_ei(before: PerImage | None, after: PerImage | None, transform: str,
+def compare_ei(before: np.ndarray | None, after: np.ndarray | None, transform: str,
                rng: np.random.Generator) -> EIChange | None:
-    """The paired change of mean EI between two models' scores on the same images (``None`` if not applicable)."""
+    """The paired change of mean EI between two models' per-image EI (N,) on the same images (``None`` where the
+    transform does not apply to either)."""
     if before is None or after is None:
         return None
-    if len(before.ei) != len(after.ei):
-        raise ValueError(f"`before` and `after` must score the same images, got {len(before.ei)} and "
-                         f"{len(after.ei)} instead.")
-    change = bootstrap_means(after.ei - before.ei, rng)
+    if len(before) != len(after):
+        raise ValueError(f"`before` and `after` must score the same images, got {len(before)} and {len(after)} "
+                         "instead.")
+    change = bootstrap_means(np.asarray(after) - np.asarray(before), rng)
     return EIChange(transform, change, regression=bool(change.mean < -REGRESSION_DROP and change.high < 0))
 
 

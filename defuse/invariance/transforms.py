@@ -65,6 +65,31 @@ def grayscale(images: Images) -> Images:
     return TF.rgb_to_grayscale(images, num_output_channels=3)
 
 
+def random_augment(images: Images, generator: torch.Generator, rotation: float = 0.0, scale: float = 0.0,
+                   brightness: float = 0.0) -> Images:
+    """Each image turned by U(-rotation, rotation) degrees, zoomed by U(1 - scale, 1 + scale) and its intensities
+    multiplied by U(1 - brightness, 1 + brightness) (clipped to [0, 1]): per image, in one batched resampling
+    (``affine_grid`` + ``grid_sample``, bilinear, black fill). ``generator`` (CPU) draws every parameter."""
+    n = len(images)
+
+    def uniform(half_width: float) -> torch.Tensor:
+        return ((torch.rand(n, generator=generator) * 2 - 1) * half_width).to(images.device, images.dtype)
+
+    out = images
+    if rotation or scale:
+        angle = torch.deg2rad(uniform(rotation))
+        zoom = 1 + uniform(scale)
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom  # output -> input coordinates
+        zero = torch.zeros_like(cos)
+        theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
+        grid = torch.nn.functional.affine_grid(theta, list(images.shape), align_corners=False)
+        out = torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="zeros",
+                                              align_corners=False)
+    if brightness:
+        out = (out * (1 + uniform(brightness)).view(-1, 1, 1, 1)).clamp(0, 1)
+    return out
+
+
 @dataclass(frozen=True)
 class View:
     """One transformed view of a batch: a name for reports and the function that makes it."""

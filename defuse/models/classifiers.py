@@ -86,6 +86,9 @@ class ClassifierModule(pl.LightningModule):
         mean, std: per-channel input statistics, baked into the model.
         lr, weight_decay: AdamW settings; ``lr`` is the one-cycle peak.
         classes: class names, saved with the weights for reports and the labelling prompt.
+        augment_rotation, augment_scale, augment_brightness: random per-image training augmentation (degrees;
+            zoom and intensity half-ranges), 0 for none (see :func:`defuse.invariance.transforms.random_augment`).
+        augment_seed: seeds the augmentation's own generator.
     """
 
     def __init__(
@@ -99,9 +102,14 @@ class ClassifierModule(pl.LightningModule):
         lr: float = 2e-3,
         weight_decay: float = 1e-4,
         classes: Sequence[str] | None = None,
+        augment_rotation: float = 0.0,
+        augment_scale: float = 0.0,
+        augment_brightness: float = 0.0,
+        augment_seed: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self._augment_generator: torch.Generator | None = None
         self.model = build_classifier(arch, in_channels, num_classes, mean, std, width)
         self.train_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
         self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
@@ -121,6 +129,15 @@ class ClassifierModule(pl.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
+        h = self.hparams
+        if h.augment_rotation or h.augment_scale or h.augment_brightness:
+            from defuse.invariance.transforms import random_augment
+
+            if self._augment_generator is None:
+                self._augment_generator = torch.Generator().manual_seed(int(h.augment_seed))
+            x, y = batch
+            batch = (random_augment(x, self._augment_generator, h.augment_rotation, h.augment_scale,
+                                    h.augment_brightness), y)
         return self._common_step(batch, "train")
 
     def validation_step(self, batch, batch_idx):
