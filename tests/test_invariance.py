@@ -240,3 +240,45 @@ def test_a_check_saves_its_figures_and_a_same_weights_check_is_a_zero_change_cop
     assert copied["ei"] == saved["ei"] and copied["ei_change"]["rotation"]["change"]["mean"] == 0.0
     assert copied["variance"]["rotation"]["matrices"]["correct"] == "after_rotation_correct.npy"
     assert (tmp_path / "after_rotation_correct.npy").read_bytes() == (tmp_path / "before_rotation_correct.npy").read_bytes()
+
+
+# ----------------------------------------------------------------------------- the assessor
+
+
+def test_the_invariance_label_is_the_largest_accuracy_drop_over_the_grid():
+    from defuse.invariance.assessor import invariance_label
+
+    grid = np.full(31, 0.98)
+    assert invariance_label(grid, 15) == 1
+    grid[0] = 0.95  # exactly 3 points: still invariant
+    assert invariance_label(grid, 15) == 1
+    grid[30] = 0.94
+    assert invariance_label(grid, 15) == 0
+
+
+def test_the_assessor_learns_a_separable_zoo_and_refuses_a_zoo_of_one_verdict():
+    from defuse.invariance.assessor import Assessor
+
+    rng = np.random.default_rng(0)
+    features = np.full((40, len(FEATURES)), 0.5)
+    features[:, 0] = rng.random(40)
+    labels = (features[:, 0] < 0.5).astype(int)  # invariant when the matrix mean is small, whatever the rest
+    assessor = Assessor(trees=50).fit(features, labels)
+    probability = assessor.predict_proba(np.array([[0.05] + [0.5] * (len(FEATURES) - 1),
+                                                   [0.95] + [0.5] * (len(FEATURES) - 1)]))
+    assert probability[0] > 0.8 > 0.2 > probability[1]
+    with pytest.raises(ValueError, match=r"must hold both verdicts .* got only \[1\] instead"):
+        Assessor().fit(features, np.ones(40, dtype=int))
+
+
+def test_the_shipped_zoo_gives_every_family_a_verdict_with_a_probability():
+    from defuse.invariance.assessor import load_zoo, verdict
+
+    zoo = load_zoo()
+    if zoo is None:
+        pytest.skip("no zoo table in this installation (scripts/build_zoo.py builds it)")
+    assert len(zoo) >= 60
+    for family in ("rotation", "brightness", "scale"):
+        row = zoo.iloc[0]
+        answer = verdict(family, {name: float(row[f"{family}.{name}"]) for name in FEATURES})
+        assert answer is not None and 0.0 <= answer.probability <= 1.0 and "zoo models" in answer.trained_on

@@ -30,7 +30,7 @@ ASSESSOR_SEED = 0  # the forest's fixed seed: the shipped verdicts do not depend
 def invariance_label(grid_accuracy: np.ndarray, identity_index: int) -> int:
     """1 (invariant) if every grid value's accuracy is within ``MAX_ACCURACY_DROP`` of the identity's, else 0."""
     grid_accuracy = np.asarray(grid_accuracy, dtype=np.float64)
-    return int(grid_accuracy[identity_index] - grid_accuracy.min() <= MAX_ACCURACY_DROP)
+    return int(grid_accuracy[identity_index] - grid_accuracy.min() <= MAX_ACCURACY_DROP + 1e-9)  # rounding
 
 
 def feature_columns(family: str) -> list[str]:
