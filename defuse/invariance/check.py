@@ -221,23 +221,25 @@ def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 
 def _heatmap_png(variance: FamilyVariance, name: str) -> bytes:
-    """The correct images' matrix as a heat map, axes in the family's transform values."""
+    """The matrices of the images read right and wrong at the identity, side by side as heat maps, axes in the
+    family's transform values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     grid = variance.grid
-    fig, ax = plt.subplots(figsize=(4.2, 3.6), dpi=100)
-    image = ax.imshow(variance.correct, vmin=0.0, vmax=HEATMAP_MAX, cmap="magma", origin="lower",
-                      extent=(grid[0], grid[-1], grid[0], grid[-1]))
-    fig.colorbar(image, ax=ax, extend="max", label="RMS confidence change")
-    ax.set_title(f"{name}: {variance.family} (mean {variance.features['mean']:.3f}, "
-                 f"{variance.counts['correct']} images)", fontsize=9)
-    ax.set_xlabel(variance.family)
-    ax.set_ylabel(variance.family)
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 4.0), dpi=100, layout="constrained")
+    for ax, kind, matrix in zip(axes, ("correct", "incorrect"), (variance.correct, variance.incorrect)):
+        image = ax.imshow(matrix, vmin=0.0, vmax=HEATMAP_MAX, cmap="magma", origin="lower",
+                          extent=(grid[0], grid[-1], grid[0], grid[-1]))
+        mean = float(matrix.mean()) if variance.counts[kind] else float("nan")
+        ax.set_title(f"{name}: {variance.family}\nread {'right' if kind == 'correct' else 'wrong'} at the identity: "
+                     f"{variance.counts[kind]} images, mean {mean:.3f}", fontsize=8)
+        ax.set_xlabel(variance.family)
+        ax.set_ylabel(variance.family)
+    fig.colorbar(image, ax=axes, extend="max", label="RMS confidence change")
     buffer = io.BytesIO()
-    fig.tight_layout()
     fig.savefig(buffer, format="png")
     plt.close(fig)
     return buffer.getvalue()
