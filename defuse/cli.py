@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -161,6 +162,9 @@ def _print_results(console: Console, run: RunDir, results: list[StageResult]) ->
                             if isinstance(v, (int, float)) and not isinstance(v, bool))
         table.add_row(result.name, result.status, f"{result.seconds:.1f}s", escape(figures))
     console.print(table)
+    for result in results:
+        if str(result.metrics.get("file", "")).startswith("checks/") and run.path(result.metrics["file"]).exists():
+            _print_check(console, json.loads(run.path(result.metrics["file"]).read_text()), result.metrics["file"])
     sizes = next((r.metrics.get("split_sizes") for r in results if r.name == "fit-classifier"), None)
     if sizes:
         console.print("splits: " + ", ".join(f"{name} {n:,}" for name, n in sizes.items()), soft_wrap=True)
@@ -170,6 +174,35 @@ def _print_results(console: Console, run: RunDir, results: list[StageResult]) ->
                       f"{label.metrics.get('regions')} regions await a label; nothing was repaired. "
                       f"Label them with `defuse label --run-dir {escape(str(run.root))}` (or --labels FILE, or "
                       f"--labels auto), then run the same command again.", soft_wrap=True)
+
+
+def _print_check(console: Console, checked: dict, path: str) -> None:
+    """One check's figures: EI per transform with its interval (and the paired change after a repair), and each
+    variance matrix's mean with the assessor's verdict."""
+    if not checked.get("ei"):
+        return
+    changes = checked.get("ei_change") or {}
+    table = Table(title=f"invariance of {checked['model']} ({checked['images']} test images; {path})",
+                  title_justify="left")
+    for column in ("transform", "EI [95% interval]", "agreement", "accuracy", *(["EI change"] if changes else [])):
+        table.add_column(column)
+    for transform, e in checked["ei"].items():
+        if not e["applicable"]:
+            table.add_row(transform, "not applicable", "", "", *([""] if changes else []))
+            continue
+        row = [transform, f"{e['ei']['mean']:.3f} [{e['ei']['low']:.3f}, {e['ei']['high']:.3f}]",
+               f"{e['agreement']['mean']:.3f}", f"{e['accuracy']['mean']:.3f}" if e.get("accuracy") else "–"]
+        if changes:
+            change = changes.get(transform)
+            row.append("" if change is None else f"{change['change']['mean']:+.3f}"
+                       + (" [red]regression[/]" if change["regression"] else ""))
+        table.add_row(*row)
+    console.print(table)
+    for family, v in checked.get("variance", {}).items():
+        verdict = (f"{v['verdict']} (P(invariant) {v['probability_invariant']:.2f})" if v.get("verdict")
+                   else "no assessor")
+        console.print(f"  variance {family}: matrix mean {v['mean']:.3f} over {v['counts']['correct']} images; "
+                      f"{verdict}", soft_wrap=True, highlight=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

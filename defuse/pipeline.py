@@ -182,7 +182,8 @@ def _check(config: RunConfig, run: RunDir, model_path: str, name: str, reference
     before = json.loads(saved.read_text()) if saved and saved.exists() else {}
     if "ei" in before and same_weights(model, load_classifier(run.path(CLASSIFIER_CKPT)).model):
         checked = copy_unchanged(directory, reference, name)  # a refused repair: the original's figures, unchanged
-        return {"images": checked["images"], "same_weights_as": reference, "ei_regressions": []}
+        return {"images": checked["images"], "same_weights_as": reference, "ei_regressions": [],
+                "file": f"{CHECKS_DIR}/{name}.json"}
     earlier = load_per_image(directory, reference) if reference else None
     checked = check_invariance(model,
                                ImageDataModule(config.data, config.seed).split("test"), config.check, name=name,
@@ -190,7 +191,7 @@ def _check(config: RunConfig, run: RunDir, model_path: str, name: str, reference
     if before.get("variance"):
         checked = with_variance_change(checked, before)
     checked.save(directory)
-    return checked.metrics
+    return {**checked.metrics, "file": f"{CHECKS_DIR}/{name}.json"}
 
 
 @dataclass(frozen=True)

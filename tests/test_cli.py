@@ -29,6 +29,8 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     assert "Stopped before correct" in out and f"defuse label --run-dir {tmp_path}" in out
     assert f"`defuse run --run-dir {tmp_path} --labels auto`" in caplog.text
     assert "splits: train 943, val 135, audit 270, test 449" in out
+    assert "invariance of before (64 test images; checks/before.json)" in out  # the original's checks, unasked
+    assert "variance rotation: matrix mean" in out
     assert not (tmp_path / "repaired.ckpt").exists() and not (tmp_path / "verify.json").exists()
     assert (tmp_path / "labels.jsonl").read_text() == ""  # nobody answered, nothing answered for them
     manifest = json.loads((tmp_path / "manifest.json").read_text())
