@@ -158,40 +158,13 @@ def check_file(config: RunConfig, run: RunDir, path: str) -> dict[str, Any]:
 
 
 def _check(config: RunConfig, run: RunDir, model_path: str, name: str, reference: str | None = None) -> dict[str, Any]:
-    import json
-
     from defuse.data import ImageDataModule
-    from defuse.invariance.check import (
-        check_invariance,
-        copy_unchanged,
-        load_per_image,
-        same_weights,
-        with_variance_change,
-    )
+    from defuse.invariance.check import run_check
     from defuse.models.loading import load_classifier
 
-    directory = run.path(CHECKS_DIR)
-    if not config.check.enabled:  # a record that says so, which check-after can read as its input
-        from defuse.rundir import atomic_write_json
-
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(directory / f"{name}.json", {"model": name, "enabled": False})
-        return {"enabled": False}
-    model = load_classifier(run.path(model_path)).model
-    saved = directory / f"{reference}.json" if reference else None
-    before = json.loads(saved.read_text()) if saved and saved.exists() else {}
-    if "ei" in before and same_weights(model, load_classifier(run.path(CLASSIFIER_CKPT)).model):
-        checked = copy_unchanged(directory, reference, name)  # a refused repair: the original's figures, unchanged
-        return {"images": checked["images"], "same_weights_as": reference, "ei_regressions": [],
-                "file": f"{CHECKS_DIR}/{name}.json"}
-    earlier = load_per_image(directory, reference) if reference else None
-    checked = check_invariance(model,
-                               ImageDataModule(config.data, config.seed).split("test"), config.check, name=name,
-                               seed=config.seed, reference=earlier)
-    if before.get("variance"):
-        checked = with_variance_change(checked, before)
-    checked.save(directory)
-    return {**checked.metrics, "file": f"{CHECKS_DIR}/{name}.json"}
+    return run_check(load_classifier(run.path(model_path)).model, load_classifier(run.path(CLASSIFIER_CKPT)).model,
+                     ImageDataModule(config.data, config.seed).split("test"), config.check, run.path(CHECKS_DIR),
+                     name=name, reference=reference, seed=config.seed)
 
 
 @dataclass(frozen=True)

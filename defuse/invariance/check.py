@@ -172,6 +172,33 @@ def check_invariance(classifier: nn.Module, test: ImageSet, config: CheckConfig,
                            verdicts=verdicts)
 
 
+def run_check(classifier: nn.Module, original: nn.Module, test: ImageSet, config: CheckConfig,
+              directory: str | Path, *, name: str, reference: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """The check stage as the pipeline runs it: check ``classifier`` on ``test``, paired with the ``reference``
+    check saved in ``directory`` when there is one, save it there as ``name``, and return its key figures.
+
+    With ``config.enabled`` false only a record saying so is written (check-after reads it as its input). A
+    classifier with ``original``'s weights (a refused repair) gets the reference's figures with a zero change,
+    copied rather than computed again."""
+    directory = Path(directory)
+    file = f"{directory.name}/{name}.json"
+    if not config.enabled:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(directory / f"{name}.json", {"model": name, "enabled": False})
+        return {"enabled": False}
+    saved = directory / f"{reference}.json" if reference else None
+    before = json.loads(saved.read_text()) if saved is not None and saved.exists() else {}
+    if "ei" in before and same_weights(classifier, original):
+        checked = copy_unchanged(directory, reference, name)
+        return {"images": checked["images"], "same_weights_as": reference, "ei_regressions": [], "file": file}
+    earlier = load_per_image(directory, reference) if reference else None
+    result = check_invariance(classifier, test, config, name=name, seed=seed, reference=earlier)
+    if before.get("variance"):
+        result = with_variance_change(result, before)
+    result.save(directory)
+    return {**result.metrics, "file": file}
+
+
 def with_variance_change(after: InvarianceCheck, before_json: dict[str, Any]) -> InvarianceCheck:
     """``after`` with each family's change of matrix mean against a saved ``before`` check's JSON."""
     change = {family: round(v.features["mean"] - before_json["variance"][family]["mean"], 5)
