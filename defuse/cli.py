@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from defuse.config import RunConfig, config_from_mapping, describe_options, load_config
+from defuse.config import FAIL_ON, RunConfig, config_from_mapping, describe_options, load_config
 from defuse.pipeline import (
     AWAITING_LABELS,
     NOT_BUILT_YET,
@@ -26,12 +26,15 @@ from defuse.pipeline import (
     run_stage,
     stage_named,
 )
+from defuse.artifacts import REPORT_HTML, REPORT_JSON, VERIFY_JSON
 from defuse.rundir import RunDir
 
 _DESCRIPTIONS = {
-    "run": "Run every stage of the pipeline that is built, skipping stages whose outputs are current. Without a "
-    "person to label the regions (no terminal, no --labels) it stops before correct, repairs nothing, and says how "
-    "to label; the same command resumes from there.",
+    "run": "Run the pipeline from data to report (fit-classifier, fit-generator, identify, distill, check-before, "
+    "label, correct, verify, check-after, report), skipping stages whose outputs are current, so an interrupted run "
+    "resumes where it stopped. Without a person to label the regions (no terminal, no --labels) it stops before "
+    "correct, repairs nothing, writes the report of what exists and says how to label; the same command resumes "
+    "from there.",
     "fit-classifier": "Train the classifier under test (or adopt yours: classifier.torchscript / classifier.factory) "
     "and write classifier.ckpt.",
     "fit-generator": "Train the convolutional beta-VAE and write generator.ckpt; records in manifest.json the "
@@ -55,6 +58,9 @@ _DESCRIPTIONS = {
     "rotations, brightness and scale factors, with their features and heat maps. --model before (the original, "
     "check-before), after (the repaired, check-after, paired image by image with before: an EI drop beyond 0.01 "
     "whose interval excludes 0 is a regression) or a checkpoint file. Writes checks/<name>.json, .npy and .png.",
+    "report": "Render what the stages wrote as a before/after report in <run-dir>/report/: index.html "
+    "(self-contained, opens offline), report.json (every figure, keys documented in the README) and report.md (for a "
+    "pull request). Computes nothing from a model; `defuse run` writes it last, and also when it stops for labels.",
     "verify": "Compare the repaired classifier with the original on the test split, which no other stage reads: "
     "accuracy (with 95% bootstrap intervals), per-class accuracy, fresh region samples, and the same search run "
     "around the test images against both models; write verify.json.",
@@ -74,7 +80,7 @@ def _options_epilog() -> str:
         "  defuse run                                   # embedded digits data, runs/digits\n"
         "  defuse run --config configs/mnist-test-split.yaml\n"
         "  defuse fit-classifier --set classifier.epochs=3 --set seed=1 --run-dir runs/try\n"
-        "  defuse run --force fit-generator             # re-train the VAE even if current\n"
+        "  defuse run --force fit-generator             # re-train the VAE and re-run every stage after it\n"
         "  defuse label --run-dir runs/digits           # label a run's regions (its config is read from the run)\n"
         "  defuse run --labels auto                     # accept the conservative suggestions, then repair\n"
     )
@@ -122,10 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", default="before", metavar="before|after|PATH",
                            help="which classifier: before (classifier.ckpt, the default), after (repaired.ckpt) or a "
                                 "checkpoint file (written as checks/<its stem>.*)")
+        if name in ("run", "check"):
+            p.add_argument("--fail-on", default=None, choices=FAIL_ON, dest="fail_on",
+                           help="regression: exit with status 3, the reasons printed, when the repaired model "
+                                "regresses (run: clean accuracy, a class or an EI transform beyond report.max_clean_"
+                                "drop / report.max_class_drop / 0.01; check: an EI regression against check-before); "
+                                "for CI pipelines (report.fail_on)")
         if name == "run":
             p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                           help=f"re-run STAGE even if current (repeatable; 'all' for every stage). "
-                                f"Stages: {', '.join(s.name for s in STAGES)}")
+                           help=f"re-run STAGE and every stage after it, even if current (repeatable; 'all' for "
+                                f"every stage). Stages: {', '.join(s.name for s in STAGES)}")
         else:
             p.add_argument("--force", action="store_true", help="re-run even if the outputs are current")
     return parser
@@ -139,12 +151,16 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, RunDir]:
         overrides.append(f"label.mode={args.labels}")
     if getattr(args, "relabel", False):
         overrides.append("correct.relabel=true")
+    if getattr(args, "fail_on", None):
+        overrides.append(f"report.fail_on={args.fail_on}")
     if args.no_progress or not sys.stderr.isatty():
         overrides.append("trainer.progress_bar=false")
     recorded = RunDir(args.run_dir).manifest().get("config") if args.run_dir and args.config is None else None
     if recorded:  # `defuse label --run-dir DIR` continues DIR's run with the config it was made with
         # ... but where labels come from is asked each time: a run never remembers "auto" on the user's behalf.
-        recorded = {**recorded, "label": {**recorded.get("label", {}), "mode": "prompt"}}
+        # So is the CI gate: --fail-on holds for the command it is given to.
+        recorded = {**recorded, "label": {**recorded.get("label", {}), "mode": "prompt"},
+                    "report": {**recorded.get("report", {}), "fail_on": "never"}}
         config = config_from_mapping(recorded, overrides, origin=str(RunDir(args.run_dir).manifest_path))
     else:
         config = load_config(args.config, overrides)
@@ -217,7 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config, run = _resolve(args)
         if args.command == "run":
-            results = run_pipeline(config, run, force=tuple(args.force))
+            with _StageProgress(errors, enabled=config.trainer.progress_bar) as progress:
+                results = run_pipeline(config, run, force=tuple(args.force), on_stage=progress.update)
         elif args.command == "check" and args.model not in ("before", "after"):
             start = time.perf_counter()
             metrics = check_file(config, run, args.model)
@@ -236,8 +253,89 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     _print_results(console, run, results)
     if args.command == "run":
-        console.print(f"Not built yet (see the open issues): {', '.join(NOT_BUILT_YET)}.")
+        _print_summary(console, run)
+        if NOT_BUILT_YET:
+            console.print(f"Not built yet (see the open issues): {', '.join(NOT_BUILT_YET)}.")
+    if config.report.fail_on == "regression" and args.command in ("run", "check"):
+        return _gate(errors, config, run, results, whole_run=args.command == "run")
     return 0
+
+
+class _StageProgress:
+    """One progress display across the pipeline's stages: a rich bar in a terminal (Lightning's own bars nest
+    inside it), one line per stage otherwise, so a log shows where a long run is."""
+
+    def __init__(self, console: Console, enabled: bool) -> None:
+        self.console = console
+        self.live = enabled and console.is_terminal
+        self.progress = None
+
+    def __enter__(self) -> "_StageProgress":
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("[bold]defuse run[/]"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.description}"), TimeElapsedColumn(), console=self.console)
+            self.progress.start()
+            self.task = self.progress.add_task("", total=len(STAGES))
+        return self
+
+    def update(self, index: int, stage, result: StageResult | None) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=index + (result is not None),
+                                 description=stage.name if result is None else f"{stage.name}: {result.status}")
+        elif result is not None:
+            self.console.print(f"[{index + 1}/{len(STAGES)}] {stage.name}: {result.status} ({result.seconds:.1f}s)",
+                               highlight=False, markup=False)
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+def _print_summary(console: Console, run: RunDir) -> None:
+    """The run in five lines: clean accuracy before/after, regions, regressions, and where the report is."""
+    if not run.path(REPORT_JSON).exists():
+        return
+    report = json.loads(run.path(REPORT_JSON).read_text())
+    clean, summary = report.get("clean_accuracy") or {}, report["summary"]
+    lines = [f"[bold]{escape(report['status'])}[/]: {escape(report['status_detail'])}"]
+    if clean.get("after") is not None:
+        lines.append(f"clean test accuracy {clean['before']:.2%} -> {clean['after']:.2%} (change "
+                     f"{100 * clean['change']:+.2f} points, 95% interval [{100 * clean['change_ci95'][0]:+.2f}, "
+                     f"{100 * clean['change_ci95'][1]:+.2f}]; {clean['n']} test images)")
+    elif clean.get("before") is not None:
+        lines.append(f"clean test accuracy {clean['before']:.2%} ({clean.get('n')} test images)")
+    lines.append(f"regions: {summary['regions_found']} found, {summary['regions_labelled']} labelled, "
+                 f"{summary['regions_labelled_bug']} labelled a bug, {summary['regions_repaired']} repaired")
+    if report["status"] == "complete":
+        lines.append(f"regressions: {len(report['regressions'])}" + "".join(
+            f"\n  - {escape(item['detail'])}" for item in report["regressions"]))
+    lines.append(f"report: {escape(str(run.path(REPORT_HTML)))}")
+    console.print("\n".join(lines), soft_wrap=True, highlight=False)
+
+
+def _gate(errors: Console, config: RunConfig, run: RunDir, results: list[StageResult], whole_run: bool) -> int:
+    """--fail-on regression: status 3 and the reasons when the repaired model regresses, else 0. A whole run is
+    judged on verify.json and check-after; `defuse check` on the EI of the model it checked against check-before."""
+    from defuse.report import find_regressions
+
+    if any(r.status == AWAITING_LABELS for r in results):
+        errors.print("[yellow]--fail-on regression:[/] nothing was repaired (regions await labels): no regression "
+                     "to check.")
+        return 0
+    verify = json.loads(run.path(VERIFY_JSON).read_text()) if run.path(VERIFY_JSON).exists() else None
+    check_files = [r.metrics["file"] for r in results if str(r.metrics.get("file", "")).startswith("checks/")]
+    checked = [json.loads(run.path(name).read_text()) for name in check_files if run.path(name).exists()]
+    found = find_regressions(verify if whole_run else None,
+                             next((c for c in checked if c.get("ei_change")), None), config.report)
+    if not found:
+        errors.print("--fail-on regression: no regression.", highlight=False)
+        return 0
+    errors.print(f"[bold red]--fail-on regression:[/] {len(found)} regression(s):", highlight=False)
+    for item in found:
+        errors.print(f"  - {escape(item['detail'])}", highlight=False)
+    return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

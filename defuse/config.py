@@ -27,6 +27,7 @@ DISCOVERY_SPLITS = ("train", "val", "audit")  # what identify may search and fit
 # Field metadata of keys that change how a run looks, never what it computes: left out of stage fingerprints, so
 # turning progress bars off (as the CLI does when stderr is no terminal) never re-runs a finished stage.
 PRESENTATION = {"presentation": True}
+FAIL_ON = ("never", "regression")
 # Field metadata of keys that name a file or folder: stage fingerprints include what is there, not only the name,
 # so editing the data file (relabelling, say) or replacing a model file re-runs what read it.
 PATH = {"path": True}
@@ -279,6 +280,27 @@ class CheckConfig:
 
 
 @dataclass
+class ReportConfig:
+    """The before/after report (report/) and the regression gate of `--fail-on regression` (see defuse.report)."""
+
+    # A regression: clean test accuracy falls by more than max_clean_drop with a paired 95% interval that excludes
+    # 0 (the rule EI uses with 0.01); a class's test accuracy falls by more than max_class_drop (a class of 45 test
+    # images: 3 of them); or an EI regression of check-after (EI drop beyond 0.01, interval excluding 0).
+    max_clean_drop: float = 0.01
+    max_class_drop: float = 0.05
+    # regression: `defuse run` and `defuse check` exit with status 3 when the repaired model regresses; never: 0.
+    fail_on: str = field(default="never", metadata=PRESENTATION)
+
+    def validate(self) -> None:
+        for name in ("max_clean_drop", "max_class_drop"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"`report.{name}` must be a fraction in [0, 1] (0.01 is one point), got {value} "
+                                 f"instead.")
+        _check_choice("report.fail_on", self.fail_on, FAIL_ON)
+
+
+@dataclass
 class CorrectConfig:
     """Fine-tuning the classifier on fresh samples of the labelled regions (see defuse.correct)."""
 
@@ -358,6 +380,7 @@ class RunConfig:
     label: LabelConfig = field(default_factory=LabelConfig)
     correct: CorrectConfig = field(default_factory=CorrectConfig)
     check: CheckConfig = field(default_factory=CheckConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     def validate(self) -> "RunConfig":
@@ -366,7 +389,7 @@ class RunConfig:
         if self.seed < 0:
             raise ValueError(f"`seed` must be >= 0, got {self.seed} instead.")
         for section in (self.data, self.classifier, self.generator, self.identify, self.distill, self.label, self.correct,
-                        self.check, self.trainer):
+                        self.check, self.report, self.trainer):
             section.validate()
         if self.generator and self.data.image_size not in GENERATOR_SIZES:
             raise ValueError(

@@ -68,6 +68,7 @@ BUG_SCORE = "error_rate * validity * confidence * real_error_rate (see defuse.di
 ELLIPSOID_QUANTILE = 0.9  # "inside a region": within the 90% ellipsoid of its Gaussian
 REAL_PRIOR = (0.5, 5.0)  # real_error_rate = (real_misread + 0.5) / (real_neighbours + 5)
 GRID_SAMPLES = 16
+REAL_SHOWN = 8  # nearest real images per region recorded in regions.json and drawn for the report
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class Region:
     real_misread: int = 0  # of those, read as predicted_label by the classifier
     real_distance: float = 0.0  # their median distance to the centre, standardised latent units
     real_error_rate: float = REAL_PRIOR[0] / REAL_PRIOR[1]  # (real_misread + 0.5) / (real_neighbours + 5)
+    real_nearest: list[int] = field(default_factory=list)  # the nearest of them (held-out split positions), nearest first
+    real_nearest_read: list[int] = field(default_factory=list)  # the class the classifier reads each of them as
     mean: list[float] = field(default_factory=list, repr=False)
     cov: list[list[float]] = field(default_factory=list, repr=False)
 
@@ -150,7 +153,9 @@ class Regions:
             "classes": list(classes),
             "stats": self.stats,
             "regions": [{**r.summary(), "params": f"{REGIONS_DIR}/region_{r.id:02d}.npz",
-                         "grid": f"{REGIONS_DIR}/region_{r.id:02d}.png"} for r in self.regions],
+                         "grid": f"{REGIONS_DIR}/region_{r.id:02d}.png",
+                         "real_grid": f"{REGIONS_DIR}/region_{r.id:02d}_real.png" if r.real_nearest else None}
+                        for r in self.regions],
         })
         return written
 
@@ -178,6 +183,7 @@ class RealEvidence:
     z: np.ndarray
     labels: np.ndarray
     predicted: np.ndarray
+    images: torch.Tensor | None = field(default=None, repr=False)  # (N, C, H, W), for the report's pictures
 
     @classmethod
     def observe(cls, classifier: nn.Module, generator: nn.Module, images: "ImageSet") -> "RealEvidence":
@@ -186,7 +192,7 @@ class RealEvidence:
         from defuse.models.inference import predict_labels
 
         x = images.float_images()
-        return cls(latent_means(generator, x).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy())
+        return cls(latent_means(generator, x).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy(), x)
 
 
 def inside_ellipsoid(z: np.ndarray, mean: np.ndarray, cov: np.ndarray, quantile: float = ELLIPSOID_QUANTILE) -> np.ndarray:
@@ -279,7 +285,7 @@ def distill(
             pair_median_radius=c["pair_median_radius"], source_confidence=c["source_confidence"],
             coverage=c["coverage"], bug_score=c["bug_score"], real_neighbours=c["real_neighbours"],
             real_misread=c["real_misread"], real_distance=c["real_distance"], real_error_rate=c["real_error_rate"],
-            mean=c["mean"].tolist(), cov=c["cov"].tolist(),
+            real_nearest=c["real_nearest"], real_nearest_read=c["real_nearest_read"], mean=c["mean"].tolist(), cov=c["cov"].tolist(),
         )
         for rank, c in enumerate(scored, start=1)
     ]
@@ -346,7 +352,10 @@ def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvid
         inside = inside_ellipsoid(z_all, c["fit_mean"], c["fit_cov"])  # the component as fitted, before refinement
         same_pair = (pair_of[:, 0] == c["source"]) & (pair_of[:, 1] == c["predicted"])
         purity = float(same_pair[inside].mean()) if inside.any() else 1.0
-        neighbours, misread_real, distance = _real_neighbours(real, validity, c, config.real_neighbours)
+        nearest = _real_neighbours(real, validity, c, config.real_neighbours)
+        read = real.predicted[nearest] if len(nearest) else np.zeros(0, dtype=int)
+        neighbours, misread_real = len(nearest), int((read == c["predicted"]).sum())
+        distance = _real_distance(real, validity, c, nearest)
         real_rate = (misread_real + REAL_PRIOR[0]) / (neighbours + REAL_PRIOR[1])
         out.append({
             **c,
@@ -364,25 +373,42 @@ def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvid
             "real_misread": misread_real,
             "real_distance": round(distance, 4),
             "real_error_rate": round(real_rate, 4),
+            "real_nearest": [int(i) for i in nearest[:REAL_SHOWN]],
+            "real_nearest_read": [int(k) for k in read[:REAL_SHOWN]],
             "bug_score": round(error_rate * validity_mean * confidence * real_rate, 4),
         })
     return out
 
 
 def _real_neighbours(real: RealEvidence | None, validity: ValidityModel, candidate: dict[str, Any],
-                     k: int) -> tuple[int, int, float]:
-    """(how many, how many misread as the candidate's mistake, median distance) of the ``k`` real images of its
-    source class nearest its centre, in the validity model's standardised latent space."""
+                     k: int) -> np.ndarray:
+    """Positions in ``real`` of the ``k`` real images of the candidate's source class nearest its centre, in the
+    validity model's standardised latent space, nearest first (empty without real evidence)."""
     if real is None or len(real.z) == 0:
-        return 0, 0, 0.0
-    of_source = np.nonzero(real.labels == candidate["source"])[0]
-    if len(of_source) == 0:
-        return 0, 0, 0.0
-    centre = (candidate["mean"] - validity.mean) / validity.scale
-    distance = np.linalg.norm((real.z[of_source] - validity.mean) / validity.scale - centre, axis=1)
-    nearest = np.argsort(distance, kind="stable")[:k]
-    misread = int((real.predicted[of_source[nearest]] == candidate["predicted"]).sum())
-    return len(nearest), misread, float(np.median(distance[nearest]))
+        return np.zeros(0, dtype=int)
+    return nearest_of_class(real.z, real.labels, candidate["source"], candidate["mean"], validity, k)
+
+
+def nearest_of_class(z: np.ndarray, labels: np.ndarray, label: int, centre: np.ndarray, validity: ValidityModel,
+                     k: int) -> np.ndarray:
+    """Positions of the ``k`` latents ``z`` with ``labels == label`` nearest ``centre`` in the validity model's
+    standardised latent space, nearest first: the rule behind a region's real evidence (audit split, distill) and
+    its real test images (verify)."""
+    of_label = np.nonzero(labels == label)[0]
+    distance = _standardised_distance(z[of_label], validity, centre)
+    return of_label[np.argsort(distance, kind="stable")[:k]]
+
+
+def _real_distance(real: RealEvidence | None, validity: ValidityModel, candidate: dict[str, Any],
+                   nearest: np.ndarray) -> float:
+    """Median standardised distance of the ``nearest`` real images to the candidate's centre (0 without any)."""
+    if real is None or len(nearest) == 0:
+        return 0.0
+    return float(np.median(_standardised_distance(real.z[nearest], validity, candidate["mean"])))
+
+
+def _standardised_distance(z: np.ndarray, validity: ValidityModel, centre: np.ndarray) -> np.ndarray:
+    return np.linalg.norm((z - validity.mean) / validity.scale - (centre - validity.mean) / validity.scale, axis=1)
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -414,13 +440,19 @@ def save_grid_png(path, images: torch.Tensor, scale: int = 3) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points: int = 4000) -> None:
-    """2-D UMAP of failure latents, coloured by the region each failure was assigned to (grey: none)."""
+def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points: int = 4000,
+              real: RealEvidence | None = None, max_real: int = 1000, thumbnails: int = 60) -> None:
+    """2-D UMAP of failure latents, coloured by the region each failure was assigned to (grey: none).
+
+    With ``real`` (the held-out images distill read as evidence), up to ``max_real`` of their latents are embedded
+    with the failures and drawn underneath as faint dots, with ``thumbnails`` of the images themselves at their
+    places: a reader sees which real digits each failure cluster sits among."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import umap
+    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
     from sklearn.metrics import pairwise_distances
 
     z = failures.z
@@ -436,21 +468,36 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
         d2 = np.einsum("nd,dk,nk->n", diff, np.linalg.inv(np.asarray(region.cov)), diff)
         better = same & (d2 < best)
         assignment[better], best[better] = region.id, d2[better]
+    real_keep = np.zeros(0, dtype=int)
+    if real is not None and len(real.z):
+        real_keep = np.sort(rng.choice(len(real.z), size=min(len(real.z), max_real), replace=False))
+    points = np.concatenate([z, real.z[real_keep]]) if len(real_keep) else z
     # Precomputed distances: below 4,096 points umap-learn otherwise calls its metric once per pair from Python
     # (16 million calls for 4,000 failures: 9 s of a 12 s fit); 200 layout epochs, its own default for large data.
-    embedding = umap.UMAP(n_components=2, n_neighbors=min(15, max(2, len(z) - 1)), metric="precomputed", n_epochs=200,
-                          random_state=int_seed(seed, "distill.umap")).fit_transform(pairwise_distances(z))
-    fig, ax = plt.subplots(figsize=(7, 6), dpi=110)
-    ax.scatter(*embedding[assignment < 0].T, s=4, c="#cccccc", label="no region")
+    embedding = umap.UMAP(n_components=2, n_neighbors=min(15, max(2, len(points) - 1)), metric="precomputed",
+                          n_epochs=200, random_state=int_seed(seed, "distill.umap")
+                          ).fit_transform(pairwise_distances(points))
+    failure_xy, real_xy = embedding[: len(z)], embedding[len(z):]
+    fig, ax = plt.subplots(figsize=(8, 6.5), dpi=110)
+    if len(real_keep):
+        ax.scatter(*real_xy.T, s=3, c="#e3e3e3", label="real held-out images", zorder=0)
+        if real.images is not None:
+            for i in rng.choice(len(real_keep), size=min(thumbnails, len(real_keep)), replace=False):
+                image = real.images[real_keep[i]].float().clamp(0, 1).permute(1, 2, 0).numpy()
+                box = OffsetImage(image[..., 0] if image.shape[2] == 1 else image, zoom=0.9, cmap="gray_r"
+                                  if image.shape[2] == 1 else None, alpha=0.45)
+                ax.add_artist(AnnotationBbox(box, real_xy[i], frameon=False, zorder=1))
+    ax.scatter(*failure_xy[assignment < 0].T, s=4, c="#9a9a9a", label="failure, no region", zorder=2)
     cmap = plt.get_cmap("tab20")
     for region in regions.regions[:20]:
         mask = assignment == region.id
         if mask.any():
-            ax.scatter(*embedding[mask].T, s=6, color=cmap((region.id - 1) % 20), label=f"#{region.id} {region.pair}")
-    ax.set_title("Failures in latent space (UMAP), coloured by region")
+            ax.scatter(*failure_xy[mask].T, s=6, color=cmap((region.id - 1) % 20), label=f"#{region.id} {region.pair}",
+                       zorder=3)
+    ax.set_title("Failures in latent space (UMAP) among real images, coloured by region")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(fontsize=6, markerscale=2, loc="best", ncol=2)
+    ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
@@ -458,14 +505,20 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
 
 
 def save_pictures(run: RunDir, regions: Regions, failures: Failures, generator: nn.Module, config: DistillConfig,
-                  seed: int) -> None:
-    """Each region's sample grid (regions/region_XX.png) and, with ``config.umap``, the failure map (umap.png).
+                  seed: int, real: RealEvidence | None = None) -> None:
+    """Each region's sample grid (regions/region_XX.png), the real images nearest it (regions/region_XX_real.png,
+    when ``real`` holds images) and, with ``config.umap``, the failure map (umap.png).
 
     Pictures of an earlier distill run are removed first, so no stale grid outlives its region."""
     for stale in run.path(REGIONS_DIR).glob("region_*.png") if run.path(REGIONS_DIR).is_dir() else ():
         stale.unlink()
     for region_id, images in region_grids(regions, generator, config.tau, seed).items():
         save_grid_png(run.path(f"{REGIONS_DIR}/region_{region_id:02d}.png"), images)
+    if real is not None and real.images is not None:
+        for region in regions.regions:
+            if region.real_nearest:
+                save_grid_png(run.path(f"{REGIONS_DIR}/region_{region.id:02d}_real.png"),
+                              real.images[region.real_nearest])
     run.path(UMAP_PNG).unlink(missing_ok=True)
     if config.umap and len(failures) >= 10:
-        save_umap(run.path(UMAP_PNG), failures, regions, seed)
+        save_umap(run.path(UMAP_PNG), failures, regions, seed, real=real)

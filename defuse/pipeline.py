@@ -27,6 +27,9 @@ from defuse.artifacts import (
     LABEL_ISSUES,
     LABELS_FILE,
     REGIONS_DIR,
+    REPORT_HTML,
+    REPORT_JSON,
+    REPORT_MD,
     REGIONS_JSON,
     REPAIRED_CKPT,
     UMAP_PNG,
@@ -79,10 +82,11 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     loaded = load_classifier(run.path(CLASSIFIER_CKPT))
     generator = load_generator(run.path(GENERATOR_CKPT))
     audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split)
+    real = RealEvidence.observe(loaded.model, generator, audit)
     regions = distill(discovery.failures, loaded.model, generator, discovery.judge, loaded.classes or audit.classes,
-                      config.distill, seed=config.seed, real=RealEvidence.observe(loaded.model, generator, audit))
+                      config.distill, seed=config.seed, real=real)
     regions.save(run)
-    save_pictures(run, regions, discovery.failures, generator, config.distill, config.seed)
+    save_pictures(run, regions, discovery.failures, generator, config.distill, config.seed, real=real)
     return regions.metrics
 
 
@@ -133,7 +137,7 @@ def verify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     checked = verify(before, after, ImageDataModule(config.data, config.seed).split("test"), Regions.load(run),
                      LabelBook(run.path(LABELS_FILE)).bug_labels(), load_generator(run.path(GENERATOR_CKPT)),
                      ValidityModel.load(run.path(VALIDITY_MODEL)), tau=config.distill.tau, search=config.identify,
-                     seed=config.seed, trainer=config.trainer)
+                     real_neighbours=config.distill.real_neighbours, seed=config.seed, trainer=config.trainer)
     checked.save(run.path(VERIFY_JSON))
     return checked.metrics
 
@@ -165,6 +169,15 @@ def _check(config: RunConfig, run: RunDir, model_path: str, name: str, reference
     return run_check(load_classifier(run.path(model_path)).model, load_classifier(run.path(CLASSIFIER_CKPT)).model,
                      ImageDataModule(config.data, config.seed).split("test"), config.check, run.path(CHECKS_DIR),
                      name=name, reference=reference, seed=config.seed)
+
+
+def report_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
+    """Render what the stages wrote as report/index.html, report.json and report.md (no model is run)."""
+    from defuse.report import build_report
+
+    report = build_report(run, config.report)
+    report.save(run)
+    return report.metrics
 
 
 @dataclass(frozen=True)
@@ -205,9 +218,12 @@ STAGES: tuple[Stage, ...] = (
           (REPAIRED_CKPT, CLASSIFIER_CKPT, GENERATOR_CKPT, LABELS_FILE, REGIONS_JSON, VALIDITY_MODEL)),
     Stage("check-after", check_after_stage, (CHECK_AFTER, f"{CHECKS_DIR}/after_*"), ("data", "check"),
           (REPAIRED_CKPT, CHECK_BEFORE)),
+    # Always re-rendered (a second or two): it reads whatever the stages before it left, including a run that
+    # stopped for labels, whose report says so.
+    Stage("report", report_stage, (REPORT_HTML, REPORT_JSON, REPORT_MD), ("report",), always=True),
 )
 # The pipeline of ../shared/DESIGN.md beyond what is built so far, in order.
-NOT_BUILT_YET: tuple[str, ...] = ("report",)
+NOT_BUILT_YET: tuple[str, ...] = ()
 
 
 def stage_named(name: str) -> Stage:
@@ -245,24 +261,34 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
     return StageResult(stage.name, False, time.perf_counter() - start, record.metrics)
 
 
-def run_pipeline(config: RunConfig, run: RunDir, force: tuple[str, ...] = ()) -> list[StageResult]:
+def run_pipeline(config: RunConfig, run: RunDir, force: tuple[str, ...] = (),
+                 on_stage: Callable[[int, Stage, StageResult | None], None] | None = None) -> list[StageResult]:
     """Run every built stage in order; ``force`` names stages to re-run even when current ("all" for every one).
 
     The run stops after ``label`` while any region awaits a label (nobody answered the prompt, no labels file,
     no ``--labels auto``): the repair needs a person's say-so. The stages after it are returned with the status
-    "awaiting labels" and are not run; the same command resumes once the regions are labelled.
+    "awaiting labels" and are not run, except ``report``, which shows what exists and says the run awaits labels;
+    the same command resumes once the regions are labelled. ``force`` re-runs the named stages and every stage
+    after the first of them ("re-run from there on": a downstream stage must see its inputs rebuilt even where a
+    deterministic re-run left their bytes unchanged). ``on_stage(index, stage, result)`` is called before each
+    stage (result None) and after it, for a progress display.
     """
     for name in force:
         if name != "all":
             stage_named(name)
     results: list[StageResult] = []
-    awaiting = False
-    for stage in STAGES:
-        if awaiting:
+    awaiting = forcing = False
+    for index, stage in enumerate(STAGES):
+        forcing = forcing or stage.name in force or "all" in force
+        if awaiting and stage.name != "report":
             results.append(StageResult(stage.name, True, 0.0, {}, AWAITING_LABELS))
-            continue
-        results.append(run_stage(stage, config, run, force=stage.name in force or "all" in force))
-        awaiting = stage.name == "label" and bool(results[-1].metrics.get("pending"))
+        else:
+            if on_stage:
+                on_stage(index, stage, None)
+            results.append(run_stage(stage, config, run, force=forcing))
+            awaiting = awaiting or (stage.name == "label" and bool(results[-1].metrics.get("pending")))
+        if on_stage:
+            on_stage(index, stage, results[-1])
     return results
 
 

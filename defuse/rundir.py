@@ -25,6 +25,8 @@ from typing import Any
 
 from defuse.artifacts import MANIFEST
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once (setting is the only way to read it), then restored
 _TRACKED_PACKAGES = ("defuse", "torch", "torchvision", "pytorch-lightning", "numpy", "scikit-learn", "umap-learn")
 
 
@@ -33,6 +35,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's 0600 would make a shared run directory unreadable to the team
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()

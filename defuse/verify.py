@@ -23,8 +23,8 @@ from torch import nn
 from defuse.artifacts import VERIFY_JSON  # noqa: F401  (re-exported)
 from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.data import ImageSet
-from defuse.distill import Region, Regions
-from defuse.identify import identify
+from defuse.distill import Region, Regions, nearest_of_class
+from defuse.identify import identify, latent_means
 from defuse.models.inference import predict_labels
 from defuse.rundir import atomic_write_json
 from defuse.seeding import int_seed, numpy_rng
@@ -97,6 +97,7 @@ def verify(
     tau: float,
     search: IdentifyConfig | None = None,
     samples_per_region: int = 256,
+    real_neighbours: int = 20,
     seed: int = 0,
     trainer: TrainerConfig | None = None,
 ) -> Verification:
@@ -111,6 +112,8 @@ def verify(
         tau: region samples come from N(mean, tau * cov).
         search: the identify config for re-discovery; None skips it.
         samples_per_region: fresh samples per labelled region.
+        real_neighbours: per region, how many real test images of its source class nearest its centre are graded
+            (distill's real-evidence rule, ``distill.real_neighbours``, applied to the test split).
         seed: the run's seed (streams ``verify.bootstrap``, ``verify.region_samples``; the searches use identify's).
         trainer: accelerator settings for the searches.
     """
@@ -122,7 +125,7 @@ def verify(
         failures_before, failures_after = (for_before.table, for_before.z), (for_after.table, for_after.z)
     result = compare(before, after, test.float_images(), test.labels, test.classes, regions, bug_labels, generator,
                      tau=tau, samples_per_region=samples_per_region, failures_before=failures_before,
-                     failures_after=failures_after, seed=seed)
+                     failures_after=failures_after, seed=seed, judge=judge, real_neighbours=real_neighbours)
     if search is not None:
         result["failures_by_pair"] = _failures_by_pair(for_before.table, for_after.table, test.classes)
         result["search_queries"] = {"before": for_before.stats["queries"], "after": for_after.stats["queries"]}
@@ -158,8 +161,14 @@ def compare(
     failures_before: tuple[pd.DataFrame, np.ndarray] | None = None,
     failures_after: tuple[pd.DataFrame, np.ndarray] | None = None,
     seed: int = 0,
+    judge: ValidityModel | None = None,
+    real_neighbours: int = 20,
 ) -> dict[str, Any]:
-    """The measurements of :func:`verify` on given images and given failures (tables and latents)."""
+    """The measurements of :func:`verify` on given images and given failures (tables and latents).
+
+    With ``judge``, each region also gets ``real_accuracy_before/after`` on the ``real_neighbours`` real images of
+    its source class nearest its centre (``real_n`` of them, ``real_distance`` their median standardised distance):
+    the region's bug as real test images show it, since regions are too tight to contain real images themselves."""
     pred_before, pred_after = predict_labels(before, images), predict_labels(after, images)
     ok_before, ok_after = pred_before == labels, pred_after == labels
     clean = bootstrap_accuracy(ok_before, ok_after, seed=int_seed(seed, "verify.bootstrap"))
@@ -171,9 +180,18 @@ def compare(
         for k, name in enumerate(classes) if bool((labels == k).any())
     }
     rng = numpy_rng(seed, "verify.region_samples")
+    z_real = latent_means(generator, images).numpy() if judge is not None and regions.regions else None
+    labels_np = labels.numpy()
     rows = []
     for region in regions.regions:
         entry: dict[str, Any] = {"id": region.id, "pair": region.pair, "label": bug_labels.get(region.id)}
+        if z_real is not None:
+            near = nearest_of_class(z_real, labels_np, region.source_label, np.asarray(region.mean), judge,
+                                    real_neighbours)
+            if len(near):
+                entry["real_n"] = int(len(near))
+                entry["real_accuracy_before"] = round(float(ok_before[near].float().mean()), 4)
+                entry["real_accuracy_after"] = round(float(ok_after[near].float().mean()), 4)
         if region.id in bug_labels:
             z = torch.from_numpy(region.sample(samples_per_region, tau, rng))
             x = generator.eval().decode(z)

@@ -35,8 +35,13 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     assert (tmp_path / "labels.jsonl").read_text() == ""  # nobody answered, nothing answered for them
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     stages = manifest["stages"]
-    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "check-before", "label"}
+    assert set(stages) == {"fit-classifier", "fit-generator", "identify", "distill", "check-before", "label", "report"}
     assert {stage["status"] for stage in stages.values()} == {"done"}
+    waiting = json.loads((tmp_path / "report" / "report.json").read_text())  # the report of what exists
+    assert waiting["status"] == "awaiting labels" and waiting["clean_accuracy"]["after"] is None
+    assert waiting["summary"]["regions_found"] == len(waiting["regions"]) == stages["label"]["metrics"]["pending"]
+    assert set(waiting["ei"]) == {"rotation", "grayscale", "rotation15", "brightness", "scale", "translation"}
+    assert "awaiting labels" in (tmp_path / "report" / "index.html").read_text()
     found = stages["identify"]["metrics"]
     assert found["images"] == 270  # the search started from the audit split, not the 449 test images
     assert found["sources"] == min(40, found["eligible"]) > 0
@@ -55,13 +60,13 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     assert stages["fit-classifier"]["metrics"]["test_n"] == 449
     assert manifest["config"]["classifier"]["epochs"] == 2
     classifier_hash = RunDir(tmp_path).artifact_hash("classifier.ckpt")
-    first = {k: v["finished"] for k, v in stages.items() if k != "label"}
+    first = {k: v["finished"] for k, v in stages.items() if k not in ("label", "report")}
 
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0  # again: every stage current, still waiting
     out = capsys.readouterr().out
-    assert out.count("skipped (current)") == 5 and out.count("awaiting labels") == 3
+    assert out.count("skipped (current)") == 5 and out.count("awaiting labels") == 3 + 1  # 3 stages, the summary
     again = json.loads((tmp_path / "manifest.json").read_text())["stages"]
-    assert {k: v.get("finished") for k, v in again.items() if k != "label"} == first
+    assert {k: v.get("finished") for k, v in again.items() if k not in ("label", "report")} == first
 
     labels = tmp_path / "answers.yaml"  # a person's answers: every region is a bug of its source class
     labels.write_text("".join(f"{r['id']}: {r['source_label']}\n" for r in regions["regions"]))
@@ -69,6 +74,9 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     stages = RunDir(tmp_path).manifest()["stages"]
     assert stages["correct"]["status"] == stages["verify"]["status"] == stages["check-after"]["status"] == "done"
     assert stages["correct"]["metrics"]["labelled_regions"] == len(regions["regions"])
+    done = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert done["status"] == "complete" and done["summary"]["regions_labelled_bug"] == len(regions["regions"])
+    assert [r["label_source"] for r in done["regions"]] == ["file"] * len(regions["regions"])
     before, after = (json.loads((tmp_path / "checks" / f"{name}.json").read_text()) for name in ("before", "after"))
     assert before["images"] == after["images"] == 64  # check.max_images of the 449 test images, the same ones
     assert before["ei"]["grayscale"]["applicable"] is False  # one-channel digits: not applicable, never a pass
@@ -188,7 +196,7 @@ def test_bad_config_exits_2_with_the_message(tmp_path, capsys):
 def test_unknown_force_stage_is_refused(tmp_path, capsys):
     assert main(["run", "--run-dir", str(tmp_path), "--force", "fit-everything"]) == 2
     expected = ("Unknown stage 'fit-everything'; the stages are: fit-classifier, fit-generator, identify, distill, "
-                "check-before, label, correct, verify, check-after.")
+                "check-before, label, correct, verify, check-after, report.")
     assert expected in capsys.readouterr().err
 
 

@@ -1,0 +1,362 @@
+"""The report stage: what the run found, what a person said, what the repair changed and what it did not break.
+
+The report only renders what the stages wrote (regions.json and its pictures, labels.jsonl, verify.json,
+checks/*.json and their heat maps, manifest.json): it computes no model output, so this module never imports torch
+(a test holds it to that) and a report can be rebuilt from a copied run directory anywhere.
+
+``report.json`` holds every figure under the keys the README documents (DESIGN.md's stable keys plus a few more);
+its content depends only on the run's artifacts, so two runs with one seed give the same file apart from
+``timings`` and ``metadata.run_dir``/``metadata.created``. ``index.html`` embeds its images (data: URLs) and
+loads nothing from outside, so it opens offline from a file: URL; ``report.md`` is the short form for a pull
+request. HTML goes through jinja2 with autoescaping, Markdown through :func:`markdown_escape`: class names and
+labels are user text.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from defuse.artifacts import (
+    CHECK_AFTER,
+    CHECK_BEFORE,
+    CHECKS_DIR,
+    LABELS_FILE,
+    REGIONS_JSON,
+    REPORT_HTML,
+    REPORT_JSON,
+    REPORT_MD,
+    UMAP_PNG,
+    VERIFY_JSON,
+)
+from defuse.config import ReportConfig
+from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
+
+TEMPLATES = Path(__file__).parent / "templates"
+EI_REGRESSION = 0.01  # check-after's rule for an EI regression (defuse.invariance.check), repeated in the text
+AWAITING_LABELS, COMPLETE, DISCOVERY_ONLY = "awaiting labels", "complete", "discovery only"
+# The stages in the order `defuse run` runs them, for the timings table (defuse.pipeline.STAGES is the source; it
+# is not imported here because the pipeline module's adapters are the ones that load torch when they run).
+STAGE_ORDER = ("fit-classifier", "fit-generator", "identify", "distill", "check-before", "label", "correct", "verify",
+               "check-after")
+
+
+@dataclass(frozen=True)
+class Report:
+    """The report stage's artifact: ``data`` is report.json; ``pictures`` maps a picture's run-directory name to
+    its PNG bytes (embedded in index.html, left out of report.json)."""
+
+    data: dict[str, Any]
+    pictures: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        clean = self.data.get("clean_accuracy") or {}
+        return {"status": self.data["status"], "regions": self.data["summary"]["regions_found"],
+                "regions_repaired": self.data["summary"]["regions_repaired"],
+                "clean_accuracy_before": clean.get("before"), "clean_accuracy_after": clean.get("after"),
+                "regressions": len(self.data["regressions"]), "report": REPORT_HTML}
+
+    def save(self, run: RunDir) -> list[str]:
+        """Write report/index.html, report/report.json and report/report.md; return their names."""
+        atomic_write_json(run.path(REPORT_JSON), self.data)
+        atomic_write_bytes(run.path(REPORT_HTML), render_html(self).encode())
+        atomic_write_bytes(run.path(REPORT_MD), render_markdown(self).encode())
+        return [REPORT_HTML, REPORT_JSON, REPORT_MD]
+
+    @classmethod
+    def load(cls, run: RunDir) -> "Report":
+        return cls(json.loads(run.path(REPORT_JSON).read_text()))
+
+
+def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
+    """Gather every figure the stages wrote into one report (nothing is computed from a model here).
+
+    Args:
+        run: the run directory; artifacts a stage has not written yet are reported as missing, not guessed.
+        config: the regression bounds (``report.max_clean_drop``, ``report.max_class_drop``).
+    """
+    config = config or ReportConfig()
+    manifest = run.manifest()
+    stages = manifest.get("stages", {})
+    regions_file = _read_json(run, REGIONS_JSON) or {"regions": [], "classes": [], "stats": {}}
+    classes = [str(c) for c in regions_file.get("classes", [])]
+    verify = _read_json(run, VERIFY_JSON) if _done(stages, "verify") else None
+    check_before = _read_json(run, CHECK_BEFORE) if _done(stages, "check-before") else None
+    check_after = _read_json(run, CHECK_AFTER) if _done(stages, "check-after") else None
+    answers = _standing_answers(run)
+    label_metrics = stages.get("label", {}).get("metrics", {})
+    repair = stages.get("correct", {}).get("metrics", {}) if _done(stages, "correct") else None
+
+    regions = [_region_entry(r, answers.get(int(r["id"])), verify, classes) for r in regions_file["regions"]]
+    repaired = bool(repair and repair.get("chosen"))
+    if label_metrics.get("pending"):
+        status = AWAITING_LABELS
+    elif verify is not None:
+        status = COMPLETE
+    else:
+        status = DISCOVERY_ONLY
+    data: dict[str, Any] = {
+        "status": status,
+        "status_detail": _status_detail(status, label_metrics, repair, run),
+        "summary": {
+            "regions_found": len(regions),
+            "regions_labelled": sum(r["label"] is not None for r in regions),
+            "regions_labelled_bug": sum(r["label_is_class"] for r in regions),
+            "regions_repaired": sum(r["label_is_class"] for r in regions) if repaired else 0,
+            "repair_admitted": repaired if repair is not None else None,
+        },
+        "clean_accuracy": (verify or {}).get("clean_accuracy") or _clean_before(stages),
+        "regions": regions,
+        "rediscovery": (verify or {}).get("rediscovery"),
+        "ei": _ei(check_before, check_after),
+        "variance": _variance(check_before, check_after),
+        "drift": {},  # physical drift tolerances: not built yet (see the open issues)
+        "per_class_accuracy": _per_class(verify, stages),
+        "repair": _repair(repair),
+        "regressions": find_regressions(verify, check_after, config),
+        "bounds": {"max_clean_drop": config.max_clean_drop, "max_class_drop": config.max_class_drop,
+                   "ei_drop": EI_REGRESSION},
+        "discovery": {"failures": regions_file.get("stats", {}).get("failures"),
+                      "queries": stages.get("identify", {}).get("metrics", {}).get("queries"),
+                      "bug_score": regions_file.get("bug_score")},
+        "timings": {name: stages[name].get("seconds") for name in STAGE_ORDER if name in stages},
+        "stages": {name: stages[name].get("status") for name in STAGE_ORDER if name in stages},
+        "metadata": {
+            "run_dir": str(run.root),
+            "created": manifest.get("created"),
+            "seed": manifest.get("seed"),
+            "config": manifest.get("config"),
+            "versions": manifest.get("versions"),
+            "split_sizes": stages.get("fit-classifier", {}).get("metrics", {}).get("split_sizes"),
+            "classes": classes,
+        },
+    }
+    return Report(data, _pictures(run, regions, check_before, check_after))
+
+
+def find_regressions(verify: dict[str, Any] | None, check_after: dict[str, Any] | None,
+                     config: ReportConfig) -> list[dict[str, Any]]:
+    """What the repaired model does worse than the original, by the bounds of ``config`` and check-after's EI rule.
+
+    Each entry: ``kind`` (clean_accuracy, class, ei), ``what`` and a sentence ``detail`` with the figures."""
+    found: list[dict[str, Any]] = []
+    if verify:
+        clean = verify["clean_accuracy"]
+        low, high = clean["change_ci95"]
+        if clean["change"] < -config.max_clean_drop and high < 0:
+            found.append({"kind": "clean_accuracy", "what": "clean test accuracy",
+                          "detail": f"clean test accuracy fell {_points(-clean['change'])} "
+                                    f"({clean['before']:.4f} -> {clean['after']:.4f}, paired 95% interval of the "
+                                    f"change [{low:+.4f}, {high:+.4f}]), beyond report.max_clean_drop "
+                                    f"{config.max_clean_drop}"})
+        for name, c in verify.get("per_class_accuracy", {}).items():
+            drop = c["before"] - c["after"]
+            if drop > config.max_class_drop + 1e-9:
+                found.append({"kind": "class", "what": f"class {name}",
+                              "detail": f"class {name} fell {_points(drop)} ({c['before']:.4f} -> {c['after']:.4f} "
+                                        f"on {c['n']} test images), beyond report.max_class_drop "
+                                        f"{config.max_class_drop}"})
+    for transform, change in ((check_after or {}).get("ei_change") or {}).items():
+        if change and change.get("regression"):
+            m = change["change"]
+            found.append({"kind": "ei", "what": f"EI under {transform}",
+                          "detail": f"Effective Invariance under {transform} fell {-m['mean']:.3f} (95% interval "
+                                    f"[{m['low']:+.3f}, {m['high']:+.3f}]): beyond {EI_REGRESSION} and excluding 0"})
+    return found
+
+
+def markdown_escape(text: Any) -> str:
+    """User text (class names, labels) as literal Markdown: ``<`` and ``&`` as entities (no HTML tag can open; a
+    lone ``>`` cannot start one, so "7 -> 1" stays readable), Markdown's own syntax characters backslash-escaped."""
+    text = str(text).replace("&", "&amp;").replace("<", "&lt;")
+    return re.sub(r"([\\`*_{}\[\]()#+!|~])", r"\\\1", text)
+
+
+def render_html(report: Report) -> str:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=True, trim_blocks=True, lstrip_blocks=True,
+                      undefined=StrictUndefined)
+    env.filters["pct"] = _pct
+    env.filters["interval"] = _interval
+    pictures = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in report.pictures.items()}
+    from defuse.report.figures import per_class_figure
+
+    figure = per_class_figure(report.data["per_class_accuracy"])
+    if figure:
+        pictures["per_class"] = "data:image/png;base64," + base64.b64encode(figure).decode()
+    return env.get_template("index.html.j2").render(r=report.data, pictures=pictures,
+                                                    config_json=json.dumps(report.data["metadata"]["config"],
+                                                                           indent=2))
+
+
+def render_markdown(report: Report) -> str:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=False, trim_blocks=True, lstrip_blocks=True,
+                      keep_trailing_newline=True, undefined=StrictUndefined)
+    env.filters["md"] = markdown_escape
+    env.filters["pct"] = _pct
+    env.filters["interval"] = _interval
+    return env.get_template("report.md.j2").render(r=report.data)
+
+
+# ----------------------------------------------------------------------------- gathering
+
+
+def _read_json(run: RunDir, name: str) -> dict[str, Any] | None:
+    path = run.path(name)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): re-run the stage that writes it "
+                         f"(`defuse run --force STAGE`).") from None
+
+
+def _done(stages: dict[str, Any], name: str) -> bool:
+    return stages.get(name, {}).get("status") == "done"
+
+
+def _standing_answers(run: RunDir) -> dict[int, Any]:
+    if not run.path(LABELS_FILE).exists():
+        return {}
+    from defuse.label import LabelBook
+
+    return LabelBook(run.path(LABELS_FILE)).answers()
+
+
+def _region_entry(region: dict[str, Any], answer: Any, verify: dict[str, Any] | None,
+                  classes: list[str]) -> dict[str, Any]:
+    measured = next((r for r in (verify or {}).get("regions", []) if r["id"] == region["id"]), {})
+    label = None if answer is None else answer.label
+    is_class = answer is not None and answer.is_bug
+    name = (lambda k: classes[k] if 0 <= k < len(classes) else str(k))
+    return {
+        "id": region["id"],
+        "pair": region["pair"],
+        "source_class": name(region["source_label"]),
+        "predicted_class": name(region["predicted_label"]),
+        "label": name(int(label)) if is_class else label,
+        "label_is_class": is_class,
+        "label_source": None if answer is None else answer.source,
+        "label_reason": None if answer is None else getattr(answer, "reason", None),
+        "bug_score": region["bug_score"],
+        "weight": region["weight"],
+        "n_failures": region["n_failures"],
+        "error_rate": region["error_rate"],
+        "validity": region["validity"],
+        "confidence": region["confidence"],
+        "purity": region["purity"],
+        "real_neighbours": region.get("real_neighbours", 0),
+        "real_misread": region.get("real_misread", 0),
+        "real_distance": region.get("real_distance"),
+        "real_nearest_read": [name(k) for k in region.get("real_nearest_read", [])],
+        "accuracy_before": measured.get("accuracy_before"),
+        "accuracy_after": measured.get("accuracy_after"),
+        "real_test_images": measured.get("real_n"),
+        "real_accuracy_before": measured.get("real_accuracy_before"),
+        "real_accuracy_after": measured.get("real_accuracy_after"),
+        "failures_before": measured.get("failures_before"),
+        "failures_after": measured.get("failures_after"),
+        "grid": region.get("grid"),
+        "real_grid": region.get("real_grid"),
+    }
+
+
+def _status_detail(status: str, label_metrics: dict[str, Any], repair: dict[str, Any] | None, run: RunDir) -> str:
+    if status == AWAITING_LABELS:
+        return (f"{label_metrics.get('pending')} of {label_metrics.get('regions')} regions await a label; nothing "
+                f"was repaired. Label them with `defuse label --run-dir {run.root}` (or --labels FILE, or --labels "
+                f"auto), then run the same command again.")
+    if status == DISCOVERY_ONLY:
+        return "The repair and its checks have not run yet: this report shows discovery and the original model."
+    if repair is not None and not repair.get("chosen"):
+        return f"The original weights were kept: {repair.get('reason', 'no candidate was admitted')}."
+    return "Repaired: the figures below compare the repaired classifier with the original on the test split."
+
+
+def _clean_before(stages: dict[str, Any]) -> dict[str, Any] | None:
+    metrics = stages.get("fit-classifier", {}).get("metrics", {})
+    if "test_accuracy" not in metrics:
+        return None
+    return {"before": metrics["test_accuracy"], "before_ci95": None, "after": None, "after_ci95": None, "change": None,
+            "change_ci95": None, "n": metrics.get("test_n")}
+
+
+def _ei(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for transform, e in (before or {}).get("ei", {}).items():
+        entry: dict[str, Any] = {"applicable": e["applicable"], "before": None, "after": None}
+        if e["applicable"]:
+            entry.update(before=e["ei"]["mean"], before_ci95=[e["ei"]["low"], e["ei"]["high"]],
+                         accuracy_before=(e.get("accuracy") or {}).get("mean"))
+        a = (after or {}).get("ei", {}).get(transform)
+        if a and a["applicable"]:
+            entry.update(after=a["ei"]["mean"], after_ci95=[a["ei"]["low"], a["ei"]["high"]],
+                         accuracy_after=(a.get("accuracy") or {}).get("mean"))
+        change = ((after or {}).get("ei_change") or {}).get(transform)
+        if change:
+            entry.update(change=change["change"]["mean"], change_ci95=[change["change"]["low"],
+                                                                       change["change"]["high"]],
+                         regression=bool(change["regression"]))
+        out[transform] = entry
+    return out
+
+
+def _variance(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for family, v in (before or {}).get("variance", {}).items():
+        a = (after or {}).get("variance", {}).get(family, {})
+        out[family] = {"mean_before": v.get("mean"), "mean_after": a.get("mean"),
+                       "verdict_before": v.get("verdict"), "verdict_after": a.get("verdict"),
+                       "p_invariant_before": v.get("probability_invariant"),
+                       "p_invariant_after": a.get("probability_invariant"),
+                       "heatmap_before": f"{CHECKS_DIR}/{v['heatmap']}" if v.get("heatmap") else None,
+                       "heatmap_after": f"{CHECKS_DIR}/{a['heatmap']}" if a.get("heatmap") else None}
+    return out
+
+
+def _per_class(verify: dict[str, Any] | None, stages: dict[str, Any]) -> dict[str, Any]:
+    if verify:
+        return {name: {**c, "change": round(c["after"] - c["before"], 4)}
+                for name, c in verify.get("per_class_accuracy", {}).items()}
+    before = stages.get("fit-classifier", {}).get("metrics", {}).get("per_class_accuracy", {})
+    return {name: {"before": acc, "after": None, "change": None, "n": None} for name, acc in before.items()}
+
+
+def _repair(repair: dict[str, Any] | None) -> dict[str, Any] | None:
+    if repair is None:
+        return None
+    keys = ("labelled_regions", "chosen", "reason", "chosen_on", "label_issues", "label_issues_of_labelling_bugs",
+            "relabelled", "relabelled_training_images", "guard_images", "guard", "real_bug_images",
+            "real_bug_accuracy_before", "real_bug_accuracy_after", "val_region_accuracy_before",
+            "val_region_accuracy_after")
+    return {k: repair[k] for k in keys if k in repair}
+
+
+def _pictures(run: RunDir, regions: list[dict[str, Any]], before: dict[str, Any] | None,
+              after: dict[str, Any] | None) -> dict[str, bytes]:
+    names = [UMAP_PNG]
+    names += [r[key] for r in regions for key in ("grid", "real_grid") if r.get(key)]
+    for check in (before, after):
+        names += [f"{CHECKS_DIR}/{v['heatmap']}" for v in (check or {}).get("variance", {}).values() if v.get("heatmap")]
+    return {name: run.path(name).read_bytes() for name in names if run.path(name).is_file()}
+
+
+def _points(fraction: float) -> str:
+    return f"{100 * fraction:.2f} points"
+
+
+def _pct(value: Any, digits: int = 1) -> str:
+    return "–" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _interval(pair: Any, digits: int = 1) -> str:
+    return "" if not pair else f"[{100 * pair[0]:.{digits}f}, {100 * pair[1]:.{digits}f}]"
