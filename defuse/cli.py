@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         errors.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Lightning answers Ctrl-C inside a Trainer with SystemExit(1)
         errors.print("[yellow]interrupted:[/] finished stages are kept; run the same command again to resume.")
         return 130
     _print_results(console, run, results)

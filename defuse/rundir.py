@@ -191,7 +191,8 @@ class RunDir:
         try:
             yield record
         except BaseException as err:
-            status = "interrupted" if isinstance(err, KeyboardInterrupt) else "failed"
+            # Lightning turns Ctrl-C inside a Trainer into SystemExit(1) after its graceful shutdown.
+            status = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
             self.record(
                 name, status, config, seed, fingerprint=stage_fingerprint,
                 seconds=round(time.perf_counter() - start, 3), error=f"{type(err).__name__}: {err}",

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from defuse.config import load_config
+from defuse.config import config_from_mapping, load_config
 from defuse.data import default_mnist_raw
+from defuse.rundir import RunDir
 
 
 # Digits with tiny models: enough to exercise every code path, fast enough for CI.
@@ -68,3 +69,35 @@ def make_folder(root, classes=("cat", "dog"), per_class=4, size=(10, 10), mode="
 def _torch_threads():
     torch.set_num_threads(2)
     yield
+
+
+def with_overrides(config, *overrides):
+    return config_from_mapping(config.to_dict(), list(overrides))
+
+
+def label_every_region(run: RunDir) -> str:
+    """A person's labels file: every region is a bug of its source class."""
+    import json
+
+    import yaml
+
+    regions = json.loads(run.path("regions.json").read_text())["regions"]
+    assert regions, "the tiny models produced no region"
+    path = run.path("answers.yaml")
+    path.write_text(yaml.safe_dump({r["id"]: r["source_label"] for r in regions}))
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """One tiny run through every stage, with a labels file; its config (shared: tests must not change it)."""
+    from defuse.pipeline import AWAITING_LABELS, run_pipeline
+
+    torch.set_num_threads(2)
+    run = RunDir(tmp_path_factory.mktemp("run"))
+    config = load_config(None, TINY_OVERRIDES)
+    results = run_pipeline(config, run)
+    assert [r.status for r in results][-3:] == [AWAITING_LABELS, AWAITING_LABELS, "done"]  # the report still runs
+    config = with_overrides(config, f"label.mode={label_every_region(run)}")
+    run_pipeline(config, run)
+    return run, config

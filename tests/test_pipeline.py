@@ -1,19 +1,22 @@
 """The stage adapters and the pipeline's wiring: fingerprints, stopping for labels, and what reads the test split."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from defuse.config import config_from_mapping, load_config
+from defuse.config import load_config
 from defuse.correct import LABEL_ISSUE_COLUMNS, REPAIRED_CKPT
 from defuse.label import LABELS_FILE, LabelBook
 from defuse.models import load_classifier
 from defuse.pipeline import (
-    AWAITING_LABELS,
     CURRENT,
     STAGES,
     correct_stage,
@@ -27,32 +30,8 @@ DISCOVERY_AND_REPAIR = ("classifier.ckpt", "generator.ckpt", "failures.parquet",
                         "regions.json", "repaired.ckpt")
 
 
-def _with(config, *overrides):
-    return config_from_mapping(config.to_dict(), list(overrides))
-
-
-def _label_every_region(run: RunDir) -> str:
-    """A person's labels file: every region is a bug of its source class."""
-    regions = json.loads(run.path("regions.json").read_text())["regions"]
-    assert regions, "the tiny models produced no region"
-    path = run.path("answers.yaml")
-    path.write_text(yaml.safe_dump({r["id"]: r["source_label"] for r in regions}))
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """One tiny run through every stage, with a labels file; its config."""
-    from conftest import TINY_OVERRIDES
-
-    torch.set_num_threads(2)
-    run = RunDir(tmp_path_factory.mktemp("run"))
-    config = load_config(None, TINY_OVERRIDES)
-    results = run_pipeline(config, run)
-    assert [r.status for r in results][-3:] == [AWAITING_LABELS, AWAITING_LABELS, "done"]  # the report still runs
-    config = _with(config, f"label.mode={_label_every_region(run)}")
-    run_pipeline(config, run)
-    return run, config
+from conftest import label_every_region  # noqa: E402
+from conftest import with_overrides as _with  # noqa: E402
 
 
 def test_every_stage_writes_what_it_declares_and_the_manifest_hashes_it(finished):
@@ -133,7 +112,7 @@ def test_no_stage_but_verify_reads_the_test_split(tmp_path, tiny_overrides):
         run = RunDir(tmp_path / name)
         run_pipeline(config, run)
         if name == "clean":
-            labels = _label_every_region(run)
+            labels = label_every_region(run)
         run_pipeline(_with(config, f"label.mode={labels}"), run)
         runs[name] = run
     clean, sentinel = runs["clean"], runs["sentinel"]
@@ -143,3 +122,64 @@ def test_no_stage_but_verify_reads_the_test_split(tmp_path, tiny_overrides):
     # ... while verify grades on it: the sentinel's noise is read, and shows
     graded = [json.loads(run.path("verify.json").read_text())["clean_accuracy"]["before"] for run in (clean, sentinel)]
     assert graded[0] > 0.3 and graded[1] < 0.2
+
+
+def _defuse(run_dir, overrides, *extra) -> list[str]:
+    sets = [arg for override in overrides for arg in ("--set", override)]
+    return [sys.executable, "-m", "defuse", "run", "--run-dir", str(run_dir), *sets, *extra]
+
+
+def _comparable(report: dict) -> dict:
+    """report.json without what legitimately differs between two runs of one seed: times and where they ran."""
+    report = json.loads(json.dumps(report))
+    del report["timings"]
+    for key in ("run_dir", "created"):
+        del report["metadata"][key]
+    return report
+
+
+MIDDLE_STAGES = ("identify", "distill", "check-before", "correct", "verify")
+
+
+def test_an_interrupted_run_resumes_where_it_stopped_and_reports_what_an_uninterrupted_run_does(tmp_path,
+                                                                                                tiny_overrides):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # The uninterrupted run: it stops for labels, a person answers in a file, the same command finishes.
+    whole = RunDir(tmp_path / "whole")
+    subprocess.run(_defuse(whole.root, tiny_overrides), check=True, capture_output=True, env=env)
+    labels = label_every_region(whole)
+    subprocess.run(_defuse(whole.root, tiny_overrides, "--labels", labels), check=True, capture_output=True, env=env)
+    expected = json.loads(whole.path("report/report.json").read_text())
+    assert expected["status"] == "complete"
+
+    # The same command in another directory, with Ctrl-C (a real SIGINT) while a middle stage runs.
+    broken = RunDir(tmp_path / "broken")
+    process = subprocess.Popen(_defuse(broken.root, tiny_overrides, "--labels", labels), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=env)
+    interrupted = None
+    deadline = time.monotonic() + 300
+    while interrupted is None and process.poll() is None and time.monotonic() < deadline:
+        try:
+            stages = json.loads(broken.manifest_path.read_text())["stages"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            stages = {}
+        interrupted = next((name for name in MIDDLE_STAGES if stages.get(name, {}).get("status") == "running"), None)
+        time.sleep(0.01)
+    assert interrupted, "the run finished before a middle stage could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted: finished stages are kept" in err
+    stages = broken.manifest()["stages"]
+    assert stages[interrupted]["status"] == "interrupted"
+    finished_first = [s.name for s in STAGES[: [s.name for s in STAGES].index(interrupted)]]
+    assert all(stages[name]["status"] == "done" for name in finished_first)
+    assert not broken.path("report").exists()
+
+    resumed = subprocess.run(_defuse(broken.root, tiny_overrides, "--labels", labels), check=True,
+                             capture_output=True, text=True, env=env)
+    for name in finished_first:  # not redone (label and report always run: they cost nothing)
+        expected_status = "done" if name == "label" else "skipped (current)"
+        assert f"] {name}: {expected_status} (" in resumed.stderr, (name, resumed.stderr)
+    assert f"] {interrupted}: done (" in resumed.stderr
+    assert _comparable(json.loads(broken.path("report/report.json").read_text())) == _comparable(expected)

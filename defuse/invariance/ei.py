@@ -78,6 +78,11 @@ def per_image_scores(model: nn.Module, images: torch.Tensor, transform: str,
     if views is None:
         return None
     probs = predict_logits(model, images).softmax(dim=1)
+    broken = int((~torch.isfinite(probs).all(dim=1)).sum())
+    if broken:  # NaN compares unequal to everything: EI and every verdict after it would be silently wrong
+        raise ValueError(f"The classifier's outputs are NaN or infinite on {broken} of {len(images)} images: its "
+                         f"weights or its normalisation (a zero std?) are broken. Check the checkpoint before "
+                         f"checking its invariances.")
     totals = {name: torch.zeros(len(images), dtype=torch.float64) for name in ("ei", "agree", "confidence", "correct")}
     for view in views:
         transformed = predict_logits(model, view.apply(images)).softmax(dim=1)

@@ -1,0 +1,148 @@
+"""The report: what it shows, that it escapes user text, that it computes nothing, the CI gate, a real browser."""
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from defuse.cli import main
+from defuse.config import ReportConfig
+from defuse.report import build_report, find_regressions, markdown_escape
+from defuse.rundir import RunDir
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIL = "<script>alert('x')</script>"
+
+
+def _copy(run: RunDir, tmp_path) -> RunDir:
+    target = tmp_path / "run"
+    shutil.copytree(run.root, target)
+    return RunDir(target)
+
+
+def test_the_report_shows_every_region_label_and_figure_of_the_run(finished):
+    run, _ = finished
+    report = json.loads(run.path("report/report.json").read_text())
+    regions = json.loads(run.path("regions.json").read_text())
+    verify = json.loads(run.path("verify.json").read_text())
+    labels = yaml_labels = yaml.safe_load(run.path("answers.yaml").read_text())
+    assert report["status"] == "complete"
+    assert [r["id"] for r in report["regions"]] == [r["id"] for r in regions["regions"]]  # rank order
+    assert report["clean_accuracy"] == verify["clean_accuracy"]
+    for entry, region in zip(report["regions"], regions["regions"]):
+        assert entry["pair"] == region["pair"] and entry["bug_score"] == region["bug_score"]
+        assert entry["label"] == regions["classes"][int(yaml_labels[region["id"]])] and entry["label_source"] == "file"
+        measured = next(r for r in verify["regions"] if r["id"] == region["id"])
+        assert entry["accuracy_before"] == measured["accuracy_before"]
+        assert entry["real_accuracy_after"] == measured["real_accuracy_after"]
+        assert 0 < entry["real_test_images"] <= 20
+    assert len(labels) == report["summary"]["regions_labelled"] == report["summary"]["regions_labelled_bug"]
+    before, after = (json.loads(run.path(f"checks/{n}.json").read_text()) for n in ("before", "after"))
+    assert report["ei"]["brightness"]["before"] == before["ei"]["brightness"]["ei"]["mean"]
+    assert report["ei"]["brightness"]["after"] == after["ei"]["brightness"]["ei"]["mean"]
+    assert report["ei"]["grayscale"] == {"applicable": False, "before": None, "after": None}
+    assert report["variance"]["scale"]["mean_after"] == after["variance"]["scale"]["mean"]
+    assert set(report["timings"]) == {"fit-classifier", "fit-generator", "identify", "distill", "check-before",
+                                      "label", "correct", "verify", "check-after"}
+    assert report["per_class_accuracy"]["3"]["change"] == round(
+        verify["per_class_accuracy"]["3"]["after"] - verify["per_class_accuracy"]["3"]["before"], 4)
+    html = run.path("report/index.html").read_text()
+    assert html.count('class="region-card') == len(regions["regions"])
+    # Self-contained: every image inline, nothing fetched from anywhere.
+    assert re.search(r'(src|href)="(?!data:|#)', html) is None and "<script" not in html
+    assert html.count('src="data:image/png;base64,') >= 2 * len(regions["regions"]) + 6  # grids, real, heat maps
+
+
+def test_user_text_is_escaped_in_html_and_markdown(finished, tmp_path):
+    run = _copy(finished[0], tmp_path)
+    regions = json.loads(run.path("regions.json").read_text())
+    regions["classes"][regions["regions"][0]["source_label"]] = EVIL
+    regions["regions"][0]["pair"] = f"{EVIL} -> x"
+    run.path("regions.json").write_text(json.dumps(regions))
+    build_report(run).save(run)
+    html, md = run.path("report/index.html").read_text(), run.path("report/report.md").read_text()
+    assert "<script" not in html and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
+    assert "<script" not in md and "&lt;script>alert\\(" in md
+    assert markdown_escape("a|b *c* <i>") == "a\\|b \\*c\\* &lt;i>"
+
+
+def test_importing_and_rendering_the_report_never_imports_torch(finished, tmp_path):
+    run = _copy(finished[0], tmp_path)
+    code = ("import sys; from defuse.report import build_report; from defuse.rundir import RunDir; "
+            f"build_report(RunDir({str(run.root)!r})).save(RunDir({str(run.root)!r})); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'lightning', "
+            "'pytorch_lightning'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert json.loads(run.path("report/report.json").read_text())["status"] == "complete"
+
+
+def _verify(change, ci, classes=None):
+    return {"clean_accuracy": {"before": 0.9, "after": 0.9 + change, "change": change, "change_ci95": ci},
+            "per_class_accuracy": classes or {}}
+
+
+def test_regressions_follow_the_documented_bounds():
+    config = ReportConfig(max_clean_drop=0.01, max_class_drop=0.05)
+    assert find_regressions(_verify(-0.02, [-0.03, -0.01]), None, config)[0]["kind"] == "clean_accuracy"
+    assert find_regressions(_verify(-0.02, [-0.04, 0.001]), None, config) == []  # the interval includes 0
+    assert find_regressions(_verify(-0.005, [-0.008, -0.002]), None, config) == []  # within the bound
+    classes = {"a": {"before": 1.0, "after": 0.94, "n": 50}, "b": {"before": 0.9, "after": 0.85, "n": 40}}
+    found = find_regressions(_verify(0.0, [0.0, 0.0], classes), None, config)
+    assert [f["what"] for f in found] == ["class a"]  # b fell exactly the bound: not beyond it
+    assert "6.00 points" in found[0]["detail"]
+    after = {"ei_change": {"grayscale": None, "scale": {"change": {"mean": -0.05, "low": -0.07, "high": -0.03},
+                                                        "regression": True},
+                           "rotation": {"change": {"mean": -0.02, "low": -0.05, "high": 0.01}, "regression": False}}}
+    assert [f["what"] for f in find_regressions(None, after, config)] == ["EI under scale"]
+
+
+def test_fail_on_regression_exits_3_with_the_reason_and_0_without_one(finished, tmp_path, capsys):
+    run = _copy(finished[0], tmp_path)
+    base = ["--run-dir", str(run.root)]
+    assert main(["check", *base, "--model", "before", "--fail-on", "regression"]) == 0  # no EI change against itself
+    assert "no regression" in capsys.readouterr().err
+    payload = torch.load(run.path("classifier.ckpt"), weights_only=True)
+    last = [k for k in payload["state_dict"] if k.endswith(".weight")][-1]
+    payload["state_dict"][last] = torch.zeros_like(payload["state_dict"][last])  # logits = the bias: constant
+    torch.save(payload, tmp_path / "broken.ckpt")
+    assert main(["check", *base, "--model", str(tmp_path / "broken.ckpt"), "--fail-on", "regression"]) == 3
+    err = capsys.readouterr().err
+    assert "--fail-on regression: " in err and "Effective Invariance under brightness fell" in err
+    payload["state_dict"] = {k: torch.zeros_like(v) for k, v in payload["state_dict"].items()}  # std 0: NaN out
+    torch.save(payload, tmp_path / "nan.ckpt")
+    assert main(["check", *base, "--model", str(tmp_path / "nan.ckpt"), "--fail-on", "regression"]) == 2
+    assert "outputs are NaN or infinite on 64 of 64 images" in capsys.readouterr().err
+    # Without the option the same check passes: the gate is opt-in, and a run does not remember it.
+    assert main(["check", *base, "--model", str(tmp_path / "broken.ckpt")]) == 0
+
+
+def _screenshot_module():
+    spec = importlib.util.spec_from_file_location("screenshot_report", ROOT / "scripts" / "screenshot_report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_report_opens_in_a_real_browser_without_errors(finished, tmp_path):
+    browser = _screenshot_module()
+    missing = browser.browser_missing()
+    if missing:
+        pytest.skip(f"headless Chromium unavailable: {missing}")
+    run, _ = finished
+    shot = tmp_path / "report.png"
+    page = browser.open_report(run.path("report/index.html"), shot)
+    regions = json.loads(run.path("regions.json").read_text())["regions"]
+    assert page["console_errors"] == []
+    assert page["status"] == "complete" and page["title"] == "defuse report: digits"
+    assert page["headline_rows"] >= 2 + 6 + 3  # clean accuracy, regions, EI per transform, variance per family
+    assert page["region_cards"] == [str(r["id"]) for r in regions]
+    assert page["images"] > 0 and page["broken_images"] == 0
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
