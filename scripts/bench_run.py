@@ -3,7 +3,7 @@
 For each target (the embedded digits run, and ``configs/mnist-test-split.yaml``) it runs the CLI exactly as a
 user would, in a fresh run directory, as a child process:
 
-* ``defuse run --labels auto``: wall time, the child's peak RSS (``os.wait4``), each stage's time from the
+* ``defuse run --labels auto`` (every stage, the checks and the report included): wall time, the child's peak RSS (``os.wait4``), each stage's time from the
   manifest, and the run's key figures (clean test accuracy before/after, regions, valid failures per 1,000
   queries, sources with a failure, regions auto-labelled a bug), so a speed-up that costs quality shows here;
 * with ``--stages``, each stage as its own subcommand in another fresh run directory, the wall time of each
@@ -67,6 +67,11 @@ def figures(run_dir: Path) -> dict:
     if (run_dir / "verify.json").exists():
         clean = json.loads((run_dir / "verify.json").read_text())["clean_accuracy"]
         out["clean_accuracy"] = {k: clean[k] for k in ("before", "after", "change_ci95")}
+    if (run_dir / "report" / "report.json").exists():
+        report = json.loads((run_dir / "report" / "report.json").read_text())
+        out["report"] = {"status": report["status"], "regressions": len(report["regressions"]),
+                         "index_html_kib": round((run_dir / "report" / "index.html").stat().st_size / 1024, 1),
+                         "report_md_bytes": (run_dir / "report" / "report.md").stat().st_size}
     return out
 
 
