@@ -262,8 +262,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _StageProgress:
-    """One progress display across the pipeline's stages: a rich bar in a terminal (Lightning's own bars nest
-    inside it), one line per stage otherwise, so a log shows where a long run is."""
+    """One progress display across the pipeline's stages: a rich bar in a terminal (on stderr; Lightning's own
+    bars draw below it, on stdout), one line per stage otherwise, so a log shows where a long run is. Sharing
+    Lightning's console instead breaks rich 15's stack of live displays when Lightning stops its bar."""
 
     def __init__(self, console: Console, enabled: bool) -> None:
         self.console = console

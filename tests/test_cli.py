@@ -1,6 +1,11 @@
 """The CLI and the stage wiring, end to end on tiny digits models."""
 
 import json
+import time
+import sys
+import subprocess
+import select
+import os
 import re
 
 import pandas as pd
@@ -271,3 +276,34 @@ def test_help_and_the_stage_table_load_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_run_in_a_terminal_shows_one_progress_bar_across_stages_and_a_summary(tmp_path, tiny_overrides):
+    """In a real pseudo-terminal: rich's stage bar with Lightning's bars inside a stage, and the final summary."""
+    sets = [arg for override in tiny_overrides if "progress_bar" not in override for arg in ("--set", override)]
+    master, slave = os.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "defuse", "run", "--run-dir", str(tmp_path), "--labels", "auto",
+                                *sets], stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                               start_new_session=True, env={**os.environ, "COLUMNS": "120"})
+    os.close(slave)
+    seen, deadline = b"", time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the process has gone and the terminal is closed
+                    break
+                if not chunk:
+                    break
+                seen += chunk
+        assert process.wait(timeout=30) == 0, seen.decode(errors="replace")[-3000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(master)
+    text = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", seen.decode(errors="replace"))
+    assert "defuse run" in text and "10/10" in text  # the stage bar reached the last stage
+    assert "Epoch 0/1" in text  # Lightning's own bar, inside fit-classifier
+    assert f"report: {tmp_path}/report/index.html" in text.replace("\r", "").replace("\n", "")
