@@ -1,0 +1,135 @@
+"""The acquisition model and drift forensics: identity, gradients, bounds, and the tolerance search's consistency."""
+
+import re
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from defuse.drift.acquisition import BY_NAME, IDENTITY, PARAMETERS, SensorNoise, acquire, check_setting, parameters_for
+from defuse.drift.forensics import BISECTION, GRID, drift_forensics, tolerance_along
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_identity_parameters_reproduce_the_input(channels):
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(6, channels, 16, 16, generator=generator)
+    x[0], x[1] = 0.0, 1.0  # black and white images: the pow() floors must not show
+    noise = SensorNoise.draw(x.shape, generator)
+    assert (acquire(x, {}) - x).abs().max() < 1e-6
+    applicable = {p.name: p.identity for p in parameters_for(channels)}
+    assert (acquire(x, applicable, noise) - x).abs().max() < 1e-6
+    as_tensors = {name: torch.full((6,), value) for name, value in applicable.items()}
+    assert (acquire(x, as_tensors, noise) - x).abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_autograd_matches_finite_differences_for_every_parameter(channels):
+    generator = torch.Generator().manual_seed(1)
+    x = (0.05 + 0.9 * torch.rand(4, channels, 12, 12, generator=generator)).double()
+    noise = SensorNoise.draw(x.shape, generator)
+    noise = SensorNoise(0.1 * noise.shot.double(), 0.1 * noise.read.double())  # small: no pixel near the clip
+    weights = torch.randn(x.shape, generator=generator).double()
+    checked = []
+    for p in parameters_for(channels):
+        if not p.differentiable:
+            continue
+        # A point away from the identity (where blur's derivative is 0 to first order) and away from the bounds.
+        point = p.identity + 0.2 * ((p.high if p.high > p.identity else p.low) - p.identity)
+
+        def loss(value):
+            return (acquire(x, {p.name: value}, noise) * weights).sum()
+
+        t = torch.full((4,), point, dtype=torch.float64, requires_grad=True)
+        (analytic,) = torch.autograd.grad(loss(t), t)
+        h = 1e-6
+        numeric = torch.stack([(loss(t.detach() + h * e) - loss(t.detach() - h * e)) / (2 * h)
+                               for e in torch.eye(4, dtype=torch.float64)])
+        error = ((analytic - numeric).abs().max() / numeric.abs().max().clamp_min(1e-12)).item()
+        assert error < 1e-3, (p.name, analytic, numeric)
+        checked.append(p.name)
+    assert len(checked) == len([p for p in parameters_for(channels) if p.differentiable]) >= 7
+
+
+def test_settings_outside_the_physical_bounds_or_the_channels_are_refused():
+    with pytest.raises(ValueError, match=re.escape("Drift parameter `blur_sigma` must be in [0.0, 3.0] (pixels "
+                                                   "(Gaussian PSF)), got 5 instead.")):
+        check_setting({"blur_sigma": 5}, 1)
+    with pytest.raises(ValueError, match="acts on colour images only; these have 1 channel"):
+        check_setting({"wb_red": 1.2}, 1)
+    with pytest.raises(ValueError, match="Unknown drift parameter 'iso'"):
+        check_setting({"iso": 800}, 1)
+    check_setting({"wb_red": 1.2, "exposure_ev": -1}, 3)
+    assert all(p.low <= p.identity <= p.high for p in PARAMETERS)
+
+
+def test_each_parameter_changes_images_the_physical_way():
+    x = torch.linspace(0.05, 0.95, 16 * 16).view(1, 1, 16, 16)
+    noise = SensorNoise.draw(x.shape, torch.Generator().manual_seed(0))
+    assert (acquire(x, {"exposure_ev": -1.0}) < x).all()  # half the light: darker everywhere
+    assert (acquire(x, {"exposure_ev": 1.0}) >= x).all()
+    blurred = acquire(x.repeat(1, 1, 1, 1) * (torch.arange(16) % 2).view(1, 1, 1, 16), {"blur_sigma": 1.5})
+    assert blurred.std() < (x * (torch.arange(16) % 2).view(1, 1, 1, 16)).std()  # a striped image loses contrast
+    assert acquire(x, {"read_noise": 0.1}, noise).sub(x).abs().mean() > 0.01
+    low = acquire(x, {"resolution": 0.5})
+    assert low.shape == x.shape and not torch.equal(low, x)
+    gray = acquire(torch.rand(2, 3, 8, 8), {"saturation": 0.0})
+    assert torch.allclose(gray[:, 0], gray[:, 1], atol=1e-5) and torch.allclose(gray[:, 1], gray[:, 2], atol=1e-5)
+
+
+class _Curve:
+    """A stand-in evaluator: accuracy is a fixed (possibly non-monotone) function of how far along the path."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def accuracy(self, setting):
+        t = (setting["exposure_ev"] - IDENTITY["exposure_ev"]) / 3.0
+        index = min(int(t * (len(self.values) - 1) + 1e-9), len(self.values) - 1)
+        return self.values[index]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(0.5, 1.0), min_size=2, max_size=200), st.floats(0.0, 0.2), st.floats(0.0, 0.2))
+def test_widening_the_allowed_drop_never_narrows_a_tolerance(values, a, b):
+    curve = _Curve(values)
+    narrow, wide = min(a, b), max(a, b)
+    t_narrow, _ = tolerance_along(curve, {"exposure_ev": 3.0}, 1.0, narrow)
+    t_wide, _ = tolerance_along(curve, {"exposure_ev": 3.0}, 1.0, wide)
+    assert 0.0 <= t_narrow <= t_wide <= 1.0
+
+
+def test_tolerance_stops_before_the_first_refused_point_within_a_bisection_step():
+    values = [1.0] * 50 + [0.9] * 50  # the drop jumps to 10 points half way
+    t, accuracy = tolerance_along(_Curve(values), {"exposure_ev": 3.0}, 1.0, 0.01)
+    boundary = 50 / 99  # the stub's first point at 0.9
+    assert accuracy == 1.0 and boundary - 1 / (GRID * 2**BISECTION) <= t < boundary
+
+
+def test_forensics_of_a_trained_classifier_is_deterministic_and_within_bounds(finished):
+    from defuse.data import ImageDataModule
+    from defuse.models import load_classifier
+    from defuse.models.inference import predict_labels
+
+    run, config = finished
+    model = load_classifier(run.path("classifier.ckpt")).model
+    test = ImageDataModule(config.data, config.seed).split("test")
+    x, y = test.float_images()[:120], test.labels[:120]
+    names = ("exposure_ev", "blur_sigma", "read_noise", "resolution")
+    first = drift_forensics(model, x, y, seed=0, parameters=names)
+    assert first == drift_forensics(model, x, y, seed=0, parameters=names)  # one noise draw, one answer
+    assert first["clean_accuracy"] == round(float((predict_labels(model, x) == y).float().mean()), 4)
+    assert set(first["parameters"]) == set(names)
+    for name, entry in first["parameters"].items():
+        p = BY_NAME[name]
+        for side in ("low", "high"):
+            value = entry[f"tolerance_{side}"]
+            if value is None:
+                assert (p.low if side == "low" else p.high) == p.identity
+            else:
+                assert min(p.identity, getattr(p, side)) <= value <= max(p.identity, getattr(p, side))
+                assert first["clean_accuracy"] - entry[f"accuracy_at_tolerance_{side}"] <= 0.01 + 1e-9
+    assert first["parameters"]["resolution"]["sensitivity"] is None  # piecewise constant: searched, not derived
+    assert first["parameters"]["blur_sigma"]["sensitivity"] == 0.0  # blur acts at second order at sigma 0
+    assert first["evaluations"] <= 1 + (len(names) + 2) * (GRID + BISECTION)
