@@ -22,6 +22,7 @@ VERIFY_JSON = "verify.json"  # verify
 CHECKS_DIR = "checks"  # check-before, check-after: <name>.json, <name>_ei.npz, matrices (.npy) and heat maps (.png)
 CHECK_BEFORE = "checks/before.json"  # check-before
 CHECK_AFTER = "checks/after.json"  # check-after
+DRIFT_TOLERANCE = "checks/drift_tolerance.json"  # check-after: the tolerated drift before and after the repair
 REPORT_DIR = "report"  # report
 REPORT_HTML = "report/index.html"  # report: self-contained (images embedded)
 REPORT_JSON = "report/report.json"  # report: every figure, under the keys the README documents

@@ -270,8 +270,15 @@ class CheckConfig:
     families: list[str] = field(default_factory=lambda: list(VARIANCE_FAMILIES))
     max_images: int = 2000  # test images checked (a seeded subset beyond that): 31 forward passes each per family
     per_class: bool = False  # also a variance matrix per class
+    # Physical drift forensics (defuse.drift): each acquisition parameter's sensitivity and tolerance, the largest
+    # drift keeping the accuracy drop within drift_max_drop, written as checks/<name>_drift_tolerance.json.
+    drift: bool = True
+    drift_max_drop: float = 0.01
 
     def validate(self) -> None:
+        if not 0 <= self.drift_max_drop < 1:
+            raise ValueError(f"`check.drift_max_drop` must be a fraction in [0, 1) (0.01 is one point), got "
+                             f"{self.drift_max_drop} instead.")
         for name in self.ei_transforms:
             _check_choice("check.ei_transforms", name, EI_TRANSFORM_NAMES)
         for name in self.families:

@@ -21,6 +21,7 @@ from defuse.artifacts import (
     CHECKS_DIR,
     CLASSIFIER_CKPT,
     CORRECT_DIR,
+    DRIFT_TOLERANCE,
     FAILURES_TABLE,
     FAILURES_Z,
     GENERATOR_CKPT,
@@ -216,7 +217,8 @@ STAGES: tuple[Stage, ...] = (
           (LABELS_FILE, REGIONS_JSON, CLASSIFIER_CKPT, GENERATOR_CKPT, VALIDITY_MODEL)),
     Stage("verify", verify_stage, (VERIFY_JSON,), ("data", "identify", "distill", "trainer"),
           (REPAIRED_CKPT, CLASSIFIER_CKPT, GENERATOR_CKPT, LABELS_FILE, REGIONS_JSON, VALIDITY_MODEL)),
-    Stage("check-after", check_after_stage, (CHECK_AFTER, f"{CHECKS_DIR}/after_*"), ("data", "check"),
+    Stage("check-after", check_after_stage, (CHECK_AFTER, f"{CHECKS_DIR}/after_*", DRIFT_TOLERANCE),
+          ("data", "check"),
           (REPAIRED_CKPT, CHECK_BEFORE)),
     # Always re-rendered (a second or two): it reads whatever the stages before it left, including a run that
     # stopped for labels, whose report says so.

@@ -69,6 +69,8 @@ class InvarianceCheck:
     variance_change: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     verdicts: dict[str, Verdict | None] = field(default_factory=dict)
+    drift: dict[str, Any] | None = None  # defuse.drift.forensics.drift_forensics's result (check.drift)
+    drift_strip: bytes | None = field(default=None, repr=False)  # PNG: sample images under each drift preset
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -98,6 +100,9 @@ class InvarianceCheck:
         if self.ei_change:
             out["ei_change"] = {t: asdict(c) if c is not None else None for t, c in self.ei_change.items()}
             out["variance_mean_change"] = self.variance_change
+        if self.drift is not None:
+            out["drift"] = {**self.drift, "tolerance_file": f"{self.name}_drift_tolerance.json",
+                            "presets_strip": f"{self.name}_drift_presets.png" if self.drift_strip else None}
         return out
 
     def save(self, directory: str | Path) -> None:
@@ -114,6 +119,10 @@ class InvarianceCheck:
                 np.save(buffer, matrix)
                 atomic_write_bytes(directory / f"{self.name}_{family}_{kind}.npy", buffer.getvalue())
             atomic_write_bytes(directory / f"{self.name}_{family}.png", _heatmap_png(v, self.name))
+        if self.drift is not None:
+            atomic_write_json(directory / f"{self.name}_drift_tolerance.json", {"model": self.name, **self.drift})
+        if self.drift_strip:
+            atomic_write_bytes(directory / f"{self.name}_drift_presets.png", self.drift_strip)
         atomic_write_json(directory / f"{self.name}.json", self.to_json())
 
 
@@ -168,8 +177,15 @@ def check_invariance(classifier: nn.Module, test: ImageSet, config: CheckConfig,
     variance = {family: family_variance(model, images, labels, family, subsample, per_class=config.per_class)
                 for family in config.families}
     verdicts = {family: verdict(family, v.features) for family, v in variance.items()}
+    drift = strip = None
+    if config.drift:
+        from defuse.drift.forensics import drift_forensics
+        from defuse.drift.synthesis import preset_strip
+
+        drift = drift_forensics(classifier, images, labels, max_drop=config.drift_max_drop, seed=seed)
+        strip = preset_strip(images, seed=seed)
     return InvarianceCheck(name, positions, ei, per_image, variance, changes, seconds=time.perf_counter() - start,
-                           verdicts=verdicts)
+                           verdicts=verdicts, drift=drift, drift_strip=strip)
 
 
 def run_check(classifier: nn.Module, original: nn.Module, test: ImageSet, config: CheckConfig,
@@ -190,13 +206,33 @@ def run_check(classifier: nn.Module, original: nn.Module, test: ImageSet, config
     before = json.loads(saved.read_text()) if saved is not None and saved.exists() else {}
     if "ei" in before and same_weights(classifier, original):
         checked = copy_unchanged(directory, reference, name)
+        if name == "after":
+            write_tolerance_spec(directory)
         return {"images": checked["images"], "same_weights_as": reference, "ei_regressions": [], "file": file}
     earlier = load_per_image(directory, reference) if reference else None
     result = check_invariance(classifier, test, config, name=name, seed=seed, reference=earlier)
     if before.get("variance"):
         result = with_variance_change(result, before)
     result.save(directory)
+    if name == "after":
+        write_tolerance_spec(directory)
     return {**result.metrics, "file": file}
+
+
+def write_tolerance_spec(directory: str | Path) -> None:
+    """checks/drift_tolerance.json: the "acceptable data environment" of the model before and after the repair
+    (each parameter's tolerated range and sensitivity), from the two checks' drift forensics."""
+    directory = Path(directory)
+    specs = {}
+    for name in ("before", "after"):
+        path = directory / f"{name}_drift_tolerance.json"
+        if path.exists():
+            specs[name] = json.loads(path.read_text())
+    if specs:
+        atomic_write_json(directory / "drift_tolerance.json", {
+            "what": "per acquisition parameter, the range within which the accuracy drop stays within max_drop "
+                    "(defuse.drift.forensics), for the original (before) and the repaired (after) classifier",
+            **specs})
 
 
 def with_variance_change(after: InvarianceCheck, before_json: dict[str, Any]) -> InvarianceCheck:
@@ -230,6 +266,13 @@ def copy_unchanged(directory: str | Path, reference: str, name: str) -> dict[str
     for family, v in checked["variance"].items():
         v["matrices"] = {k: name + f[len(reference):] for k, f in v["matrices"].items()}
         v["heatmap"] = name + v["heatmap"][len(reference):]
+    if checked.get("drift"):
+        drift = checked["drift"]
+        drift["tolerance_file"] = f"{name}_drift_tolerance.json"
+        if drift.get("presets_strip"):
+            drift["presets_strip"] = f"{name}_drift_presets.png"
+        spec = json.loads((directory / f"{name}_drift_tolerance.json").read_text())
+        atomic_write_json(directory / f"{name}_drift_tolerance.json", {**spec, "model": name})
     atomic_write_json(directory / f"{name}.json", checked)
     return checked
 

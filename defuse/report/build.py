@@ -115,7 +115,7 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
         "rediscovery": (verify or {}).get("rediscovery"),
         "ei": _ei(check_before, check_after),
         "variance": _variance(check_before, check_after),
-        "drift": {},  # physical drift tolerances: not built yet (see the open issues)
+        "drift": _drift(check_before, check_after),
         "per_class_accuracy": _per_class(verify, stages),
         "repair": _repair(repair),
         "regressions": find_regressions(verify, check_after, config),
@@ -323,6 +323,26 @@ def _variance(before: dict[str, Any] | None, after: dict[str, Any] | None) -> di
     return out
 
 
+def _drift(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """Per acquisition parameter, the tolerated range before and after (``{"low": ..., "high": ...}``; null on a
+    side where the identity is the physical bound) and the sensitivity; plus each model's worst direction."""
+    b, a = (before or {}).get("drift"), (after or {}).get("drift")
+    if not b:
+        return {}
+    out: dict[str, Any] = {}
+    for name, entry in b["parameters"].items():
+        other = (a or {}).get("parameters", {}).get(name)
+        out[name] = {"identity": entry["identity"], "bounds": [entry["low"], entry["high"]], "unit": entry["unit"],
+                     "tolerance_before": {"low": entry.get("tolerance_low"), "high": entry.get("tolerance_high")},
+                     "tolerance_after": ({"low": other.get("tolerance_low"), "high": other.get("tolerance_high")}
+                                         if other else None),
+                     "sensitivity_before": entry.get("sensitivity_per_range"),
+                     "sensitivity_after": other.get("sensitivity_per_range") if other else None}
+    return {"max_drop": b["max_drop"], "parameters": out, "worst_direction_before": b.get("worst_direction"),
+            "worst_direction_after": (a or {}).get("worst_direction"),
+            "presets_strip": f"{CHECKS_DIR}/{b['presets_strip']}" if b.get("presets_strip") else None}
+
+
 def _per_class(verify: dict[str, Any] | None, stages: dict[str, Any]) -> dict[str, Any]:
     if verify:
         return {name: {**c, "change": round(c["after"] - c["before"], 4)}
@@ -347,6 +367,8 @@ def _pictures(run: RunDir, regions: list[dict[str, Any]], before: dict[str, Any]
     names += [r[key] for r in regions for key in ("grid", "real_grid") if r.get(key)]
     for check in (before, after):
         names += [f"{CHECKS_DIR}/{v['heatmap']}" for v in (check or {}).get("variance", {}).values() if v.get("heatmap")]
+    if (before or {}).get("drift", {}).get("presets_strip"):
+        names.append(f"{CHECKS_DIR}/{before['drift']['presets_strip']}")
     return {name: run.path(name).read_bytes() for name in names if run.path(name).is_file()}
 
 
