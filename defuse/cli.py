@@ -21,7 +21,9 @@ from defuse.pipeline import (
     NOT_BUILT_YET,
     STAGES,
     StageResult,
+    DRIFT_ACTIONS,
     check_file,
+    drift_command,
     run_pipeline,
     run_stage,
     stage_named,
@@ -61,6 +63,13 @@ _DESCRIPTIONS = {
     "report": "Render what the stages wrote as a before/after report in <run-dir>/report/: index.html "
     "(self-contained, opens offline), report.json (every figure, keys documented in the README) and report.md (for a "
     "pull request). Computes nothing from a model; `defuse run` writes it last, and also when it stops for labels.",
+    "drift": "Physical drift of a classifier (after raw2logit): the test images are unprocessed to linear light and "
+    "re-acquired under physically named parameters (exposure, black level, gamma, optical blur, sharpening, shot and "
+    "read noise, resolution; white balance, colour matrix and demosaicing for colour images). `forensics`: each "
+    "parameter's sensitivity (autograd) and tolerance (the drift keeping the accuracy drop within "
+    "check.drift_max_drop); `synth`: accuracy, EI and SSIM under named presets and parameter grids, ImageNet-C "
+    "corruptions, and the post-hoc/physical accuracy-drop ratio at matched SSIM; `optimize`: the worst-case setting "
+    "in a box around the identity. --model before|after|PATH. Writes checks/drift_<action>_<model>.json.",
     "verify": "Compare the repaired classifier with the original on the test split, which no other stage reads: "
     "accuracy (with 95% bootstrap intervals), per-class accuracy, fresh region samples, and the same search run "
     "around the test images against both models; write verify.json.",
@@ -124,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "labels and the validity judge both contradict (listed in label_issues.csv) are "
                                 "trained and graded under your label instead of being left out "
                                 "(correct.relabel=true)")
-        if name == "check":
+        if name == "drift":
+            p.add_argument("action", choices=DRIFT_ACTIONS, help="synth, forensics or optimize")
+        if name in ("check", "drift"):
             p.add_argument("--model", default="before", metavar="before|after|PATH",
                            help="which classifier: before (classifier.ckpt, the default), after (repaired.ckpt) or a "
                                 "checkpoint file (written as checks/<its stem>.*)")
@@ -179,8 +190,11 @@ def _print_results(console: Console, run: RunDir, results: list[StageResult]) ->
         table.add_row(result.name, result.status, f"{result.seconds:.1f}s", escape(figures))
     console.print(table)
     for result in results:
-        if str(result.metrics.get("file", "")).startswith("checks/") and run.path(result.metrics["file"]).exists():
-            _print_check(console, json.loads(run.path(result.metrics["file"]).read_text()), result.metrics["file"])
+        file = str(result.metrics.get("file", ""))
+        if file.startswith("checks/drift_") and run.path(file).exists():
+            _print_drift(console, json.loads(run.path(file).read_text()), file)
+        elif file.startswith("checks/") and run.path(file).exists():
+            _print_check(console, json.loads(run.path(file).read_text()), file)
     sizes = next((r.metrics.get("split_sizes") for r in results if r.name == "fit-classifier"), None)
     if sizes:
         console.print("splits: " + ", ".join(f"{name} {n:,}" for name, n in sizes.items()), soft_wrap=True)
@@ -221,6 +235,40 @@ def _print_check(console: Console, checked: dict, path: str) -> None:
                       f"{verdict}", soft_wrap=True, highlight=False)
 
 
+def _print_drift(console: Console, result: dict, path: str) -> None:
+    """A drift command's figures: tolerances (forensics), presets and the ratio (synth), the worst case (optimize)."""
+    if "parameters" in result:
+        table = Table(title=f"drift tolerance of {result['model']} ({result['images']} test images, accuracy drop "
+                            f"<= {result['max_drop']:.2%}; {path})", title_justify="left")
+        for column in ("parameter", "identity", "tolerated range", "physical range", "sensitivity / range"):
+            table.add_column(column)
+        for name, p in result["parameters"].items():
+            low = p["identity"] if p.get("tolerance_low") is None else p["tolerance_low"]
+            high = p["identity"] if p.get("tolerance_high") is None else p["tolerance_high"]
+            sensitivity = "–" if p["sensitivity_per_range"] is None else f"{p['sensitivity_per_range']:+.4f}"
+            table.add_row(f"{name} ({p['unit']})", f"{p['identity']}", f"{low} .. {high}", f"{p['low']} .. {p['high']}",
+                          sensitivity)
+        console.print(table)
+    elif "presets" in result:
+        table = Table(title=f"drift presets, {result['model']} ({result['images']} test images; {path})",
+                      title_justify="left")
+        for column in ("preset", "setting", "accuracy", "EI", "SSIM"):
+            table.add_column(column)
+        clean = result["clean"]
+        table.add_row("clean", "", f"{clean['accuracy']:.4f}", f"{clean['ei']:.4f}", "1")
+        for name, p in result["presets"].items():
+            table.add_row(name, escape(json.dumps(p["setting"])), f"{p['accuracy']:.4f}", f"{p['ei']:.4f}",
+                          f"{p['ssim']:.4f}")
+        console.print(table)
+        console.print(f"post-hoc / physical accuracy drop at matched SSIM: {result['ratio']} "
+                      f"({escape(result['ratio_definition'])})", soft_wrap=True, highlight=False)
+    else:
+        console.print(f"worst case within {result['budget']:.0%} of each range: accuracy {result['worst_accuracy']:.4f} "
+                      f"(clean {result['clean_accuracy']:.4f}; random settings in the box: mean "
+                      f"{result['random_accuracy_mean']:.4f}, min {result['random_accuracy_min']:.4f}) at "
+                      f"{escape(json.dumps(result['worst_setting']))}", soft_wrap=True, highlight=False)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
@@ -235,6 +283,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             with _StageProgress(errors, enabled=config.trainer.progress_bar) as progress:
                 results = run_pipeline(config, run, force=tuple(args.force), on_stage=progress.update)
+        elif args.command == "drift":
+            start = time.perf_counter()
+            metrics = drift_command(config, run, args.action, args.model)
+            results = [StageResult(f"drift {args.action} {args.model}", False, time.perf_counter() - start,
+                                   metrics)]
         elif args.command == "check" and args.model not in ("before", "after"):
             start = time.perf_counter()
             metrics = check_file(config, run, args.model)

@@ -162,6 +162,29 @@ def check_file(config: RunConfig, run: RunDir, path: str) -> dict[str, Any]:
     return _check(config, run, str(Path(path).resolve()), Path(path).stem, reference="before")
 
 
+DRIFT_ACTIONS = ("synth", "forensics", "optimize")
+
+
+def drift_command(config: RunConfig, run: RunDir, action: str, model: str) -> dict[str, Any]:
+    """``defuse drift synth|forensics|optimize --model before|after|PATH``: physical drift of one classifier on the
+    test images the checks read; writes checks/drift_<action>_<model name>.json."""
+    from pathlib import Path
+
+    from defuse.data import ImageDataModule
+    from defuse.drift import run_drift
+    from defuse.models.loading import load_classifier
+
+    if action not in DRIFT_ACTIONS:
+        raise ValueError(f"`defuse drift` takes one of {', '.join(DRIFT_ACTIONS)}; got {action!r} instead.")
+    path = {"before": CLASSIFIER_CKPT, "after": REPAIRED_CKPT}.get(model, model)
+    name = model if model in ("before", "after") else Path(model).stem
+    if not run.path(path).is_file():
+        raise FileNotFoundError(f"{run.path(path)} is missing: `--model` takes before (after fit-classifier), after "
+                                f"(after correct) or a classifier checkpoint file.")
+    return run_drift(action, load_classifier(run.path(path)).model, ImageDataModule(config.data, config.seed).split(
+        "test"), config.check, run.path(CHECKS_DIR), name=name, seed=config.seed)
+
+
 def _check(config: RunConfig, run: RunDir, model_path: str, name: str, reference: str | None = None) -> dict[str, Any]:
     from defuse.data import ImageDataModule
     from defuse.invariance.check import run_check
