@@ -341,6 +341,10 @@ class CorrectConfig:
     # Each relabelled training image counts this many times: they must outweigh the bug's mislabelled images that
     # no rule found, which still teach the bug in the training loss.
     relabelled_repeats: int = 4
+    # Drift-aware repair: every clean batch is trained once more under random acquisition drifts (defuse.drift),
+    # drawn uniformly inside the original model's tolerance box, measured on the held-out guard images (val and
+    # audit; never test) with check.drift_max_drop.
+    drift_augment: bool = False
 
     def validate(self) -> None:
         if not self.lambdas or any(not lam >= 0 for lam in self.lambdas):

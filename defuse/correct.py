@@ -67,7 +67,7 @@ from defuse.identify import latent_means
 from defuse.models.inference import predict_labels
 from defuse.models.loading import LoadedClassifier, save_classifier
 from defuse.rundir import atomic_write_json, fingerprint
-from defuse.seeding import numpy_rng, torch_generator
+from defuse.seeding import int_seed, numpy_rng, torch_generator
 from defuse.validity import ValidityModel
 
 
@@ -328,6 +328,22 @@ def paired_change(before: np.ndarray, after: np.ndarray, rng: np.random.Generato
     return float(diff.mean()), float(low), float(high)
 
 
+def drift_box(classifier: nn.Module, held_out: ImageSet, seed: int, max_drop: float = 0.01
+              ) -> dict[str, tuple[float, float]]:
+    """Each acquisition parameter's tolerated range for ``classifier`` on held-out images (the guard: val and audit,
+    never test), for drift-aware repair; parameters tolerated nowhere (a zero-width range) are left out."""
+    from defuse.drift.forensics import drift_forensics
+
+    found = drift_forensics(classifier, held_out.float_images(), held_out.labels, max_drop=max_drop, seed=seed)
+    box = {}
+    for name, p in found["parameters"].items():
+        low = p["identity"] if p.get("tolerance_low") is None else p["tolerance_low"]
+        high = p["identity"] if p.get("tolerance_high") is None else p["tolerance_high"]
+        if high > low:
+            box[name] = (float(low), float(high))
+    return box
+
+
 class CorrectionModule(pl.LightningModule):
     """Fine-tunes ``classifier`` on training batches plus ``lam`` times region batches (none when a batch has no
     "regions" entry).
@@ -339,9 +355,12 @@ class CorrectionModule(pl.LightningModule):
         keep: weight of KL(original || fine-tuned) on the training images whose label the original gives.
     """
 
-    def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4, keep: float = 0.0) -> None:
+    def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4, keep: float = 0.0,
+                 drift_box: dict[str, tuple[float, float]] | None = None, drift_seed: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["classifier"])
+        # Drift-aware repair: the random drifts of each step come from their own generator (stream correct.drift).
+        self._drift_generator = torch.Generator().manual_seed(drift_seed) if drift_box else None
         # The original model, frozen: on clean batches the fine-tuned one is held to its predictions (weight
         # ``keep``), so fixing the regions reshuffles fewer unrelated decisions. Kept in a list, not as a
         # submodule: it is fixed, so it stays out of checkpoints, optimisers and Lightning's train/eval switches.
@@ -378,8 +397,24 @@ class CorrectionModule(pl.LightningModule):
             drift = (kl * agrees).sum() / len(y_clean)
             loss = loss + self.hparams.keep * drift
             self.log("drift_loss", drift, on_epoch=True, on_step=False)
+        if self._drift_generator is not None:
+            drifted = F.cross_entropy(self(self._drifted(x_clean)), y_clean)
+            loss = loss + drifted
+            self.log("drifted_loss", drifted, on_epoch=True, on_step=False)
         self.log("clean_loss", clean, on_epoch=True, on_step=False)
         return loss
+
+    def _drifted(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` re-acquired under one random setting per image, uniform inside the drift box."""
+        from defuse.drift.acquisition import SensorNoise, acquire
+
+        g = self._drift_generator
+        n = len(x)
+        setting = {name: low + (high - low) * torch.rand(n, generator=g)
+                   for name, (low, high) in self.hparams.drift_box.items()}
+        noise = SensorNoise.draw(x.shape, g)
+        with torch.no_grad():
+            return acquire(x.cpu(), setting, noise).to(x.device)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
@@ -440,6 +475,7 @@ def correct(
     base = {name: predict_labels(classifier, x).numpy() for name, (x, _) in sets.items()}
     region_x, region_y = train_regions.images, train_regions.labels
     training_set = real.training_set(config.relabelled_repeats)
+    box = drift_box(classifier, real.guard, seed) if config.drift_augment else None
     # Without decoded samples to train on (every labelled pair is shown by real images), lambda changes nothing:
     # one fine-tune, on the corrected labels alone.
     lambdas = sorted(set(config.lambdas)) if len(region_y) else [0.0]
@@ -451,7 +487,8 @@ def correct(
         done = json.loads(record.read_text()) if record.exists() else []
         if len(done) < config.epochs:
             pl.seed_everything(seed, verbose=False)
-            module = CorrectionModule(copy.deepcopy(classifier), lam=lam, lr=config.lr, keep=config.keep)
+            module = CorrectionModule(copy.deepcopy(classifier), lam=lam, lr=config.lr, keep=config.keep,
+                                      drift_box=box, drift_seed=int_seed(seed, "correct.drift"))
             loaders = {"clean": data.images_loader(training_set, shuffle=True, stream="correct.clean_shuffle")}
             if lam > 0:
                 loaders["regions"] = DataLoader(TensorDataset(region_x, region_y), batch_size=data.config.batch_size,
@@ -491,6 +528,7 @@ def correct(
     before = {"bug_accuracy": _round(_accuracy(base["bugs"], truth["bugs"])),
               "decoded_accuracy": _round(_accuracy(base["decoded"], truth["decoded"]))}
     summary: dict[str, Any] = {
+        **({"drift_box": box} if box is not None else {}),
         "relabelled_training_images": len(real.relabelled), "clean_training_images": len(real.clean_train),
         "relabelled_repeats": config.relabelled_repeats,
         "guard_images": len(real.guard), "real_bug_images": len(real.bugs),
