@@ -133,3 +133,94 @@ def test_forensics_of_a_trained_classifier_is_deterministic_and_within_bounds(fi
     assert first["parameters"]["resolution"]["sensitivity"] is None  # piecewise constant: searched, not derived
     assert first["parameters"]["blur_sigma"]["sensitivity"] == 0.0  # blur acts at second order at sigma 0
     assert first["evaluations"] <= 1 + (len(names) + 2) * (GRID + BISECTION)
+
+
+def _trained(finished, n=120):
+    from defuse.data import ImageDataModule
+    from defuse.models import load_classifier
+
+    run, config = finished
+    test = ImageDataModule(config.data, config.seed).split("test")
+    return load_classifier(run.path("classifier.ckpt")).model, test.float_images()[:n], test.labels[:n]
+
+
+def test_synthesis_matches_post_hoc_corruptions_by_ssim_and_reports_the_ratio(finished):
+    from defuse.drift.synthesis import PAIRS, PRESETS, drift_synthesis
+
+    model, x, y = _trained(finished)
+    result = drift_synthesis(model, x, y, seed=0)
+    assert set(result["presets"]) == {name for name, s in PRESETS.items()
+                                      if not any(BY_NAME[k].rgb_only for k in s)}  # gray digits: no colour presets
+    identity_row = next(r for r in result["grids"]["exposure_ev"] if r["value"] == 0.0)
+    assert identity_row["accuracy"] == result["clean"]["accuracy"] and identity_row["ssim"] == pytest.approx(1, 1e-4)
+    for parameter, pair in result["post_hoc_vs_physical"].items():
+        assert pair["post_hoc"] == PAIRS[parameter]
+        for row in pair["settings"]:  # matched on 500 images (all 120 here): the same image-space change
+            assert abs(row["post_hoc_ssim"] - row["ssim"]) < 0.02 or row["post_hoc_strength"] in (0.0, 1.0, 8.0)
+    drops = [(r["post_hoc_drop"], r["physical_drop"]) for p in result["post_hoc_vs_physical"].values()
+             for r in p["settings"]]
+    physical = sum(max(d, 0) for _, d in drops)
+    assert result["ratio"] == (round(sum(max(d, 0) for d, _ in drops) / physical, 3) if physical else None)
+    assert [s["severity"] for s in result["post_hoc_severities"]["gaussian_noise"]] == [1, 2, 3, 4, 5]
+
+
+def test_the_worst_case_lies_in_its_box_and_costs_at_least_what_the_identity_does(finished):
+    from defuse.drift.optimize import worst_case_drift
+
+    model, x, y = _trained(finished, 80)
+    result = worst_case_drift(model, x, y, budget=0.1, steps=3, restarts=1, random_settings=4, seed=0)
+    for name, value in result["worst_setting"].items():
+        low, high = result["box"][name]
+        assert low - 1e-6 <= value <= high + 1e-6
+    assert result["worst_loss"] >= result["loss_trace"][0][0]  # never below the identity's loss
+    assert result["worst_accuracy"] <= result["clean_accuracy"]
+    assert result == worst_case_drift(model, x, y, budget=0.1, steps=3, restarts=1, random_settings=4, seed=0)
+
+
+def test_drift_aware_training_adds_a_loss_on_drifted_copies_inside_the_box(finished):
+    from defuse.correct import CorrectionModule, drift_box
+    from defuse.data import ImageDataModule
+
+    run, config = finished
+    model, x, y = _trained(finished, 64)
+    box = drift_box(model, ImageDataModule(config.data, config.seed).split("val"), seed=0)
+    assert box and all(BY_NAME[k].low <= low < high <= BY_NAME[k].high for k, (low, high) in box.items())
+    plain = CorrectionModule(model, lam=0.0, keep=0.0)
+    aware = CorrectionModule(model, lam=0.0, keep=0.0, drift_box=box, drift_seed=3)
+    batch = {"clean": (x, y)}
+    plain.log = aware.log = lambda *a, **k: None
+    assert float(aware.training_step(batch, 0)) > float(plain.training_step(batch, 0))
+    drifted = aware._drifted(x)
+    assert drifted.shape == x.shape and not torch.equal(drifted, x) and 0 <= drifted.min() and drifted.max() <= 1
+
+
+def test_defuse_drift_commands_write_their_files(finished, tmp_path, capsys):
+    import shutil
+
+    from defuse.cli import main
+
+    target = tmp_path / "run"
+    shutil.copytree(finished[0].root, target)
+    assert main(["drift", "forensics", "--run-dir", str(target)]) == 0
+    out = capsys.readouterr().out
+    assert "drift tolerance of before" in out and (target / "checks" / "drift_forensics_before.json").exists()
+    written = __import__("json").loads((target / "checks" / "drift_forensics_before.json").read_text())
+    assert written["images"] == 64 and set(written["parameters"]) == {p.name for p in parameters_for(1)}
+    assert main(["drift", "optimize", "--run-dir", str(target), "--model", str(tmp_path / "nope.ckpt")]) == 2
+    assert "nope.ckpt is missing" in capsys.readouterr().err
+
+
+def test_the_checks_carry_the_drift_tolerance_and_the_report_shows_it(finished):
+    import json
+
+    run, _ = finished
+    spec = json.loads(run.path("checks/drift_tolerance.json").read_text())
+    assert set(spec) >= {"before", "after"} and spec["before"]["model"] == "before"
+    report = json.loads(run.path("report/report.json").read_text())
+    assert set(report["drift"]["parameters"]) == set(spec["before"]["parameters"])
+    exposure = report["drift"]["parameters"]["exposure_ev"]
+    assert exposure["tolerance_before"] == {"low": spec["before"]["parameters"]["exposure_ev"]["tolerance_low"],
+                                            "high": spec["before"]["parameters"]["exposure_ev"]["tolerance_high"]}
+    html = run.path("report/index.html").read_text()
+    assert 'id="drift-table"' in html and "under-exposed" not in html  # the strip is a picture, not text
+    assert run.path("checks/before_drift_presets.png").read_bytes()[:4] == b"\x89PNG"
