@@ -208,6 +208,10 @@ def test_defuse_drift_commands_write_their_files(finished, tmp_path, capsys):
     assert written["images"] == 64 and set(written["parameters"]) == {p.name for p in parameters_for(1)}
     assert main(["drift", "optimize", "--run-dir", str(target), "--model", str(tmp_path / "nope.ckpt")]) == 2
     assert "nope.ckpt is missing" in capsys.readouterr().err
+    assert main(["drift", "optimize", "--run-dir", str(target)]) == 0 and main(["report", "--run-dir", str(target)]) == 0
+    worst = __import__("json").loads((target / "report" / "report.json").read_text())["drift"]["worst_case_before"]
+    assert worst["worst_accuracy"] <= worst["clean_accuracy"] and "Worst case (before" in (
+        target / "report" / "index.html").read_text()
 
 
 def test_the_checks_carry_the_drift_tolerance_and_the_report_shows_it(finished):

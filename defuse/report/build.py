@@ -115,7 +115,7 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
         "rediscovery": (verify or {}).get("rediscovery"),
         "ei": _ei(check_before, check_after),
         "variance": _variance(check_before, check_after),
-        "drift": _drift(check_before, check_after),
+        "drift": {**_drift(check_before, check_after), **_worst_cases(run)},
         "per_class_accuracy": _per_class(verify, stages),
         "repair": _repair(repair),
         "regressions": find_regressions(verify, check_after, config),
@@ -341,6 +341,17 @@ def _drift(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[
     return {"max_drop": b["max_drop"], "parameters": out, "worst_direction_before": b.get("worst_direction"),
             "worst_direction_after": (a or {}).get("worst_direction"),
             "presets_strip": f"{CHECKS_DIR}/{b['presets_strip']}" if b.get("presets_strip") else None}
+
+
+def _worst_cases(run: RunDir) -> dict[str, Any]:
+    """The worst-case drift of `defuse drift optimize`, where it was run for the original or the repaired model."""
+    out = {}
+    for name in ("before", "after"):
+        found = _read_json(run, f"{CHECKS_DIR}/drift_optimize_{name}.json")
+        if found:
+            out[f"worst_case_{name}"] = {k: found[k] for k in ("budget", "clean_accuracy", "worst_accuracy",
+                                                                "worst_setting", "random_accuracy_mean")}
+    return out
 
 
 def _per_class(verify: dict[str, Any] | None, stages: dict[str, Any]) -> dict[str, Any]:
