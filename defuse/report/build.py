@@ -115,7 +115,8 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
         "rediscovery": (verify or {}).get("rediscovery"),
         "ei": _ei(check_before, check_after),
         "variance": _variance(check_before, check_after),
-        "drift": {**_drift(check_before, check_after), **_worst_cases(run)},
+        "drift": _drift(check_before, check_after),
+        "drift_summary": {**_drift_summary(check_before, check_after), **_worst_cases(run)},
         "per_class_accuracy": _per_class(verify, stages),
         "repair": _repair(repair),
         "regressions": find_regressions(verify, check_after, config),
@@ -324,8 +325,8 @@ def _variance(before: dict[str, Any] | None, after: dict[str, Any] | None) -> di
 
 
 def _drift(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
-    """Per acquisition parameter, the tolerated range before and after (``{"low": ..., "high": ...}``; null on a
-    side where the identity is the physical bound) and the sensitivity; plus each model's worst direction."""
+    """Per acquisition parameter (DESIGN.md's ``drift.<parameter>`` keys), the tolerated range before and after
+    (``{"low": ..., "high": ...}``; null on a side where the identity is the physical bound) and the sensitivity."""
     b, a = (before or {}).get("drift"), (after or {}).get("drift")
     if not b:
         return {}
@@ -338,7 +339,15 @@ def _drift(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[
                                          if other else None),
                      "sensitivity_before": entry.get("sensitivity_per_range"),
                      "sensitivity_after": other.get("sensitivity_per_range") if other else None}
-    return {"max_drop": b["max_drop"], "parameters": out, "worst_direction_before": b.get("worst_direction"),
+    return out
+
+
+def _drift_summary(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+    """The allowed drop, each model's worst direction and the presets' picture, beside the per-parameter table."""
+    b, a = (before or {}).get("drift"), (after or {}).get("drift")
+    if not b:
+        return {}
+    return {"max_drop": b["max_drop"], "worst_direction_before": b.get("worst_direction"),
             "worst_direction_after": (a or {}).get("worst_direction"),
             "presets_strip": f"{CHECKS_DIR}/{b['presets_strip']}" if b.get("presets_strip") else None}
 
