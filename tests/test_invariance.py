@@ -44,8 +44,16 @@ def test_ei_equals_the_papers_formula_on_random_logits(pair):
     p = np.exp(x - x.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
     pt = np.exp(xt - xt.max(1, keepdims=True)); pt /= pt.sum(1, keepdims=True)
     expected = [np.sqrt(p[i].max() * pt[i].max()) if p[i].argmax() == pt[i].argmax() else 0.0 for i in range(len(p))]
-    got = effective_invariance(torch.from_numpy(x).softmax(1), torch.from_numpy(xt).softmax(1)).numpy()
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    a, b = torch.from_numpy(x).softmax(1), torch.from_numpy(xt).softmax(1)
+    got = effective_invariance(a, b).numpy()
+    # Where two classes tie to float precision, which one is the argmax is a rounding accident (torch and numpy may
+    # differ): there EI is either 0 or sqrt(p^ * p^_t); everywhere else it is the paper's value.
+    margin = lambda q: (q.topk(2, dim=1).values[:, 0] - q.topk(2, dim=1).values[:, 1]).numpy() if q.shape[1] > 1 \
+        else np.ones(len(q))  # noqa: E731
+    clear = (margin(a) > 1e-6) & (margin(b) > 1e-6)
+    np.testing.assert_allclose(got[clear], np.asarray(expected)[clear], atol=1e-5)
+    both = np.sqrt(p.max(1) * pt.max(1))
+    assert np.all(np.isclose(got[~clear], 0.0, atol=1e-5) | np.isclose(got[~clear], both[~clear], atol=1e-5))
 
 
 def test_ei_refuses_mismatched_shapes():

@@ -266,6 +266,12 @@ def copy_unchanged(directory: str | Path, reference: str, name: str) -> dict[str
     for family, v in checked["variance"].items():
         v["matrices"] = {k: name + f[len(reference):] for k, f in v["matrices"].items()}
         v["heatmap"] = name + v["heatmap"][len(reference):]
+        # The copied heat map would carry the reference's name in its title: draw it again under this one.
+        matrices = {kind: np.load(directory / file, allow_pickle=False) for kind, file in v["matrices"].items()
+                    if kind in ("correct", "incorrect")}
+        redrawn = FamilyVariance(family, np.asarray(v["grid"]), matrices["correct"], matrices["incorrect"],
+                                 v["features"], v["counts"], {})
+        atomic_write_bytes(directory / v["heatmap"], _heatmap_png(redrawn, name))
     if checked.get("drift"):
         drift = checked["drift"]
         drift["tolerance_file"] = f"{name}_drift_tolerance.json"
