@@ -76,6 +76,8 @@ SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "mnist-test-split.ya
 DEVIATIONS = {
     "distill.umap": (False, "the failure map is a picture for people; no figure here reads it"),
     "trainer.progress_bar": (False, "output is JSON"),
+    "check.drift": (False, "the drift forensics grade invariance to acquisition drift, which no figure here reads; "
+                           "on (the default) they add about 45 s a case (scripts/bench_drift.py measures them)"),
 }
 # Not a config value but the same kind of deviation: the planted cases adopt the clean case's generator.ckpt.
 SHARED_GENERATOR = ("generator.checkpoint (planted cases)",
