@@ -100,7 +100,8 @@ def test_widening_the_allowed_drop_never_narrows_a_tolerance(values, a, b):
     narrow, wide = min(a, b), max(a, b)
     t_narrow, _ = tolerance_along(curve, {"exposure_ev": 3.0}, 1.0, narrow)
     t_wide, _ = tolerance_along(curve, {"exposure_ev": 3.0}, 1.0, wide)
-    assert 0.0 <= t_narrow <= t_wide <= 1.0
+    assert t_narrow <= t_wide  # the property: a wider allowed drop reaches at least as far
+    assert 0.0 <= t_narrow and t_wide <= 1.0
 
 
 def test_tolerance_stops_before_the_first_refused_point_within_a_bisection_step():
@@ -194,7 +195,9 @@ def test_drift_aware_training_adds_a_loss_on_drifted_copies_inside_the_box(finis
     plain.log = aware.log = lambda *a, **k: None
     assert float(aware.training_step(batch, 0)) > float(plain.training_step(batch, 0))
     drifted = aware._drifted(x)
-    assert drifted.shape == x.shape and not torch.equal(drifted, x) and 0 <= drifted.min() and drifted.max() <= 1
+    assert drifted.shape == x.shape and 0 <= drifted.min() and drifted.max() <= 1
+    assert ((drifted - x).abs().flatten(1).amax(dim=1) > 1e-3).all()  # every image drifted, each its own way
+    assert not torch.equal(aware._drifted(x), drifted)  # a fresh draw each step
 
 
 def test_defuse_drift_commands_write_their_files(finished, tmp_path, capsys):

@@ -84,6 +84,18 @@ def test_importing_and_rendering_the_report_never_imports_torch(finished, tmp_pa
     assert json.loads(run.path("report/report.json").read_text())["status"] == "complete"
 
 
+def test_a_report_of_nothing_or_of_a_torn_artifact_says_what_to_run(finished, tmp_path, capsys):
+    from defuse.cli import main
+
+    assert main(["report", "--run-dir", str(tmp_path / "empty")]) == 2
+    assert f"{tmp_path / 'empty'} holds no finished stage" in capsys.readouterr().err
+    assert not (tmp_path / "empty" / "report").exists()
+    run = _copy(finished[0], tmp_path)
+    run.path("verify.json").write_text("{torn")
+    assert main(["report", "--run-dir", str(run.root)]) == 2
+    assert f"`defuse run --run-dir {run.root} --force verify`" in capsys.readouterr().err.replace("\n", "")
+
+
 def _verify(change, ci, classes=None):
     return {"clean_accuracy": {"before": 0.9, "after": 0.9 + change, "change": change, "change_ci95": ci},
             "per_class_accuracy": classes or {}}

@@ -83,6 +83,9 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
     config = config or ReportConfig()
     manifest = run.manifest()
     stages = manifest.get("stages", {})
+    if not any(name in stages for name in STAGE_ORDER):
+        raise FileNotFoundError(f"{run.root} holds no finished stage (no {run.manifest_path.name} with stages): "
+                                f"there is nothing to report. Run `defuse run --run-dir {run.root}` first.")
     regions_file = _read_json(run, REGIONS_JSON) or {"regions": [], "classes": [], "stats": {}}
     classes = [str(c) for c in regions_file.get("classes", [])]
     verify = _read_json(run, VERIFY_JSON) if _done(stages, "verify") else None
@@ -210,6 +213,9 @@ def render_markdown(report: Report) -> str:
 # ----------------------------------------------------------------------------- gathering
 
 
+_WRITERS = {REGIONS_JSON: "distill", VERIFY_JSON: "verify", CHECK_BEFORE: "check-before", CHECK_AFTER: "check-after"}
+
+
 def _read_json(run: RunDir, name: str) -> dict[str, Any] | None:
     path = run.path(name)
     if not path.exists():
@@ -217,8 +223,9 @@ def _read_json(run: RunDir, name: str) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
+        stage = _WRITERS.get(name, "STAGE")
         raise ValueError(f"{path} is not valid JSON ({err}): re-run the stage that writes it "
-                         f"(`defuse run --force STAGE`).") from None
+                         f"(`defuse run --run-dir {run.root} --force {stage}`).") from None
 
 
 def _done(stages: dict[str, Any], name: str) -> bool:
