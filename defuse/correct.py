@@ -25,7 +25,9 @@ at least ``LABEL_BUG_SHARE`` of those with the given label, contradict it; fewer
 unsure of, whose labels stand (listed, nothing else). Images of a labelling bug leave every loss and every check
 without consent; with it they are trained (train) or graded (val, audit) under the person's label.
 
-*Choice and guard.* Every (lambda, epoch) is a candidate. Held-out real images (val and audit) play two roles:
+*Choice and guard.* Every (layers, lambda, epoch) is a candidate: ``correct.layers`` "all" fine-tunes every layer
+for each lambda, "head" only the classifier head on frozen features, on the corrected labels alone (lambda 0, at
+``head_lr``), which moves fewer unrelated decisions. Held-out real images (val and audit) play two roles:
 the *bug images* (labelled with a class a person gave a region, read by the original model as that region's
 mistake) measure the repair; every other held-out image is the *guard*. A candidate is admissible only if the
 lower end of the paired bootstrap 95% interval of its guard accuracy change is at least ``-max_clean_drop``, and
@@ -33,7 +35,7 @@ no class of the guard loses more than ``max_class_drop``. The admissible candida
 bug images (decoded validation samples when there are fewer than ``MIN_BUG_IMAGES``) wins, if it beats the
 original; otherwise the original weights stay and the summary says why.
 
-Every (lambda, epoch) is a Lightning checkpoint under ``correct/``; an interrupted fine-tune resumes from the last
+Every (layers, lambda, epoch) is a Lightning checkpoint under ``correct/``; an interrupted fine-tune resumes from the last
 one (loaded weights-only), and finished lambdas are not trained again.
 """
 
@@ -64,6 +66,7 @@ from defuse.data import ImageDataModule, ImageSet
 from defuse.distill import Regions
 from defuse.fit import make_trainer
 from defuse.identify import latent_means
+from defuse.models.classifiers import classifier_head
 from defuse.models.inference import predict_labels
 from defuse.models.loading import LoadedClassifier, save_classifier
 from defuse.rundir import atomic_write_json, fingerprint
@@ -353,10 +356,12 @@ class CorrectionModule(pl.LightningModule):
         lam: weight of the region loss.
         lr: Adam learning rate.
         keep: weight of KL(original || fine-tuned) on the training images whose label the original gives.
+        layers: "all" trains every weight; "head" only :func:`classifier_head`, on frozen features.
     """
 
     def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4, keep: float = 0.0,
-                 drift_box: dict[str, tuple[float, float]] | None = None, drift_seed: int = 0) -> None:
+                 drift_box: dict[str, tuple[float, float]] | None = None, drift_seed: int = 0,
+                 layers: str = "all") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["classifier"])
         # Drift-aware repair: the random drifts of each step come from their own generator (stream correct.drift).
@@ -365,7 +370,9 @@ class CorrectionModule(pl.LightningModule):
         # ``keep``), so fixing the regions reshuffles fewer unrelated decisions. Kept in a list, not as a
         # submodule: it is fixed, so it stays out of checkpoints, optimisers and Lightning's train/eval switches.
         self._teacher = [copy.deepcopy(classifier).eval().requires_grad_(False)] if keep > 0 else []
-        self.model = classifier.train().requires_grad_(True)  # checkpoints load in eval mode, maybe frozen
+        self.model = classifier.train().requires_grad_(layers == "all")  # checkpoints load in eval mode, frozen
+        if layers == "head":
+            classifier_head(self.model).requires_grad_(True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -417,7 +424,7 @@ class CorrectionModule(pl.LightningModule):
             return acquire(x.cpu(), setting, noise).to(x.device)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=self.hparams.lr)
 
 
 class _EpochRecord(Callback):
@@ -479,16 +486,22 @@ def correct(
     # Without decoded samples to train on (every labelled pair is shown by real images), lambda changes nothing:
     # one fine-tune, on the corrected labels alone.
     lambdas = sorted(set(config.lambdas)) if len(region_y) else [0.0]
+    # The head-only family trains on the corrected labels alone: decoded samples through frozen features are not
+    # what it is for (a small move on real evidence).
+    families = [("all", lam) for lam in lambdas if "all" in config.layers]
+    if "head" in config.layers:
+        families.append(("head", 0.0))
     candidates = []
-    for lam in lambdas:
-        folder = workdir / f"lambda_{lam:g}"
+    for layers, lam in families:
+        folder = workdir / (f"lambda_{lam:g}" if layers == "all" else f"head_lambda_{lam:g}")
         folder.mkdir(parents=True, exist_ok=True)
         record = folder / "epochs.json"
         done = json.loads(record.read_text()) if record.exists() else []
         if len(done) < config.epochs:
             pl.seed_everything(seed, verbose=False)
-            module = CorrectionModule(copy.deepcopy(classifier), lam=lam, lr=config.lr, keep=config.keep,
-                                      drift_box=box, drift_seed=int_seed(seed, "correct.drift"))
+            module = CorrectionModule(copy.deepcopy(classifier), lam=lam,
+                                      lr=config.lr if layers == "all" else config.head_lr, keep=config.keep,
+                                      drift_box=box, drift_seed=int_seed(seed, "correct.drift"), layers=layers)
             loaders = {"clean": data.images_loader(training_set, shuffle=True, stream="correct.clean_shuffle")}
             if lam > 0:
                 loaders["regions"] = DataLoader(TensorDataset(region_x, region_y), batch_size=data.config.batch_size,
@@ -504,7 +517,7 @@ def correct(
                     weights_only=True)
             done = json.loads(record.read_text())
         for entry in done[: config.epochs]:
-            candidates.append({"lambda": lam, "epoch": entry["epoch"], "path": str(folder / f"epoch{entry['epoch']}.ckpt"),
+            candidates.append({"layers": layers, "lambda": lam, "epoch": entry["epoch"], "path": str(folder / f"epoch{entry['epoch']}.ckpt"),
                                **{name: np.asarray(entry[name], dtype=np.int64) for name in sets}})
 
     rng = numpy_rng(seed, "correct.guard_bootstrap")
@@ -515,7 +528,7 @@ def correct(
     for c in candidates:
         change, low, high = paired_change(base_hits, c["guard"] == truth["guard"], rng)
         drop = float(np.max(base_per_class - per_class_accuracy(c["guard"], truth["guard"], num_classes)))
-        table.append({"lambda": c["lambda"], "epoch": c["epoch"], "path": c["path"],
+        table.append({"layers": c["layers"], "lambda": c["lambda"], "epoch": c["epoch"], "path": c["path"],
                       "guard_change": round(change, 4), "guard_change_ci95": [round(low, 4), round(high, 4)],
                       "largest_class_drop": round(drop, 4),
                       "bug_accuracy": _round(_accuracy(c["bugs"], truth["bugs"])),
@@ -548,7 +561,7 @@ def correct(
         return repaired.eval(), summary
     state = torch.load(chosen["path"], map_location="cpu", weights_only=True)["state_dict"]
     repaired.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    summary.update({"chosen": {"lambda": chosen["lambda"], "epoch": chosen["epoch"]},
+    summary.update({"chosen": {"layers": chosen["layers"], "lambda": chosen["lambda"], "epoch": chosen["epoch"]},
                     "guard": {k: chosen[k] for k in ("guard_change", "guard_change_ci95", "largest_class_drop")},
                     "real_bug_accuracy_after": chosen["bug_accuracy"],
                     "val_region_accuracy_after": chosen["decoded_accuracy"]})

@@ -60,10 +60,10 @@ def test_correct_raises_region_accuracy_and_resumes(tmp_path, digits):
     before = {k: v.clone() for k, v in classifier.state_dict().items()}
     regions = _regions_of_ones_called_seven(digits, 60)
     real = RealImages.gather(digits)
-    config = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
+    config = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0, layers=["all"])
     repaired, summary = correct(classifier, digits, real, regions, regions, config, tmp_path)
     assert all(torch.equal(before[k], v) for k, v in classifier.state_dict().items())  # the original is untouched
-    assert summary["chosen"] == {"lambda": 2.0, "epoch": 0}
+    assert summary["chosen"] == {"layers": "all", "lambda": 2.0, "epoch": 0}
     assert summary["chosen_on"].startswith("decoded")  # no real bug images here
     assert summary["val_region_accuracy_after"] > summary["val_region_accuracy_before"]
     first = json.loads((tmp_path / "lambda_2" / "epochs.json").read_text())
@@ -71,7 +71,7 @@ def test_correct_raises_region_accuracy_and_resumes(tmp_path, digits):
     assert len(first[0]["guard"]) == len(real.guard) == len(digits.split("val")) + len(digits.split("audit"))
 
     # A second call with more epochs resumes from last.ckpt: epoch 0 is not trained again.
-    longer = CorrectConfig(lambdas=[2.0], epochs=2, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
+    longer = CorrectConfig(lambdas=[2.0], epochs=2, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0, layers=["all"])
     _, again = correct(classifier, digits, real, regions, regions, longer, tmp_path)
     second = json.loads((tmp_path / "lambda_2" / "epochs.json").read_text())
     assert [r["epoch"] for r in second] == [0, 1] and second[0] == first[0]
@@ -83,7 +83,7 @@ def test_clean_accuracy_bound_keeps_the_original_when_nothing_qualifies(tmp_path
     classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
     regions = _regions_of_ones_called_seven(digits, 30)
     # an untrained classifier gains clean accuracy when fine-tuned, so force the bound with a tiny lr
-    tiny = CorrectConfig(lambdas=[1.0], epochs=1, lr=1e-9, max_clean_drop=0.0)
+    tiny = CorrectConfig(lambdas=[1.0], epochs=1, lr=1e-9, head_lr=1e-9, max_clean_drop=0.0)
     repaired, summary = correct(classifier, digits, RealImages.gather(digits), regions, regions, tiny, tmp_path)
     assert summary["chosen"] is None and "no candidate" in summary["reason"]
     x = torch.rand(4, 1, 28, 28)
@@ -104,14 +104,14 @@ def trained(tmp_path_factory):
 def test_a_repair_that_gives_up_part_of_a_class_is_refused(tmp_path, digits, trained):
     regions = _regions_of_ones_called_seven(digits, 60)  # teaching real 1s as 7 costs the 1s
     real = RealImages.gather(digits)
-    loose = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
+    loose = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0, layers=["all"])
     _, chosen = correct(trained, digits, real, regions, regions, loose, tmp_path / "a")
-    guarded = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=0.05)
+    guarded = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=0.05, layers=["all"])
     _, refused = correct(trained, digits, real, regions, regions, guarded, tmp_path / "b")
     assert chosen["chosen"] is not None and chosen["candidates"][0]["largest_class_drop"] > 0.05
     assert refused["chosen"] is None and "no candidate" in refused["reason"]
     # ... and the clean guard's bootstrap bound refuses it too: it loses the held-out 1s, far beyond noise.
-    bounded = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=0.005, max_class_drop=1.0)
+    bounded = CorrectConfig(lambdas=[2.0], epochs=1, lr=3e-3, max_clean_drop=0.005, max_class_drop=1.0, layers=["all"])
     _, bound = correct(trained, digits, real, regions, regions, bounded, tmp_path / "c")
     low, high = bound["candidates"][0]["guard_change_ci95"]
     assert low < -0.005 and low <= bound["candidates"][0]["guard_change"] <= high and bound["chosen"] is None
@@ -329,6 +329,30 @@ def test_with_every_pair_shown_by_real_images_only_the_corrected_labels_train(tm
     empty = RegionSamples(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     config = CorrectConfig(lambdas=[0.0, 1.0], epochs=1, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0)
     _, summary = correct(trained, digits, real, empty, empty, config, tmp_path)
-    assert [c["lambda"] for c in summary["candidates"]] == [0.0] and not (tmp_path / "lambda_1").exists()
+    assert [(c["layers"], c["lambda"]) for c in summary["candidates"]] == [("all", 0.0), ("head", 0.0)]
+    assert not (tmp_path / "lambda_1").exists()
     assert summary["chosen_on"] == "real held-out bug images" and summary["real_bug_images"] >= 10
     assert summary["real_bug_accuracy_after"] > summary["real_bug_accuracy_before"] + 0.5
+
+
+def test_a_head_only_candidate_moves_the_head_and_leaves_the_features_as_they_were(tmp_path, digits, trained):
+    # The same relabelled 1s as above, with only the head family: the features stay bit-identical, the head
+    # learns the person's label on the held-out bug images.
+    issues = pd.concat([_issues(digits, name, 1, 7, True) for name in ("train", "val", "audit")])
+    real = RealImages.gather(digits, issues.assign(kind="contradicted"), {(7, 1)}, trained)
+    shape = tuple(real.guard.images.shape[1:])
+    empty = RegionSamples(torch.zeros((0, *shape)), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    config = CorrectConfig(epochs=1, head_lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0, layers=["head"])
+    repaired, summary = correct(trained, digits, real, empty, empty, config, tmp_path)
+    assert summary["chosen"] == {"layers": "head", "lambda": 0.0, "epoch": 0}
+    assert (tmp_path / "head_lambda_0" / "epoch0.ckpt").exists() and not (tmp_path / "lambda_0").exists()
+    before, after = trained.state_dict(), repaired.state_dict()
+    features = [k for k in before if ".features." in k]
+    assert features and all(torch.equal(before[k], after[k]) for k in features)
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".head." in k)
+    assert summary["real_bug_accuracy_after"] > summary["real_bug_accuracy_before"] + 0.5
+
+
+def test_correct_layers_refuses_an_unknown_family():
+    with pytest.raises(ValueError, match=re.escape("`correct.layers` must be a non-empty list")):
+        CorrectConfig(layers=["encoder"]).validate()

@@ -75,6 +75,17 @@ def build_classifier(
     return nn.Sequential(Normalize(mean, std), body)
 
 
+def classifier_head(model: nn.Module) -> nn.Module:
+    """The last block of a classifier :func:`build_classifier` builds (SmallCNN's ``head``, ResNet's ``fc``): what a
+    head-only fine-tune trains on frozen features."""
+    body = model[-1] if isinstance(model, nn.Sequential) else model
+    for name in ("head", "fc"):
+        if isinstance(getattr(body, name, None), nn.Module):
+            return getattr(body, name)
+    raise ValueError(f"{type(body).__name__} has no `head` or `fc` block: a head-only fine-tune needs one; set "
+                     "`correct.layers` to [all].")
+
+
 class ClassifierModule(pl.LightningModule):
     """Trains a classifier with cross-entropy, AdamW and a one-cycle schedule.
 
