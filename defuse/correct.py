@@ -535,11 +535,7 @@ def correct(
                       "decoded_accuracy": _round(_accuracy(c["decoded"], truth["decoded"])),
                       "admissible": bool(low >= -config.max_clean_drop and drop <= config.max_class_drop)})
     key = "bug_accuracy" if use_bugs else "decoded_accuracy"
-    admissible = [t for t in table if t["admissible"]]
-    # Ties on the bug images go to the candidate that does best on the real guard images, not on decoded samples:
-    # decoded accuracy says little about real images (the issue this design answers: 99.8% decoded, 0.61 real).
-    chosen = max(admissible, key=lambda t: (t[key], t["guard_change"], t["decoded_accuracy"] or 0.0, -t["lambda"],
-                                            -t["epoch"]), default=None)
+    chosen = choose_candidate(table, key)
     before = {"bug_accuracy": _round(_accuracy(base["bugs"], truth["bugs"])),
               "decoded_accuracy": _round(_accuracy(base["decoded"], truth["decoded"]))}
     summary: dict[str, Any] = {
@@ -568,6 +564,17 @@ def correct(
                     "real_bug_accuracy_after": chosen["bug_accuracy"],
                     "val_region_accuracy_after": chosen["decoded_accuracy"]})
     return repaired.eval(), summary
+
+
+def choose_candidate(table: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The admissible candidate with the best ``key`` accuracy (None when none is admissible).
+
+    Ties go to the better guard change, on real held-out images, and only then to decoded-sample accuracy, which
+    says little about real images (the repair issue: 99.8% on decoded samples, 0.61 on the real subgroup); then to
+    the smaller lambda and the earlier epoch."""
+    admissible = [t for t in table if t["admissible"]]
+    return max(admissible, key=lambda t: (t[key], t["guard_change"], t["decoded_accuracy"] or 0.0, -t["lambda"],
+                                          -t["epoch"]), default=None)
 
 
 def _round(value: float | None) -> float | None:

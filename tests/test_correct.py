@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from defuse.config import CorrectConfig, DataConfig
-from defuse.correct import RealImages, RegionSamples, contradicting_labels, correct, paired_change, sample_regions
+from defuse.correct import (
+    RealImages,
+    RegionSamples,
+    choose_candidate,
+    contradicting_labels,
+    correct,
+    paired_change,
+    sample_regions,
+)
 from defuse.data import ImageDataModule
 from defuse.distill import Region, Regions
 from defuse.models import build_classifier
@@ -356,3 +364,15 @@ def test_a_head_only_candidate_moves_the_head_and_leaves_the_features_as_they_we
 def test_correct_layers_refuses_an_unknown_family():
     with pytest.raises(ValueError, match=re.escape("`correct.layers` must be a non-empty list")):
         CorrectConfig(layers=["encoder"]).validate()
+
+
+def test_ties_on_the_bug_images_go_to_the_better_real_guard_change_not_to_decoded_accuracy():
+    def candidate(layers, lam, epoch, bug, guard, decoded, admissible=True):
+        return {"layers": layers, "lambda": lam, "epoch": epoch, "bug_accuracy": bug, "guard_change": guard,
+                "decoded_accuracy": decoded, "admissible": admissible}
+
+    table = [candidate("all", 1.0, 4, 0.93, -0.002, 1.0), candidate("head", 0.0, 1, 0.93, 0.001, 0.58),
+             candidate("all", 0.0, 2, 0.90, 0.004, 0.60), candidate("all", 1.0, 3, 0.97, 0.0, 1.0, admissible=False)]
+    assert choose_candidate(table, "bug_accuracy")["layers"] == "head"  # tie at 0.93: the guard decides
+    assert choose_candidate(table, "decoded_accuracy")["epoch"] == 4  # no real bug images: decoded decides
+    assert choose_candidate([t | {"admissible": False} for t in table], "bug_accuracy") is None
