@@ -35,6 +35,11 @@ no class of the guard loses more than ``max_class_drop``. The admissible candida
 bug images (decoded validation samples when there are fewer than ``MIN_BUG_IMAGES``; ties go to the better guard
 change) wins, if it beats the original; otherwise the original weights stay and the summary says why.
 
+*Weight averaging.* Each epoch's candidate is the running mean of the weights at the end of every epoch so far
+(``correct.average``, stochastic weight averaging), not the last step's weights: one epoch's last steps move
+unrelated test decisions by a few images a class, and the mean moves fewer (measured on the kept planted runs:
+largest class drop on test 2.90 -> 0.52 points for slant seed 0; runs meeting every repair bar 9 -> 12 of 15).
+
 Every (layers, lambda, epoch) is a Lightning checkpoint under ``correct/``; an interrupted fine-tune resumes from the last
 one (loaded weights-only), and finished lambdas are not trained again.
 """
@@ -58,6 +63,7 @@ import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 from pytorch_lightning.utilities.combined_loader import CombinedLoader
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from defuse.artifacts import CORRECT_DIR, LABEL_ISSUES, REPAIRED_CKPT  # noqa: F401  (re-exported)
@@ -357,11 +363,13 @@ class CorrectionModule(pl.LightningModule):
         lr: Adam learning rate.
         keep: weight of KL(original || fine-tuned) on the training images whose label the original gives.
         layers: "all" trains every weight; "head" only :func:`classifier_head`, on frozen features.
+        average: each epoch's candidate is the running mean of the weights at the end of every epoch so far
+            (:meth:`fold_epoch`), not the last step's weights.
     """
 
     def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4, keep: float = 0.0,
                  drift_box: dict[str, tuple[float, float]] | None = None, drift_seed: int = 0,
-                 layers: str = "all") -> None:
+                 layers: str = "all", average: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["classifier"])
         # Drift-aware repair: the random drifts of each step come from their own generator (stream correct.drift).
@@ -373,6 +381,19 @@ class CorrectionModule(pl.LightningModule):
         self.model = classifier.train().requires_grad_(layers == "all")  # checkpoints load in eval mode, frozen
         if layers == "head":
             classifier_head(self.model).requires_grad_(True)
+        # A submodule, so checkpoints carry it and a resumed fine-tune goes on averaging where it stopped. Buffers
+        # are not averaged: batch norm stays frozen at the original's statistics (on_train_epoch_start).
+        self.averaged = AveragedModel(self.model).requires_grad_(False) if average else None
+
+    @property
+    def candidate(self) -> nn.Module:
+        """The weights this epoch offers as a candidate: the running average, or the current weights."""
+        return self.model if self.averaged is None else self.averaged.module
+
+    def fold_epoch(self) -> None:
+        """Fold the weights at the end of this epoch into the running average (nothing without ``average``)."""
+        if self.averaged is not None:
+            self.averaged.update_parameters(self.model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -435,10 +456,13 @@ class _EpochRecord(Callback):
         self.path, self.sets = path, sets
 
     def on_train_epoch_end(self, trainer, module) -> None:
+        # Runs before ModelCheckpoint (Lightning calls checkpoint callbacks last), so the epoch's checkpoint holds
+        # the average this record describes.
+        module.fold_epoch()
         records = json.loads(self.path.read_text()) if self.path.exists() else []
         records = [r for r in records if r["epoch"] != trainer.current_epoch]
         records.append({"epoch": trainer.current_epoch,
-                        **{name: predict_labels(module.model, x).tolist() for name, (x, _) in self.sets.items()}})
+                        **{name: predict_labels(module.candidate, x).tolist() for name, (x, _) in self.sets.items()}})
         atomic_write_json(self.path, sorted(records, key=lambda r: r["epoch"]))
 
 
@@ -501,7 +525,8 @@ def correct(
             pl.seed_everything(seed, verbose=False)
             module = CorrectionModule(copy.deepcopy(classifier), lam=lam,
                                       lr=config.lr if layers == "all" else config.head_lr, keep=config.keep,
-                                      drift_box=box, drift_seed=int_seed(seed, "correct.drift"), layers=layers)
+                                      drift_box=box, drift_seed=int_seed(seed, "correct.drift"), layers=layers,
+                                      average=config.average)
             loaders = {"clean": data.images_loader(training_set, shuffle=True, stream="correct.clean_shuffle")}
             if lam > 0:
                 loaders["regions"] = DataLoader(TensorDataset(region_x, region_y), batch_size=data.config.batch_size,
@@ -557,13 +582,20 @@ def correct(
         log.warning("The repair is refused: %s. repaired.ckpt keeps the original weights.", reason)
         summary.update({"chosen": None, "reason": reason})
         return repaired.eval(), summary
-    state = torch.load(chosen["path"], map_location="cpu", weights_only=True)["state_dict"]
-    repaired.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    repaired.load_state_dict(candidate_weights(torch.load(chosen["path"], map_location="cpu", weights_only=True)))
     summary.update({"chosen": {"layers": chosen["layers"], "lambda": chosen["lambda"], "epoch": chosen["epoch"]},
                     "guard": {k: chosen[k] for k in ("guard_change", "guard_change_ci95", "largest_class_drop")},
                     "real_bug_accuracy_after": chosen["bug_accuracy"],
                     "val_region_accuracy_after": chosen["decoded_accuracy"]})
     return repaired.eval(), summary
+
+
+def candidate_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The classifier weights a candidate checkpoint offers: the running average where the fine-tune kept one
+    (``correct.average``), else the fine-tuned weights."""
+    state = checkpoint["state_dict"]
+    prefix = "averaged.module." if any(k.startswith("averaged.module.") for k in state) else "model."
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def choose_candidate(table: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
