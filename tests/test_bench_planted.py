@@ -1,0 +1,45 @@
+"""The planted benchmark's subgroup features: each must pick the kind of image its case names, or the benchmark
+plants a different bug than it reports."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import bench_planted as bp  # noqa: E402
+
+
+def _canvas() -> torch.Tensor:
+    return torch.zeros(1, 1, 28, 28)
+
+
+def test_top_share_is_the_ink_above_the_middle_of_its_own_extent():
+    head = _canvas()
+    head[0, 0, 4:10, 10:18] = 1.0  # a big head ...
+    head[0, 0, 10:24, 16:18] = 1.0  # ... on a thin tail
+    tail = _canvas()
+    tail[0, 0, 4:8, 12:16] = 1.0  # a small head on a long, thick tail
+    tail[0, 0, 8:24, 12:18] = 1.0
+    shares = bp.top_share(torch.cat([head, tail]))
+    assert shares[0] > 0.6 > shares[1]
+    # Shifting the digit does not move it: the middle is the ink's own, not the canvas's.
+    assert torch.allclose(bp.top_share(torch.roll(head, 3, dims=-2)), shares[:1])
+
+
+def test_width_and_slant_order_images_the_way_their_cases_name():
+    upright, leaning = _canvas(), _canvas()
+    upright[0, 0, 4:24, 13:15] = 1.0
+    for row in range(4, 24):  # top to the right
+        col = 20 - (row - 4) // 2
+        leaning[0, 0, row, col : col + 2] = 1.0
+    both = torch.cat([upright, leaning])
+    assert bp.width(both)[1] > bp.width(both)[0]
+    assert bp.slant(both)[1] > 0.3 and abs(float(bp.slant(both)[0])) < 1e-6
+
+
+def test_every_case_plants_a_different_class_and_the_fresh_ones_stay_off_the_default_run():
+    assert all(source != planted for source, planted, _, _ in bp.CASES.values())
+    assert set(bp.DEFAULT_CASES) < set(bp.CASES) and {"wide", "topheavy"} <= set(bp.CASES) - set(bp.DEFAULT_CASES)
