@@ -426,7 +426,7 @@ def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tenso
         "clean_accuracy_outside_subgroup_change": round(acc_out[1] - acc_out[0], 4),
         "largest_per_class_drop_outside_subgroup": round(max(drops), 4),
         "largest_per_class_drop_class": worst,
-        "largest_per_class_drop_ci95": [round(-high, 4), round(-low, 4)],
+        "largest_per_class_drop_ci95": [round(-high, 4) + 0.0, round(-low, 4) + 0.0],  # + 0.0: no "-0.0"
         "largest_per_class_drop_images": {"lost": int(((before == worst) & (after != worst))[outside & (y == worst)].sum()),
                                           "gained": int(((before != worst) & (after == worst))[outside & (y == worst)].sum()),
                                           "of": int(in_worst.sum())},
