@@ -15,6 +15,7 @@ from defuse.correct import (
     candidate_weights,
     choose_candidate,
     contradicting_labels,
+    neighbour_shares,
     correct,
     paired_change,
     sample_regions,
@@ -200,6 +201,31 @@ def test_contradicting_labels_need_the_person_and_the_independent_judge():
     assert (contradicting_labels(regions, {}, latents, labels, judge)[0] == -1).all()
 
 
+def test_a_contradicted_label_needs_its_held_out_neighbours_to_carry_the_persons_label_too():
+    regions = Regions([_region(1)], {})  # 0 -> 1, labelled 0 below
+    judge = quadrant_validity()  # class 0 where z0 < 1 and z1 < 1
+    latents = np.array([[0.0, 0.0], [0.0, -1.0]])
+    labels = np.array([1, 1])  # both carry the region's mistake, and the judge is sure both are 0s
+    assert contradicting_labels(regions, {1: 0}, latents, labels, judge)[0].tolist() == [1, 1]
+    # Held-out neighbours: 0s around the first image, 1s (its given label) around the second.
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.normal(0, 0.05, (12, 2)), rng.normal(0, 0.05, (12, 2)) + [0.0, -1.0]])
+    reference_labels = np.array([0] * 12 + [1] * 12)
+    region_of, person_of = contradicting_labels(regions, {1: 0}, latents, labels, judge,
+                                                neighbours=(reference, reference_labels))
+    assert region_of.tolist() == [1, -1] and person_of.tolist() == [0, -1]
+
+
+def test_neighbour_shares_count_labels_among_the_nearest_and_can_leave_each_image_out():
+    reference = np.array([[0.0], [1.0], [2.0], [10.0]])
+    labels = np.array([0, 0, 1, 2])
+    shares = neighbour_shares(np.array([[0.1], [9.0]]), reference, labels, num_classes=3, k=2)
+    assert shares.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]]
+    # Each reference image among its own neighbours, left out: image 0's two nearest are 1 (label 0) and 2 (label 1).
+    own = neighbour_shares(reference, reference, labels, num_classes=3, k=2, exclude_self=True)
+    assert own[0].tolist() == [0.5, 0.5, 0.0] and np.allclose(own.sum(axis=1), 1.0)
+
+
 def test_the_keep_term_holds_the_model_to_the_original_and_stays_out_of_checkpoints():
     from defuse.correct import CorrectionModule
 
@@ -266,6 +292,8 @@ def test_pairs_that_few_training_images_contradict_are_listed_but_not_relabelled
     judge = quadrant_validity()
     train_labels = digits.split("train").labels.numpy()
     latents = {name: np.zeros((len(digits.split(name)), 2)) for name in ("train", "val", "audit")}
+    # The held-out witnesses (audit): its 0s sit at (0, 0) with the contradicted images, its other images far away.
+    latents["audit"][digits.split("audit").labels.numpy() != 0] = [-50.0, -50.0]
     issues = find_label_issues(regions, {1: 0}, latents, judge, digits, relabel=True)
     contradicted = issues[(issues["kind"] == "contradicted") & (issues["split"] == "train")]
     assert len(contradicted) == int((train_labels == 1).sum()) >= MIN_BUG_IMAGES and contradicted["relabelled"].all()
@@ -287,6 +315,7 @@ def test_a_pair_few_of_its_labels_contradict_is_a_boundary_whose_labels_stand(di
     ones = np.flatnonzero(digits.split("train").labels.numpy() == 1)
     contradicted_ones = ones[: 2 * len(ones) // 5]
     latents["train"][contradicted_ones] = 0.0
+    latents["audit"][digits.split("audit").labels.numpy() == 0] = 0.0  # held-out 0s witness the person's label
     assert len(contradicted_ones) >= correct_module.MIN_BUG_IMAGES
     issues = correct_module.find_label_issues(regions, {1: 0}, latents, quadrant_validity(), digits, relabel=True)
     listed = issues[issues["split"] == "train"]
