@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "correct"):
             p.add_argument("--relabel", action="store_true",
                            help="consent to relabel: training, validation and audit images whose labels your region "
-                                "labels and the validity judge both contradict (listed in label_issues.csv) are "
+                                "labels, the validity judge and most of their nearest audit images contradict "
+                                "(listed in label_issues.csv) are "
                                 "trained and graded under your label instead of being left out "
                                 "(correct.relabel=true)")
         if name == "drift":
