@@ -55,7 +55,6 @@ import yaml
 from _bench import emit, progress  # scripts/_bench.py
 
 from defuse.config import (
-    CorrectConfig,
     DataConfig,
     RunConfig,
     config_from_mapping,
@@ -449,13 +448,21 @@ def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tenso
     return out
 
 
+def labelled_config(config: RunConfig, labels: Path, consent: bool) -> RunConfig:
+    """``config`` with the simulated person's labels file, and their consent to relabel when given."""
+    return config_from_mapping(config.to_dict(), [f"label.mode={labels}", *(["correct.relabel=true"] if consent else [])])
+
+
 def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, consent: bool,
              poison_audit: bool) -> dict:
     start = time.perf_counter()
     npz, info, poisoned_rows = write_case_data(folder, case, seed, poison_audit)
     config = case_config(npz, seed, None if case == "clean" else folder / "clean" / "generator.ckpt")
     run = RunDir(folder / case)
-    run_pipeline(config, run)  # stops before correct: nobody has labelled yet
+    # A directory kept from an earlier run (--keep) holds the simulated person's answers already: an unlabelled first
+    # call would go on to repair without the consent to relabel, and the labelled call would repair again.
+    answered = do_repair and run.path("person.yaml").exists()
+    run_pipeline(labelled_config(config, run.path("person.yaml"), consent) if answered else config, run)
     stages = run.manifest()["stages"]
     out: dict = {**info, "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
                  "reconstruction_accuracy": stages["identify"]["metrics"]["reconstruction_accuracy"]}
@@ -463,14 +470,10 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
     group = subgroup(test, case, info["threshold"]) if case != "clean" else None
     out.update(discovery_figures(run, config, case, reference, group))
     if do_repair:
-        labels = simulated_person(run, reference, config.distill.tau, config.seed)
-        extra = [f"label.mode={labels}"]
-        if consent and "relabel" in CorrectConfig.__dataclass_fields__:
-            extra.append("correct.relabel=true")
-        labelled = config_from_mapping(config.to_dict(), extra)
+        labelled = labelled_config(config, simulated_person(run, reference, config.distill.tau, config.seed), consent)
         run_pipeline(labelled, run)
         out["repair"] = {"labels": "simulated person (independent clean reference's vote)",
-                         "relabel_consent": "correct.relabel=true" in extra,
+                         "relabel_consent": labelled.correct.relabel,
                          **repair_figures(run, labelled, case, group, poisoned_rows)}
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out

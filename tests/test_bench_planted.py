@@ -43,3 +43,12 @@ def test_width_and_slant_order_images_the_way_their_cases_name():
 def test_every_case_plants_a_different_class_and_the_fresh_ones_stay_off_the_default_run():
     assert all(source != planted for source, planted, _, _ in bp.CASES.values())
     assert set(bp.DEFAULT_CASES) < set(bp.CASES) and {"wide", "topheavy"} <= set(bp.CASES) - set(bp.DEFAULT_CASES)
+
+
+def test_the_simulated_persons_labels_and_consent_reach_the_config(tmp_path):
+    config = bp.case_config(tmp_path / "case.npz", seed=3)
+    labels = tmp_path / "person.yaml"
+    consenting = bp.labelled_config(config, labels, consent=True)
+    assert consenting.label.mode == str(labels) and consenting.correct.relabel and consenting.seed == 3
+    assert not bp.labelled_config(config, labels, consent=False).correct.relabel
+    assert not config.correct.relabel  # the shipped default: no relabelling without consent
