@@ -29,7 +29,7 @@ from defuse.pipeline import (
     stage_named,
 )
 from defuse.artifacts import REPORT_HTML, REPORT_JSON, VERIFY_JSON
-from defuse.rundir import RunDir
+from defuse.rundir import RunDir, ctrl_c_latch
 
 _DESCRIPTIONS = {
     "run": "Run the pipeline from data to report (fit-classifier, fit-generator, identify, distill, check-before, "
@@ -280,6 +280,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning's own use of a torch API
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    with ctrl_c_latch():
+        return _main(args, console, errors)
+
+
+def _main(args: argparse.Namespace, console: Console, errors: Console) -> int:
     try:
         config, run = _resolve(args)
         if args.command == "run":

@@ -13,7 +13,9 @@ import io
 import json
 import os
 import platform
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -190,6 +192,8 @@ class RunDir:
         start = time.perf_counter()
         try:
             yield record
+            if CTRL_C.is_set():  # pressed while the stage ran, and dropped where Python ignores exceptions
+                raise KeyboardInterrupt
         except BaseException as err:
             # Lightning turns Ctrl-C inside a Trainer into SystemExit(1) after its graceful shutdown.
             status = "interrupted" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "failed"
@@ -203,6 +207,33 @@ class RunDir:
             name, "done", config, seed, fingerprint=stage_fingerprint,
             seconds=round(time.perf_counter() - start, 3), outputs=outputs, metrics=record.metrics,
         )
+
+
+# Set by :func:`ctrl_c_latch`'s handler. Python drops a KeyboardInterrupt raised inside a finaliser (a ``__del__``,
+# e.g. Lightning's profiler's, prints "Exception ignored" and goes on), so a Ctrl-C can be lost while the stage runs
+# on to the end (seen in the interrupt test: the run finished with exit code 0). A stage that ends with the latch set
+# is recorded as interrupted instead of done.
+CTRL_C = threading.Event()
+
+
+@contextmanager
+def ctrl_c_latch() -> Iterator[None]:
+    """While inside, Ctrl-C (SIGINT) sets :data:`CTRL_C` and raises KeyboardInterrupt as usual (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def pressed(signum, frame):
+        CTRL_C.set()
+        signal.default_int_handler(signum, frame)
+
+    CTRL_C.clear()
+    previous = signal.signal(signal.SIGINT, pressed)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        CTRL_C.clear()
 
 
 def _now() -> str:

@@ -70,3 +70,24 @@ def test_named_streams_are_reproducible_independent_and_checked():
     assert not np.allclose(train.random(8), val.random(8))
     with pytest.raises(ValueError, match=re.escape("`seed` must be an int >= 0, got -1 instead.")):
         numpy_rng(-1, "a")
+
+
+def test_a_stage_that_ends_after_a_dropped_ctrl_c_is_recorded_as_interrupted(tmp_path):
+    import os
+    import signal
+
+    from defuse.rundir import CTRL_C, ctrl_c_latch
+
+    run = RunDir(tmp_path / "run")
+
+    class SwallowsInterrupts:  # a finaliser: Python prints and drops what it raises
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with ctrl_c_latch():
+        with pytest.raises(KeyboardInterrupt):
+            with run.running("identify", {}, 0, "fp"):
+                SwallowsInterrupts()  # collected at once: its KeyboardInterrupt is dropped, the latch stays set
+                assert CTRL_C.is_set()
+    assert run.manifest()["stages"]["identify"]["status"] == "interrupted"
+    assert not CTRL_C.is_set()  # cleared on the way out
