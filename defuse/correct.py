@@ -21,8 +21,9 @@ fixed the same bugs at -0.18 to 0.0 points of held-out accuracy.
 called 7) and which the independent validity judge (fitted on the audit split, never on the classifier) reads as
 the person's class is contradicted by both, when most of its nearest held-out (audit) images carry the person's
 label too (the judge is one linear model, and near a boundary it is sure of some real images of the mistaken
-class). Every such image of train, val and audit is listed (label_issues.csv, with the nearest such region). A pair is a *labelling bug* when at least ``MIN_BUG_IMAGES`` training images, and
-at least ``LABEL_BUG_SHARE`` of those with the given label, contradict it; fewer are boundary cases the judge is
+class). Every such image of train, val and audit is listed (label_issues.csv, with the nearest such region). A
+pair is a *labelling bug* when at least ``MIN_BUG_IMAGES`` training images, and at least ``LABEL_BUG_SHARE`` of
+those with the given label, contradict it; fewer are boundary cases the judge is
 unsure of, whose labels stand (listed, nothing else). Images of a labelling bug leave every loss and every check
 without consent; with it they are trained (train) or graded (val, audit) under the person's label.
 
