@@ -18,13 +18,12 @@ held-out accuracy -0.4 to -1.1 points). The corrected labels in the training set
 fixed the same bugs at -0.18 to 0.0 points of held-out accuracy.
 
 *Label issues.* An image whose given label is a labelled region's mistake (1, in a "7 -> 1" region the person
-called 7) and which the independent validity judge (fitted on the audit split, never on the classifier) reads as
-the person's class is contradicted by both, when most of its nearest held-out (audit) images carry the person's
-label too (the judge is one linear model, and near a boundary it is sure of some real images of the mistaken
-class). Every such image of train, val and audit is listed (label_issues.csv, with the nearest such region). A
-pair is a *labelling bug* when at least ``MIN_BUG_IMAGES`` training images, and at least ``LABEL_BUG_SHARE`` of
-those with the given label, contradict it; fewer are boundary cases the judge is
-unsure of, whose labels stand (listed, nothing else). Images of a labelling bug leave every loss and every check
+called 7) is contradicted when most of its nearest held-out (audit) images carry the person's label and the
+independent validity judge (fitted on the audit split, never on the classifier) does not read it as its given
+label (:func:`contradicting_labels` says why the neighbours lead). Every such image of train, val and audit is
+listed (label_issues.csv, with the nearest such region). A pair is a *labelling bug* when at least
+``MIN_BUG_IMAGES`` training images, and at least ``LABEL_BUG_SHARE`` of those with the given label, contradict it;
+fewer are boundary cases, whose labels stand (listed, nothing else). Images of a labelling bug leave every loss and every check
 without consent; with it they are trained (train) or graded (val, audit) under the person's label.
 
 *Choice and guard.* Every (layers, lambda, epoch) is a candidate: ``correct.layers`` "all" fine-tunes every layer
@@ -35,7 +34,9 @@ mistake) measure the repair; every other held-out image is the *guard*. A candid
 lower end of the paired bootstrap 95% interval of its guard accuracy change is at least ``-max_clean_drop``, and
 no class of the guard loses more than ``max_class_drop``. The admissible candidate with the best accuracy on the
 bug images (decoded validation samples when there are fewer than ``MIN_BUG_IMAGES``; ties go to the better guard
-change) wins, if it beats the original; otherwise the original weights stay and the summary says why.
+change) wins, if it beats the original; otherwise the original weights stay and the summary says why. A winner
+trained with decoded samples must beat the best candidate trained on real images alone beyond chance
+(:func:`_unless_decoded_samples_help`).
 
 *Weight averaging.* Each epoch's candidate is the running mean of the weights at the end of every epoch so far
 (``correct.average``, stochastic weight averaging), not the last step's weights: one epoch's last steps move
@@ -167,8 +168,8 @@ def contradicting_labels(regions: Regions, bug_labels: dict[int, int], latents: 
     well relabelled 89-101 of 144-155 mislabelled short 2s and few of the shortest (the test 2s still misread were
     the subgroup's shortest); the neighbours with the judge's doubt relabel 113-123 at the same 1-3 real 7s. Over
     the five planted cases: 112-140 mislabelled images a run against 89-134, and 0-9 real ones against 0-5. The
-    judge sure alone (no neighbours) relabelled 8-17 real 7s a seed, which took crossed test 7s to 2. Images turned away fall to :func:`doubted_labels`: out of the
-    clean loss, not relabelled.
+    judge sure alone (no neighbours) relabelled 8-17 real 7s a seed, which took crossed test 7s to 2. Images turned
+    away fall to :func:`doubted_labels`: out of the clean loss, not relabelled.
     """
     if len(labels) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)

@@ -216,6 +216,24 @@ def test_a_contradicted_label_needs_its_held_out_neighbours_to_carry_the_persons
     assert region_of.tolist() == [1, -1] and person_of.tolist() == [0, -1]
 
 
+def test_with_neighbours_the_judge_need_only_doubt_the_given_label_not_be_sure_of_the_persons():
+    regions = Regions([_region(1)], {})  # 0 -> 1, labelled 0 below
+    judge = quadrant_validity()  # class 0 near the origin, 1 where z0 > 1, 2 where z1 > 1
+    latents = np.array([[0.0, 3.0], [3.0, 0.0], [0.0, 0.0]])
+    labels = np.array([1, 1, 1])  # every one carries the region's mistake
+    # Held-out neighbours of all three carry the person's label, 0.
+    rng = np.random.default_rng(0)
+    reference = np.concatenate([rng.normal(0, 0.05, (12, 2)) + point for point in latents])
+    reference_labels = np.zeros(36, dtype=np.int64)
+    region_of, person_of = contradicting_labels(regions, {1: 0}, latents, labels, judge,
+                                                neighbours=(reference, reference_labels))
+    # Image 0: the judge reads a 2 (doubts the 1, unsure of the 0): contradicted. Image 1: the judge reads it as its
+    # given label, 1: the label stands. Image 2: the judge reads a 0: contradicted.
+    assert region_of.tolist() == [1, -1, 1] and person_of.tolist() == [0, -1, 0]
+    # Without neighbours the judge must be sure of the person's class: image 0 is not contradicted.
+    assert contradicting_labels(regions, {1: 0}, latents, labels, judge)[0].tolist() == [-1, -1, 1]
+
+
 def test_neighbour_shares_count_labels_among_the_nearest_and_can_leave_each_image_out():
     reference = np.array([[0.0], [1.0], [2.0], [10.0]])
     labels = np.array([0, 0, 1, 2])
@@ -417,3 +435,31 @@ def test_ties_on_the_bug_images_go_to_the_better_real_guard_change_not_to_decode
     assert choose_candidate(table, "bug_accuracy")["layers"] == "head"  # tie at 0.93: the guard decides
     assert choose_candidate(table, "decoded_accuracy")["epoch"] == 4  # no real bug images: decoded decides
     assert choose_candidate([t | {"admissible": False} for t in table], "bug_accuracy") is None
+
+
+def test_decoded_samples_must_read_the_real_bug_images_better_than_real_images_alone_beyond_chance():
+    from defuse.correct import _unless_decoded_samples_help
+
+    labels = np.zeros(50, dtype=np.int64)
+
+    def candidate(lam, hits, admissible=True):
+        predicted = np.where(np.arange(50) < hits, 0, 1)
+        row = {"layers": "all", "lambda": lam, "epoch": 0, "path": f"lambda_{lam}_{hits}", "bug_accuracy": hits / 50,
+               "guard_change": 0.0, "decoded_accuracy": None, "admissible": admissible}
+        return row, {"bugs": predicted}
+
+    def choose(*specs):
+        rows, candidates = zip(*(candidate(*spec) for spec in specs))
+        chosen = choose_candidate(list(rows), "bug_accuracy")
+        return _unless_decoded_samples_help(chosen, list(rows), list(candidates), labels, np.random.default_rng(0))
+
+    # One bug image more with decoded samples (46 of 50 against 45): chance, so the real-images-only candidate.
+    chosen, gain = choose((1.0, 46), (0.0, 45))
+    assert chosen["lambda"] == 0.0 and gain["kept"] is False and gain["bug_accuracy_change"] == pytest.approx(0.02)
+    assert gain["ci95"][0] <= 0 < gain["ci95"][1]
+    # Ten more: beyond chance, the decoded samples stay.
+    chosen, gain = choose((1.0, 45), (0.0, 35))
+    assert chosen["lambda"] == 1.0 and gain["kept"] is True and gain["ci95"][0] > 0
+    # No admissible lambda-0 candidate to fall back on: the choice stands.
+    chosen, gain = choose((1.0, 46), (0.0, 45, False))
+    assert chosen["lambda"] == 1.0 and gain == {"against": None, "kept": True}
