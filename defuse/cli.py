@@ -131,9 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("run", "correct"):
             p.add_argument("--relabel", action="store_true",
                            help="consent to relabel: training, validation and audit images whose labels your region "
-                                "labels and most of their nearest audit images contradict, and the validity judge "
-                                "doubts (listed in label_issues.csv), are trained and graded under your label "
-                                "instead of being left out "
+                                "labels, the validity judge and most of their nearest audit images contradict "
+                                "(listed in label_issues.csv) are "
+                                "trained and graded under your label instead of being left out "
                                 "(correct.relabel=true)")
         if name == "drift":
             p.add_argument("action", choices=DRIFT_ACTIONS, help="synth, forensics or optimize")

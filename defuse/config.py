@@ -334,9 +334,10 @@ class CorrectConfig:
     # one image is 0.4 points): refuses a repair that gives up part of a class.
     max_class_drop: float = 0.02
     keep: float = 1.0  # weight of KL(original || fine-tuned) on clean batches: holds unrelated decisions in place
-    # The person's consent to relabel: training, validation and audit images whose labels the person's region labels
-    # and their nearest audit images contradict, and the validity judge doubts (label_issues.csv), are trained and
-    # graded under the person's label. Without it they are listed and left out. `defuse run --relabel` gives it.
+    # The person's consent to relabel: training, validation and audit images whose labels the person's region labels,
+    # the validity judge and their nearest audit images contradict (label_issues.csv) are trained and graded under
+    # the person's label.
+    # Without it they are listed and left out. `defuse run --relabel` gives it.
     relabel: bool = False
     # Each relabelled training image counts this many times: they must outweigh the bug's mislabelled images that
     # no rule found, which still teach the bug in the training loss.

@@ -216,24 +216,6 @@ def test_a_contradicted_label_needs_its_held_out_neighbours_to_carry_the_persons
     assert region_of.tolist() == [1, -1] and person_of.tolist() == [0, -1]
 
 
-def test_with_neighbours_the_judge_need_only_doubt_the_given_label_not_be_sure_of_the_persons():
-    regions = Regions([_region(1)], {})  # 0 -> 1, labelled 0 below
-    judge = quadrant_validity()  # class 0 near the origin, 1 where z0 > 1, 2 where z1 > 1
-    latents = np.array([[0.0, 3.0], [3.0, 0.0], [0.0, 0.0]])
-    labels = np.array([1, 1, 1])  # every one carries the region's mistake
-    # Held-out neighbours of all three carry the person's label, 0.
-    rng = np.random.default_rng(0)
-    reference = np.concatenate([rng.normal(0, 0.05, (12, 2)) + point for point in latents])
-    reference_labels = np.zeros(36, dtype=np.int64)
-    region_of, person_of = contradicting_labels(regions, {1: 0}, latents, labels, judge,
-                                                neighbours=(reference, reference_labels))
-    # Image 0: the judge reads a 2 (doubts the 1, unsure of the 0): contradicted. Image 1: the judge reads it as its
-    # given label, 1: the label stands. Image 2: the judge reads a 0: contradicted.
-    assert region_of.tolist() == [1, -1, 1] and person_of.tolist() == [0, -1, 0]
-    # Without neighbours the judge must be sure of the person's class: image 0 is not contradicted.
-    assert contradicting_labels(regions, {1: 0}, latents, labels, judge)[0].tolist() == [-1, -1, 1]
-
-
 def test_neighbour_shares_count_labels_among_the_nearest_and_can_leave_each_image_out():
     reference = np.array([[0.0], [1.0], [2.0], [10.0]])
     labels = np.array([0, 0, 1, 2])
