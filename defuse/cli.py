@@ -10,6 +10,7 @@ import sys
 import time
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -55,6 +56,13 @@ _DESCRIPTIONS = {
     "far, correct.average), chosen on real held-out val and audit images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
     "correct.max_clean_drop, else the original weights stay. Writes repaired.ckpt and label_issues.csv. An "
     "interrupted fine-tune resumes from its last checkpoint.",
+    "review": "Review the label issues of the labelling bugs your region labels revealed, image by image, before "
+    "correct: the training, validation and audit images whose given label is a labelled region's mistake and which "
+    "the validity judge doubts or contradicts (e.g. short 2s labelled 7). At a terminal each image is shown with "
+    "its given label and the region's label; answer with its class (Enter skips, q stops). Answers go to "
+    "<run-dir>/label_review.csv at once (run again to resume); without a terminal the images to review are written "
+    "to <run-dir>/label_review_todo.csv, whose label column you fill. Use them with `defuse run --reviewed-labels "
+    "FILE`: each answer decides its image's label (relabelled or standing), whatever the rules say.",
     "check": "Check the classifier's invariances on the test split: Effective Invariance (Deng et al. 2022) under "
     "90/180/270-degree rotation, grayscale (colour images), +-15-degree rotation, brightness, scale and translation, "
     "with 95% bootstrap intervals overall and per class; and ML4ML variance matrices (Liao et al. 2021) over 31 "
@@ -129,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "misread the same way; asked for each time), or a JSON/YAML file mapping region id -> "
                                 "class, not-a-bug or skip")
         if name in ("run", "correct"):
+            p.add_argument("--reviewed-labels", default=None, metavar="FILE", dest="reviewed_labels",
+                           help="a person's review of label issues (`defuse review` writes it; a CSV of image,label): "
+                                "each answer decides its image's label (correct.reviewed_labels)")
+        if name in ("run", "correct"):
             p.add_argument("--relabel", action="store_true",
                            help="consent to relabel: training, validation and audit images whose labels your region "
                                 "labels, the validity judge and most of their nearest audit images contradict "
@@ -147,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "regresses (run: clean accuracy, a class or an EI transform beyond report.max_clean_"
                                 "drop / report.max_class_drop / 0.01; check: an EI regression against check-before); "
                                 "for CI pipelines (report.fail_on)")
+        if name == "review":
+            p.add_argument("--out", default=None, metavar="FILE",
+                           help="where answers go (default: <run-dir>/label_review.csv); answers already there are "
+                                "not asked again")
         if name == "run":
             p.add_argument("--force", action="append", default=[], metavar="STAGE",
                            help=f"re-run STAGE and every stage after it, even if current (repeatable; 'all' for "
@@ -164,6 +180,8 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, RunDir]:
         overrides.append(f"label.mode={args.labels}")
     if getattr(args, "relabel", False):
         overrides.append("correct.relabel=true")
+    if getattr(args, "reviewed_labels", None):
+        overrides.append(f"correct.reviewed_labels={args.reviewed_labels}")
     if getattr(args, "fail_on", None):
         overrides.append(f"report.fail_on={args.fail_on}")
     if args.no_progress or not sys.stderr.isatty():
@@ -290,6 +308,8 @@ def _main(args: argparse.Namespace, console: Console, errors: Console) -> int:
         if args.command == "run":
             with _StageProgress(errors, enabled=config.trainer.progress_bar) as progress:
                 results = run_pipeline(config, run, force=tuple(args.force), on_stage=progress.update)
+        elif args.command == "review":
+            return _review(args, config, run, console)
         elif args.command == "drift":
             start = time.perf_counter()
             metrics = drift_command(config, run, args.action, args.model)
@@ -318,6 +338,66 @@ def _main(args: argparse.Namespace, console: Console, errors: Console) -> int:
             console.print(f"Not built yet (see the open issues): {', '.join(NOT_BUILT_YET)}.")
     if config.report.fail_on == "regression" and args.command in ("run", "check"):
         return _gate(errors, config, run, results, whole_run=args.command == "run")
+    return 0
+
+
+def _review(args: argparse.Namespace, config: RunConfig, run: RunDir, console: Console,
+            ask=input, interactive: bool | None = None) -> int:
+    """`defuse review`: ask a person about each label issue of a labelling bug, appending every answer to the
+    review file at once (an interrupted review loses nothing); without a terminal, write the list to fill in."""
+    from defuse.label import render_preview
+    from defuse.pipeline import label_issues_to_review
+
+    out = Path(args.out) if args.out else run.path("label_review.csv")
+    if out.exists() and not config.correct.reviewed_labels:  # answers given earlier are not asked again
+        config = config_from_mapping(config.to_dict(), [f"correct.reviewed_labels={out}"])
+    todo = label_issues_to_review(config, run)
+    use = (f"Use the answers: `defuse run --run-dir {run.root} --reviewed-labels {out}` (each answer decides its "
+           f"image's label; images you skip follow the rules).")
+    if todo.empty:
+        console.print(f"Nothing to review: no label issue of a labelling bug awaits an answer (they are found once "
+                      f"regions are labelled with a class: `defuse label --run-dir {run.root}`). "
+                      f"{use if out.exists() else ''}", soft_wrap=True, highlight=False, markup=False)
+        return 0
+    interactive = sys.stdin.isatty() if interactive is None else interactive
+    if not interactive:
+        listing = run.path("label_review_todo.csv")
+        todo.assign(label="").to_csv(listing, index=False)
+        console.print(f"{len(todo)} images to review are in {listing}: write each one's class (name or index) in "
+                      f"its label column (empty skips), then `defuse run --run-dir {run.root} --reviewed-labels "
+                      f"{listing}`.", soft_wrap=True, highlight=False, markup=False)
+        return 0
+    from defuse.data import ImageDataModule
+
+    data = ImageDataModule(config.data, config.seed)
+    classes = list(data.classes)
+    fresh = not out.exists()
+    with open(out, "a", encoding="utf-8") as handle:
+        if fresh:
+            handle.write("image,label\n")
+        console.print(f"{len(todo)} images to review. For each: its class (name or index), Enter to skip, q to stop.",
+                      highlight=False, markup=False)
+        for done, row in enumerate(todo.itertuples(index=False)):
+            image = data.split(row.split).images[row.position : row.position + 1].float() / 255
+            console.print(render_preview(image, columns=1), highlight=False, markup=False)
+            prompt = (f"[{done + 1}/{len(todo)}] image {row.image} ({row.split}) labelled {row.given_class!r}; its "
+                      f"region says {row.person_class!r}. What is it? ")
+            while True:
+                answer = ask(prompt).strip()
+                if answer in ("q", "quit"):
+                    console.print(use, soft_wrap=True, highlight=False, markup=False)
+                    return 0
+                if answer in ("", "s", "skip"):
+                    break
+                label = classes.index(answer) if answer in classes else int(answer) if answer.isdigit() else -1
+                if 0 <= label < len(classes):
+                    handle.write(f"{row.image},{label}\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    break
+                console.print(f"{answer!r} is not a class: answer with one of {', '.join(classes)} (or its index), "
+                              f"Enter to skip, q to stop.", highlight=False, markup=False)
+    console.print(use, soft_wrap=True, highlight=False, markup=False)
     return 0
 
 

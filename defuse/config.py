@@ -342,6 +342,9 @@ class CorrectConfig:
     # Each relabelled training image counts this many times: they must outweigh the bug's mislabelled images that
     # no rule found, which still teach the bug in the training loss.
     relabelled_repeats: int = 4
+    # A person's review of label issues (`defuse review` writes it): a CSV of image,label. Each answer decides that
+    # image's label, relabelled (the answer is the consent) or standing; unreviewed images follow the rules above.
+    reviewed_labels: str | None = field(default=None, metadata=PATH)
     # Drift-aware repair: every clean batch is trained once more under random acquisition drifts (defuse.drift),
     # drawn uniformly inside the original model's tolerance box, measured on the held-out guard images (val and
     # audit; never test) with check.drift_max_drop.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from defuse.artifacts import (
     CHECK_AFTER,
@@ -39,6 +39,9 @@ from defuse.artifacts import (
 )
 from defuse.config import RunConfig, path_fields
 from defuse.rundir import RunDir, fingerprint, path_digest
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # The adapters import their stage modules when they run: knowing the pipeline's shape (the CLI's --help, the stage
 # table) then costs no torch or Lightning import, which takes seconds.
@@ -108,21 +111,44 @@ def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 
 def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Fine-tune the classifier on the regions labelled with a class; write repaired.ckpt and label_issues.csv."""
-    from defuse.correct import repair
+    from defuse.correct import read_reviewed_labels, repair
     from defuse.data import ImageDataModule
     from defuse.distill import Regions
     from defuse.label import LabelBook
     from defuse.models.loading import load_classifier, load_generator
     from defuse.validity import ValidityModel
 
+    data = ImageDataModule(config.data, config.seed)
+    reviewed = read_reviewed_labels(config.correct.reviewed_labels, data) if config.correct.reviewed_labels else None
     fixed = repair(load_classifier(run.path(CLASSIFIER_CKPT)), LabelBook(run.path(LABELS_FILE)).bug_labels(),
                    Regions.load(run), load_generator(run.path(GENERATOR_CKPT)),
                    ValidityModel.load(run.path(VALIDITY_MODEL)),
-                   ImageDataModule(config.data, config.seed), config.correct, tau=config.distill.tau,
-                   workdir=run.path(CORRECT_DIR), seed=config.seed, trainer=config.trainer)
+                   data, config.correct, tau=config.distill.tau,
+                   workdir=run.path(CORRECT_DIR), seed=config.seed, trainer=config.trainer, reviewed=reviewed)
     fixed.save(run.path(REPAIRED_CKPT))
     fixed.save_label_issues(run.path(LABEL_ISSUES))
     return fixed.summary
+
+
+def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
+    """The label issues a person should review before correct (:func:`defuse.correct.issues_for_review`), less those
+    ``correct.reviewed_labels`` answers already. Needs the regions labelled (the label stage's labels.jsonl)."""
+    from defuse.correct import issues_for_review, read_reviewed_labels
+    from defuse.data import ImageDataModule
+    from defuse.distill import Regions
+    from defuse.label import LabelBook
+    from defuse.models.loading import load_generator
+    from defuse.validity import ValidityModel
+
+    for name in (LABELS_FILE, REGIONS_JSON, GENERATOR_CKPT, VALIDITY_MODEL):
+        if not run.path(name).exists():
+            raise FileNotFoundError(f"{run.path(name)} is missing: label issues are found once the regions are "
+                                    f"labelled. Run `defuse run` (and label the regions) first.")
+    data = ImageDataModule(config.data, config.seed)
+    reviewed = read_reviewed_labels(config.correct.reviewed_labels, data) if config.correct.reviewed_labels else None
+    return issues_for_review(Regions.load(run), LabelBook(run.path(LABELS_FILE)).bug_labels(),
+                             load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
+                             data, reviewed)
 
 
 def verify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:

@@ -16,7 +16,9 @@ the clean labels with its own seed stream) by its majority vote on each region's
 it agrees with the model under test), never from the planted ground truth. The clean control is labelled and
 repaired the same way, so whatever its repair costs is measured. The person consents to relabelling the training
 images its answers contradict (``correct.relabel``, the consent ``--relabel`` gives); ``--no-consent`` runs
-without it.
+without it. With ``--review`` the person also reviews, image by image, every label issue `defuse review` would ask
+about (answered with what the reference reads on the image; written as the review file ``--reviewed-labels``
+reads), before correct.
 
 Measured, reading only the run directories' artifacts, and grading only on the test split (no stage read it):
 
@@ -36,7 +38,7 @@ The audit split's labels are left clean: it models a small, carefully labelled s
 ``--poison-audit`` poisons it too (a user whose every label carries the bug).
 
 Run: ``python scripts/bench_planted.py [--seeds 0,1,2] [--cases slant,thin,...] [--no-repair] [--no-consent]
-[--poison-audit] [--keep DIR] [--out FILE]``. Prints JSON.
+[--review] [--poison-audit] [--keep DIR] [--out FILE]``. Prints JSON.
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ from defuse.identify import Discovery, latent_means, make_evaluate, select_sourc
 from defuse.label import auto_labels
 from defuse.models import inference_copy, load_classifier, load_generator
 from defuse.models.inference import predict_labels, reconstruct
-from defuse.pipeline import run_pipeline, run_stage, stage_named
+from defuse.pipeline import label_issues_to_review, run_pipeline, run_stage, stage_named
 from defuse.rundir import RunDir
 from defuse.seeding import int_seed, numpy_rng, torch_generator
 
@@ -448,13 +450,40 @@ def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tenso
     return out
 
 
+@torch.no_grad()
+def simulated_review(run: RunDir, config: RunConfig, reference: torch.nn.Module) -> Path:
+    """A review file: every label issue `defuse review` would ask about (``label_issues_to_review``), answered with
+    what the clean reference reads on the image, as a person looking at it would. Read by the pipeline through
+    ``--reviewed-labels``."""
+    run_stage(stage_named("label"), config, run)  # the person's region labels, which the review starts from
+    todo = label_issues_to_review(config, run)
+    data = ImageDataModule(config.data, config.seed)
+    answers = [pd.DataFrame({"image": rows["image"].to_numpy(), "label": predict_labels(
+                   reference, data.split(name).float_images()[torch.as_tensor(rows["position"].to_numpy())]).numpy()})
+               for name, rows in todo.groupby("split")]
+    path = run.path("review.csv")
+    (pd.concat(answers) if answers else pd.DataFrame(columns=["image", "label"])).to_csv(path, index=False)
+    return path
+
+
+def review_figures(review: Path, clean_labels: np.ndarray, given_labels: np.ndarray) -> dict:
+    """The simulated review against the planted truth: images reviewed, answers that change the given label, of
+    them the poisoned ones, and answers that differ from the clean label (the reference's mistakes)."""
+    answers = pd.read_csv(review)
+    image, label = answers["image"].to_numpy(dtype=np.int64), answers["label"].to_numpy(dtype=np.int64)
+    changed, poisoned = label != given_labels[image], clean_labels[image] != given_labels[image]
+    return {"reviewed": len(answers), "review_changed": int(changed.sum()),
+            "review_changed_poisoned": int((changed & poisoned).sum()), "reviewed_poisoned": int(poisoned.sum()),
+            "review_wrong_answers": int((label != clean_labels[image]).sum())}
+
+
 def labelled_config(config: RunConfig, labels: Path, consent: bool) -> RunConfig:
     """``config`` with the simulated person's labels file, and their consent to relabel when given."""
     return config_from_mapping(config.to_dict(), [f"label.mode={labels}", *(["correct.relabel=true"] if consent else [])])
 
 
 def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, consent: bool,
-             poison_audit: bool) -> dict:
+             poison_audit: bool, review: bool = False) -> dict:
     start = time.perf_counter()
     npz, info, poisoned_rows = write_case_data(folder, case, seed, poison_audit)
     config = case_config(npz, seed, None if case == "clean" else folder / "clean" / "generator.ckpt")
@@ -471,9 +500,15 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
     out.update(discovery_figures(run, config, case, reference, group))
     if do_repair:
         labelled = labelled_config(config, simulated_person(run, reference, config.distill.tau, config.seed), consent)
+        reviewed = {}
+        if review:
+            answers = simulated_review(run, labelled, reference)
+            labelled = config_from_mapping(labelled.to_dict(), [f"correct.reviewed_labels={answers}"])
+            given = np.load(npz)["y"]
+            reviewed = review_figures(answers, np.load(folder / "clean.npz")["y"], given)
         run_pipeline(labelled, run)
         out["repair"] = {"labels": "simulated person (independent clean reference's vote)",
-                         "relabel_consent": labelled.correct.relabel,
+                         "relabel_consent": labelled.correct.relabel, **reviewed,
                          **repair_figures(run, labelled, case, group, poisoned_rows)}
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
@@ -546,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-repair", action="store_true", help="discovery only: no labels, correct or verify")
     parser.add_argument("--no-consent", action="store_true", help="the person does not consent to relabelling")
     parser.add_argument("--poison-audit", action="store_true", help="poison the audit split's labels too")
+    parser.add_argument("--review", action="store_true", help="the person also reviews each label issue image by "
+                        "image (answered with the reference's reading), as `defuse review` asks")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     cases = ["clean", *(c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean")]
@@ -560,7 +597,8 @@ def main(argv: list[str] | None = None) -> int:
     deviations = {k: {"value": v, "reason": r} for k, (v, r) in DEVIATIONS.items()}
     deviations[SHARED_GENERATOR[0]] = {"value": "clean/generator.ckpt", "reason": SHARED_GENERATOR[1]}
     result: dict = {"config": str(SHIPPED.name), "deviations": deviations, "seeds": seeds,
-                    "poison_audit": args.poison_audit, "consent": not args.no_consent, "cases": {}}
+                    "poison_audit": args.poison_audit, "consent": not args.no_consent, "review": args.review,
+                    "cases": {}}
     per_seed: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep) if args.keep else Path(tmp)
@@ -574,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             clean_max = 0.0
             for case in cases:
                 out = run_case(case, folder, seed, reference, not args.no_repair, not args.no_consent,
-                               args.poison_audit)
+                               args.poison_audit, args.review)
                 if case == "clean":
                     clean_max = out["max_bug_score"]
                     result.setdefault("splits", RunDir(folder / "clean").metrics("fit-classifier").get("split_sizes"))

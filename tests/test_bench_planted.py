@@ -52,3 +52,18 @@ def test_the_simulated_persons_labels_and_consent_reach_the_config(tmp_path):
     assert consenting.label.mode == str(labels) and consenting.correct.relabel and consenting.seed == 3
     assert not bp.labelled_config(config, labels, consent=False).correct.relabel
     assert not config.correct.relabel  # the shipped default: no relabelling without consent
+
+
+def test_review_figures_count_answers_against_the_planted_truth(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    review_figures = bp.review_figures
+
+    clean = np.array([2, 2, 7, 7, 2])
+    given = np.array([7, 7, 7, 7, 2])  # images 0 and 1 poisoned (2s labelled 7)
+    review = tmp_path / "review.csv"
+    # image 0 corrected, image 1 confirmed as 7 (a wrong answer), image 2 called 2 (a wrong relabel), image 3 kept.
+    pd.DataFrame({"image": [0, 1, 2, 3], "label": [2, 7, 2, 7]}).to_csv(review, index=False)
+    assert review_figures(review, clean, given) == {"reviewed": 4, "review_changed": 2, "review_changed_poisoned": 1,
+                                                    "reviewed_poisoned": 2, "review_wrong_answers": 2}

@@ -307,3 +307,53 @@ def test_run_in_a_terminal_shows_one_progress_bar_across_stages_and_a_summary(tm
     assert "defuse run" in text and "10/10" in text  # the stage bar reached the last stage
     assert "Epoch 0/1" in text  # Lightning's own bar, inside fit-classifier
     assert f"report: {tmp_path}/report/index.html" in text.replace("\r", "").replace("\n", "")
+
+
+def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resumes(tmp_path, monkeypatch):
+    import argparse
+
+    from rich.console import Console
+
+    from defuse import cli, pipeline
+    from defuse.config import load_config
+    from defuse.correct import read_reviewed_labels
+    from defuse.data import ImageDataModule
+
+    config = load_config(None, [])  # the embedded digits
+    data = ImageDataModule(config.data, config.seed)
+    images = data.indices("train").numpy()[:3]
+    todo = pd.DataFrame({"split": "train", "position": [0, 1, 2], "image": images, "given_class": "7",
+                         "person_class": "2"})
+    asked_with = []
+
+    def to_review(config, run):  # the label issues of a labelling bug, less those already answered
+        asked_with.append(config.correct.reviewed_labels)
+        done = read_reviewed_labels(config.correct.reviewed_labels, data) if config.correct.reviewed_labels else {}
+        return todo[~todo["image"].isin(list(done))]
+
+    monkeypatch.setattr(pipeline, "label_issues_to_review", to_review)
+    run, console = RunDir(tmp_path), Console(record=True, width=200)
+    answers, prompts = iter(["seven?", "7", "", "q"]), []  # not a class (asked again), an answer, a skip, stop
+
+    def ask(prompt):
+        prompts.append(prompt)
+        return next(answers)
+
+    assert cli._review(argparse.Namespace(out=None), config, run, console, ask=ask, interactive=True) == 0
+    review = tmp_path / "label_review.csv"
+    assert review.read_text() == f"image,label\n{images[0]},7\n"  # written at once, before the person stopped
+    shown = console.export_text()
+    assert "'seven?' is not a class" in shown and len(prompts) == 4
+    assert prompts[0] == f"[1/3] image {images[0]} (train) labelled '7'; its region says '2'. What is it? "
+    assert f"--reviewed-labels {review}" in shown
+    answers = iter(["2", "3"])  # again: the answered image is not asked about, the others are
+    assert cli._review(argparse.Namespace(out=None), config, run, console, ask=lambda _: next(answers),
+                       interactive=True) == 0
+    assert asked_with == [None, str(review)]
+    assert read_reviewed_labels(review, data) == {int(images[0]): 7, int(images[1]): 2, int(images[2]): 3}
+    # Without a terminal: the list to fill in, with an empty label column, and what to do with it.
+    review.unlink()
+    assert cli._review(argparse.Namespace(out=None), config, run, console, interactive=False) == 0
+    listing = pd.read_csv(tmp_path / "label_review_todo.csv", keep_default_na=False)
+    assert listing["image"].tolist() == images.tolist() and (listing["label"] == "").all()
+    assert "--reviewed-labels" in console.export_text()

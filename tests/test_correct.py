@@ -445,3 +445,58 @@ def test_decoded_samples_must_read_the_real_bug_images_better_than_real_images_a
     # No admissible lambda-0 candidate to fall back on: the choice stands.
     chosen, gain = choose((1.0, 46), (0.0, 45, False))
     assert chosen["lambda"] == 1.0 and gain == {"against": None, "kept": True}
+
+
+def test_a_reviewed_label_decides_its_image_relabelled_or_standing_whatever_the_rules_say(digits):
+    from defuse.correct import find_label_issues
+
+    # Region 1 (0 -> 1, labelled 0): every training 1 at (0, 0) is contradicted (a labelling bug), without consent.
+    regions = Regions([_region(1)], {})
+    latents = {name: np.tile([5.0, 0.0], (len(digits.split(name)), 1)) for name in ("train", "val", "audit")}
+    train = digits.split("train").labels.numpy()
+    ones, threes = np.flatnonzero(train == 1), np.flatnonzero(train == 3)
+    latents["train"][ones] = 0.0
+    latents["audit"][digits.split("audit").labels.numpy() == 0] = 0.0
+    source = digits.indices("train").numpy()
+    val_one = int(np.flatnonzero(digits.split("val").labels.numpy() == 1)[0])
+    reviewed = {int(source[ones[0]]): 0,  # the person confirms the region's label: relabelled, consent or not
+                int(source[ones[1]]): 1,  # ... says it is a 1 after all: the label stands
+                int(source[ones[2]]): 4,  # ... neither: trained as what the person says
+                int(source[threes[0]]): 8,  # an image no rule listed
+                int(digits.indices("val").numpy()[val_one]): 0}
+    issues = find_label_issues(regions, {1: 0}, latents, quadrant_validity(), digits, relabel=False,
+                               reviewed=reviewed)
+    by_image = issues.set_index("image")
+    assert by_image.loc[list(reviewed), "reviewed"].all() and by_image["reviewed"].sum() == len(reviewed)
+    assert by_image.loc[list(reviewed), "person_label"].tolist() == list(reviewed.values())
+    assert by_image.loc[list(reviewed), "relabelled"].tolist() == [True, False, True, True, True]
+    assert by_image.loc[int(source[threes[0]]), "kind"] == "reviewed"
+    assert not issues[~issues["reviewed"]]["relabelled"].any()  # the rest wait for consent, as before
+    real = RealImages.gather(digits, issues)
+    assert sorted(real.relabelled.labels.tolist()) == [0, 4, 8]
+    # Left out: the unreviewed 1s and the three relabelled training images; the 1 the person confirmed trains as 1.
+    assert len(real.clean_train) == len(train) - (len(ones) - 1) - 1
+    assert int((real.clean_train.labels == 1).sum()) == 1
+    # The reviewed held-out 1 is graded as a 0, the other held-out images of the bug are left out as before.
+    assert int((real.guard.labels == 0).sum() + (real.bugs.labels == 0).sum()) == 1 + sum(
+        int((digits.split(s).labels == 0).sum()) for s in ("val", "audit"))
+
+
+def test_a_review_file_takes_class_names_or_indices_and_names_the_line_and_value_it_cannot_use(digits, tmp_path):
+    from defuse.correct import read_reviewed_labels
+
+    train, test = digits.indices("train").tolist(), digits.indices("test").tolist()
+    path = tmp_path / "review.csv"
+    path.write_text(f"image,label\n{train[0]},3\n{train[1]},skip\n{train[2]},\n{train[3]},7\n{train[0]},5\n")
+    assert read_reviewed_labels(path, digits) == {train[0]: 5, train[3]: 7}  # a later answer replaces an earlier one
+    path.write_text(f"image,label\n{train[0]},3\n{train[1]},seven\n")
+    with pytest.raises(ValueError, match=r"review.csv, line 3: label 'seven' is not a class"):
+        read_reviewed_labels(path, digits)
+    path.write_text(f"image,label\n{test[0]},3\n")
+    with pytest.raises(ValueError, match=rf"line 2: image {test[0]} is not in the train, val or audit split"):
+        read_reviewed_labels(path, digits)
+    path.write_text(f"image,answer\n{train[0]},3\n")
+    with pytest.raises(ValueError, match=r"missing column\(s\) label \(found: image, answer\)"):
+        read_reviewed_labels(path, digits)
+    with pytest.raises(FileNotFoundError, match="defuse review"):
+        read_reviewed_labels(tmp_path / "absent.csv", digits)
