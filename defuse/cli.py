@@ -25,6 +25,7 @@ from defuse.pipeline import (
     DRIFT_ACTIONS,
     check_file,
     drift_command,
+    review_command,
     run_pipeline,
     run_stage,
     stage_named,
@@ -341,63 +342,12 @@ def _main(args: argparse.Namespace, console: Console, errors: Console) -> int:
     return 0
 
 
-def _review(args: argparse.Namespace, config: RunConfig, run: RunDir, console: Console,
-            ask=input, interactive: bool | None = None) -> int:
-    """`defuse review`: ask a person about each label issue of a labelling bug, appending every answer to the
-    review file at once (an interrupted review loses nothing); without a terminal, write the list to fill in."""
-    from defuse.label import render_preview
-    from defuse.pipeline import label_issues_to_review
+def _review(args: argparse.Namespace, config: RunConfig, run: RunDir, console: Console) -> int:
+    """`defuse review`: the prompt at a terminal, else the list to fill in (defuse.pipeline.review_command)."""
+    def say(text: str) -> None:
+        console.print(text, soft_wrap=True, highlight=False, markup=False)
 
-    out = Path(args.out) if args.out else run.path("label_review.csv")
-    if out.exists() and not config.correct.reviewed_labels:  # answers given earlier are not asked again
-        config = config_from_mapping(config.to_dict(), [f"correct.reviewed_labels={out}"])
-    todo = label_issues_to_review(config, run)
-    use = (f"Use the answers: `defuse run --run-dir {run.root} --reviewed-labels {out}` (each answer decides its "
-           f"image's label; images you skip follow the rules).")
-    if todo.empty:
-        console.print(f"Nothing to review: no label issue of a labelling bug awaits an answer (they are found once "
-                      f"regions are labelled with a class: `defuse label --run-dir {run.root}`). "
-                      f"{use if out.exists() else ''}", soft_wrap=True, highlight=False, markup=False)
-        return 0
-    interactive = sys.stdin.isatty() if interactive is None else interactive
-    if not interactive:
-        listing = run.path("label_review_todo.csv")
-        todo.assign(label="").to_csv(listing, index=False)
-        console.print(f"{len(todo)} images to review are in {listing}: write each one's class (name or index) in "
-                      f"its label column (empty skips), then `defuse run --run-dir {run.root} --reviewed-labels "
-                      f"{listing}`.", soft_wrap=True, highlight=False, markup=False)
-        return 0
-    from defuse.data import ImageDataModule
-
-    data = ImageDataModule(config.data, config.seed)
-    classes = list(data.classes)
-    fresh = not out.exists()
-    with open(out, "a", encoding="utf-8") as handle:
-        if fresh:
-            handle.write("image,label\n")
-        console.print(f"{len(todo)} images to review. For each: its class (name or index), Enter to skip, q to stop.",
-                      highlight=False, markup=False)
-        for done, row in enumerate(todo.itertuples(index=False)):
-            image = data.split(row.split).images[row.position : row.position + 1].float() / 255
-            console.print(render_preview(image, columns=1), highlight=False, markup=False)
-            prompt = (f"[{done + 1}/{len(todo)}] image {row.image} ({row.split}) labelled {row.given_class!r}; its "
-                      f"region says {row.person_class!r}. What is it? ")
-            while True:
-                answer = ask(prompt).strip()
-                if answer in ("q", "quit"):
-                    console.print(use, soft_wrap=True, highlight=False, markup=False)
-                    return 0
-                if answer in ("", "s", "skip"):
-                    break
-                label = classes.index(answer) if answer in classes else int(answer) if answer.isdigit() else -1
-                if 0 <= label < len(classes):
-                    handle.write(f"{row.image},{label}\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    break
-                console.print(f"{answer!r} is not a class: answer with one of {', '.join(classes)} (or its index), "
-                              f"Enter to skip, q to stop.", highlight=False, markup=False)
-    console.print(use, soft_wrap=True, highlight=False, markup=False)
+    review_command(config, run, Path(args.out) if args.out else None, interactive=sys.stdin.isatty(), say=say)
     return 0
 
 

@@ -393,6 +393,43 @@ def interactive_labels(
     return book.answers()
 
 
+def review_prompt(items: Sequence[tuple[int, str, torch.Tensor]], classes: Sequence[str], path: str | Path, *,
+                  ask: Callable[[str], str] = input, out: Callable[[str], None] = print) -> int:
+    """Ask a person about each image: ``items`` are (source image number, what to say about it, the image as a
+    (1, C, H, W) tensor in [0, 1]). Each answer (a class name or index) is appended to ``path`` (a CSV of
+    image,label, the review file ``correct.reviewed_labels`` reads) and fsynced at once, so stopping at any moment
+    loses nothing; Enter skips, ``q`` stops. Returns how many answers were written."""
+    path = Path(path)
+    fresh = not path.exists() or path.stat().st_size == 0
+    answered = 0
+    with open(path, "a", encoding="utf-8") as handle:
+        if fresh:
+            handle.write("image,label\n")
+        out(f"{len(items)} images to review. For each: its class (name or index), Enter to skip, q to stop.")
+        for done, (image, about, pixels) in enumerate(items):
+            out(render_preview(pixels, columns=1))
+            prompt = f"[{done + 1}/{len(items)}] image {image} ({about}). What is it? "
+            while True:
+                try:
+                    answer = ask(prompt).strip()
+                except EOFError:  # stdin closed: as good as q
+                    return answered
+                if answer in ("q", "quit"):
+                    return answered
+                if answer in ("", "s", "skip"):
+                    break
+                label = _parse_label(answer, classes)
+                if isinstance(label, int):
+                    handle.write(f"{image},{label}\n")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                    answered += 1
+                    break
+                out(f"{answer!r} is not a class: answer with one of {_class_listing(classes)} (or its index), "
+                    f"Enter to skip, q to stop.")
+    return answered
+
+
 def file_labels(path: str | Path, regions: Regions | Sequence[Region], classes: Sequence[str]) -> dict[int, Answer]:
     """Read labels from a JSON or YAML file mapping region ids to labels.
 

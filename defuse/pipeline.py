@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from defuse.artifacts import (
@@ -26,6 +27,8 @@ from defuse.artifacts import (
     FAILURES_Z,
     GENERATOR_CKPT,
     LABEL_ISSUES,
+    LABEL_REVIEW,
+    LABEL_REVIEW_TODO,
     LABELS_FILE,
     REGIONS_DIR,
     REPORT_HTML,
@@ -37,7 +40,7 @@ from defuse.artifacts import (
     VALIDITY_MODEL,
     VERIFY_JSON,
 )
-from defuse.config import RunConfig, path_fields
+from defuse.config import RunConfig, config_from_mapping, path_fields
 from defuse.rundir import RunDir, fingerprint, path_digest
 
 if TYPE_CHECKING:
@@ -149,6 +152,40 @@ def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
     return issues_for_review(Regions.load(run), LabelBook(run.path(LABELS_FILE)).bug_labels(),
                              load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
                              data, reviewed)
+
+
+def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, interactive: bool,
+                   ask: Callable[[str], str] = input, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """``defuse review``: a person's answer on each label issue of a labelling bug (:func:`label_issues_to_review`),
+    appended to ``out`` (default <run-dir>/label_review.csv) as it is given (:func:`defuse.label.review_prompt`);
+    answers already there are not asked again. Not interactive: the issues go to label_review_todo.csv, with an
+    empty label column to fill in. Returns how many were listed and answered, and where they went."""
+    from defuse.data import ImageDataModule
+    from defuse.label import review_prompt
+
+    out = Path(out) if out else run.path(LABEL_REVIEW)
+    if out.exists() and not config.correct.reviewed_labels:  # answers given earlier are not asked again
+        config = config_from_mapping(config.to_dict(), [f"correct.reviewed_labels={out}"])
+    todo = label_issues_to_review(config, run)
+    use = (f"Use the answers: `defuse run --run-dir {run.root} --reviewed-labels {out}` (each answer decides its "
+           f"image's label; images you skip follow the rules).")
+    if todo.empty:
+        say(f"Nothing to review: no label issue of a labelling bug awaits an answer (they are found once regions "
+            f"are labelled with a class: `defuse label --run-dir {run.root}`). {use if out.exists() else ''}")
+        return {"to_review": 0, "answered": 0}
+    if not interactive:
+        listing = run.path(LABEL_REVIEW_TODO)
+        todo.assign(label="").to_csv(listing, index=False)
+        say(f"{len(todo)} images to review are in {listing}: write each one's class (name or index) in its label "
+            f"column (empty skips), then `defuse run --run-dir {run.root} --reviewed-labels {listing}`.")
+        return {"to_review": len(todo), "answered": 0, "file": str(listing)}
+    data = ImageDataModule(config.data, config.seed)
+    items = [(int(row.image), f"{row.split}, labelled {row.given_class!r}; its region says {row.person_class!r}",
+              data.split(row.split).images[row.position : row.position + 1].float() / 255)
+             for row in todo.itertuples(index=False)]
+    answered = review_prompt(items, data.classes, out, ask=ask, out=say)
+    say(use)
+    return {"to_review": len(todo), "answered": answered, "file": str(out)}
 
 
 def verify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:

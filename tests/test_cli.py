@@ -106,6 +106,27 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     relabelled = pd.read_csv(tmp_path / "label_issues.csv")
     assert ((relabelled["kind"] == "contradicted") == relabelled["relabelled"]).all()  # doubted: never relabelled
 
+    # A person's review: without a terminal `defuse review` says what to answer (or that nothing awaits); the answers,
+    # through --reviewed-labels, decide their images' labels, and only correct and what follows it re-run.
+    assert main(["review", f"--run-dir={tmp_path}"]) == 0
+    said = capsys.readouterr().out
+    assert "Nothing to review" in said or "label_review_todo.csv" in said
+    from defuse.config import config_from_mapping
+    from defuse.data import ImageDataModule
+
+    data = ImageDataModule(config_from_mapping(consented["config"], []).data, 0)
+    images, given = data.indices("train")[:2].tolist(), data.split("train").labels[:2].tolist()
+    answers = tmp_path / "answers.csv"
+    answers.write_text(f"image,label\n{images[0]},{(given[0] + 1) % 10}\n{images[1]},{given[1]}\n")
+    assert main(["run", *_args(tiny_overrides, tmp_path), "--labels", str(labels), "--relabel",
+                 "--reviewed-labels", str(answers)]) == 0
+    reviewed_run = RunDir(tmp_path).manifest()
+    assert reviewed_run["stages"]["correct"]["metrics"]["reviewed_relabelled"] == 1
+    assert reviewed_run["stages"]["distill"]["finished"] == stages["distill"]["finished"]
+    listed = pd.read_csv(tmp_path / "label_issues.csv").set_index("image")
+    assert listed.loc[images[0], "reviewed"] and listed.loc[images[0], "person_label"] == (given[0] + 1) % 10
+    assert listed.loc[images[0], "relabelled"]
+
 
 def test_changing_the_classifier_reruns_it_and_everything_downstream_but_the_generator(tmp_path, tiny_overrides, capsys):
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
@@ -310,11 +331,7 @@ def test_run_in_a_terminal_shows_one_progress_bar_across_stages_and_a_summary(tm
 
 
 def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resumes(tmp_path, monkeypatch):
-    import argparse
-
-    from rich.console import Console
-
-    from defuse import cli, pipeline
+    from defuse import pipeline
     from defuse.config import load_config
     from defuse.correct import read_reviewed_labels
     from defuse.data import ImageDataModule
@@ -332,28 +349,27 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
         return todo[~todo["image"].isin(list(done))]
 
     monkeypatch.setattr(pipeline, "label_issues_to_review", to_review)
-    run, console = RunDir(tmp_path), Console(record=True, width=200)
+    run, said = RunDir(tmp_path), []
     answers, prompts = iter(["seven?", "7", "", "q"]), []  # not a class (asked again), an answer, a skip, stop
 
     def ask(prompt):
         prompts.append(prompt)
         return next(answers)
 
-    assert cli._review(argparse.Namespace(out=None), config, run, console, ask=ask, interactive=True) == 0
+    done = pipeline.review_command(config, run, interactive=True, ask=ask, say=said.append)
     review = tmp_path / "label_review.csv"
+    assert done == {"to_review": 3, "answered": 1, "file": str(review)}
     assert review.read_text() == f"image,label\n{images[0]},7\n"  # written at once, before the person stopped
-    shown = console.export_text()
-    assert "'seven?' is not a class" in shown and len(prompts) == 4
-    assert prompts[0] == f"[1/3] image {images[0]} (train) labelled '7'; its region says '2'. What is it? "
-    assert f"--reviewed-labels {review}" in shown
+    assert any("'seven?' is not a class" in line for line in said) and len(prompts) == 4
+    assert prompts[0] == f"[1/3] image {images[0]} (train, labelled '7'; its region says '2'). What is it? "
+    assert f"--reviewed-labels {review}" in said[-1]
     answers = iter(["2", "3"])  # again: the answered image is not asked about, the others are
-    assert cli._review(argparse.Namespace(out=None), config, run, console, ask=lambda _: next(answers),
-                       interactive=True) == 0
+    pipeline.review_command(config, run, interactive=True, ask=lambda _: next(answers), say=said.append)
     assert asked_with == [None, str(review)]
     assert read_reviewed_labels(review, data) == {int(images[0]): 7, int(images[1]): 2, int(images[2]): 3}
     # Without a terminal: the list to fill in, with an empty label column, and what to do with it.
     review.unlink()
-    assert cli._review(argparse.Namespace(out=None), config, run, console, interactive=False) == 0
+    assert pipeline.review_command(config, run, interactive=False, say=said.append)["to_review"] == 3
     listing = pd.read_csv(tmp_path / "label_review_todo.csv", keep_default_na=False)
     assert listing["image"].tolist() == images.tolist() and (listing["label"] == "").all()
-    assert "--reviewed-labels" in console.export_text()
+    assert "--reviewed-labels" in said[-1] and "label_review_todo.csv" in said[-1]
