@@ -102,6 +102,8 @@ def _options_epilog() -> str:
         "  defuse run --force fit-generator             # re-train the VAE and re-run every stage after it\n"
         "  defuse label --run-dir runs/digits           # label a run's regions (its config is read from the run)\n"
         "  defuse run --labels auto                     # accept the conservative suggestions, then repair\n"
+        "  defuse review --run-dir runs/digits          # settle the doubted labels image by image, then:\n"
+        "  defuse run --reviewed-labels runs/digits/label_review.csv\n"
     )
 
 

@@ -79,7 +79,7 @@ from defuse.identify import latent_means
 from defuse.models.classifiers import classifier_head
 from defuse.models.inference import predict_labels
 from defuse.models.loading import LoadedClassifier, save_classifier
-from defuse.rundir import atomic_write_json, fingerprint
+from defuse.rundir import atomic_write_json, defuse_version, fingerprint
 from defuse.seeding import int_seed, numpy_rng, torch_generator
 from defuse.validity import ValidityModel
 
@@ -956,4 +956,5 @@ def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, 
         "regions": [(r.id, r.source_label, r.predicted_label, r.mean, r.cov) for r in regions.regions],
         "judge": judge_hash, "data": asdict(data.config), "config": asdict(config), "tau": tau, "seed": seed,
         "trainer": trainer_fields, "reviewed": sorted((reviewed or {}).items()),
+        "defuse": defuse_version(),  # a forced re-run after an upgrade must not resume the old version's epochs
     })

@@ -10,6 +10,7 @@ after ``label`` while regions await a person's label: nothing is repaired unaske
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,10 +42,12 @@ from defuse.artifacts import (
     VERIFY_JSON,
 )
 from defuse.config import RunConfig, config_from_mapping, path_fields
-from defuse.rundir import RunDir, fingerprint, path_digest
+from defuse.rundir import RunDir, defuse_version, fingerprint, path_digest
 
 if TYPE_CHECKING:
     import pandas as pd
+
+log = logging.getLogger(__name__)
 
 # The adapters import their stage modules when they run: knowing the pipeline's shape (the CLI's --help, the stage
 # table) then costs no torch or Lightning import, which takes seconds.
@@ -341,6 +344,13 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
             )
     digest = stage_fingerprint(stage, config, run)
     if not force and not stage.always and run.is_current(stage.name, digest):
+        made_by = run.stage(stage.name).get("defuse")
+        if made_by and made_by != defuse_version():
+            # Kept, not re-made: re-running a training stage can take hours, and most upgrades change nothing it
+            # wrote. The user decides, knowing.
+            log.warning("Stage %s's outputs in %s were made by defuse %s (this is %s); they are kept. To re-make "
+                        "them with this version: `defuse run --run-dir %s --force %s`.", stage.name, run.root,
+                        made_by, defuse_version(), run.root, stage.name)
         return StageResult(stage.name, True, 0.0, run.metrics(stage.name), CURRENT)
     start = time.perf_counter()
     with run.running(stage.name, config.to_dict(), config.seed, digest) as record:

@@ -93,6 +93,13 @@ def fingerprint(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=_jsonable).encode()).hexdigest()
 
 
+def defuse_version() -> str:
+    """The running defuse's version, recorded with each finished stage (see ``pipeline.run_stage``)."""
+    from defuse import __version__
+
+    return __version__
+
+
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for name in _TRACKED_PACKAGES:
@@ -206,6 +213,7 @@ class RunDir:
         self.record(
             name, "done", config, seed, fingerprint=stage_fingerprint,
             seconds=round(time.perf_counter() - start, 3), outputs=outputs, metrics=record.metrics,
+            defuse=defuse_version(),
         )
 
 

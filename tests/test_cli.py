@@ -373,3 +373,19 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
     listing = pd.read_csv(tmp_path / "label_review_todo.csv", keep_default_na=False)
     assert listing["image"].tolist() == images.tolist() and (listing["label"] == "").all()
     assert "--reviewed-labels" in said[-1] and "label_review_todo.csv" in said[-1]
+
+
+def test_outputs_an_earlier_defuse_made_are_kept_and_the_warning_says_how_to_remake_them(tmp_path, tiny_overrides,
+                                                                                          caplog, monkeypatch):
+    import defuse
+
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0
+    record = RunDir(tmp_path).stage("fit-classifier")
+    assert record["defuse"] == defuse.__version__
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0  # same version: current, no word
+    assert "were made by defuse" not in caplog.text
+    monkeypatch.setattr(defuse, "__version__", "99.0")
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0
+    assert RunDir(tmp_path).stage("fit-classifier")["finished"] == record["finished"]  # kept, not re-made
+    assert (f"fit-classifier's outputs in {tmp_path} were made by defuse {record['defuse']} (this is 99.0)"
+            in caplog.text and "--force fit-classifier" in caplog.text)
