@@ -477,6 +477,11 @@ def review_figures(review: Path, clean_labels: np.ndarray, given_labels: np.ndar
             "review_wrong_answers": int((label != clean_labels[image]).sum())}
 
 
+def reviewed_config(config: RunConfig, review: Path) -> RunConfig:
+    """``config`` with the simulated person's review file (what `defuse run --reviewed-labels` sets)."""
+    return config_from_mapping(config.to_dict(), [f"correct.reviewed_labels={review}"])
+
+
 def labelled_config(config: RunConfig, labels: Path, consent: bool) -> RunConfig:
     """``config`` with the simulated person's labels file, and their consent to relabel when given."""
     return config_from_mapping(config.to_dict(), [f"label.mode={labels}", *(["correct.relabel=true"] if consent else [])])
@@ -491,7 +496,10 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
     # A directory kept from an earlier run (--keep) holds the simulated person's answers already: an unlabelled first
     # call would go on to repair without the consent to relabel, and the labelled call would repair again.
     answered = do_repair and run.path("person.yaml").exists()
-    run_pipeline(labelled_config(config, run.path("person.yaml"), consent) if answered else config, run)
+    first = labelled_config(config, run.path("person.yaml"), consent) if answered else config
+    if answered and review:  # ... and the review those answers lead to: else correct would run twice
+        first = reviewed_config(first, simulated_review(run, first, reference))
+    run_pipeline(first, run)
     stages = run.manifest()["stages"]
     out: dict = {**info, "stage_seconds": {k: v.get("seconds") for k, v in stages.items()},
                  "reconstruction_accuracy": stages["identify"]["metrics"]["reconstruction_accuracy"]}
@@ -503,7 +511,7 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
         reviewed = {}
         if review:
             answers = simulated_review(run, labelled, reference)
-            labelled = config_from_mapping(labelled.to_dict(), [f"correct.reviewed_labels={answers}"])
+            labelled = reviewed_config(labelled, answers)
             given = np.load(npz)["y"]
             reviewed = review_figures(answers, np.load(folder / "clean.npz")["y"], given)
         run_pipeline(labelled, run)
