@@ -73,6 +73,26 @@ def test_user_text_is_escaped_in_html_and_markdown(finished, tmp_path):
     assert markdown_escape("a|b *c* <i>") == "a\\|b \\*c\\* &lt;i>"
 
 
+def test_the_report_counts_a_persons_label_review_or_points_to_defuse_review(finished, tmp_path):
+    run = _copy(finished[0], tmp_path)
+    manifest = run.manifest()
+    correct = manifest["stages"]["correct"]["metrics"]
+    correct.update(label_issues=12, label_issues_of_labelling_bugs=7, reviewed_labels=0, reviewed_relabelled=0)
+    run.write_manifest(manifest)
+    build_report(run).save(run)
+    html = run.path("report/index.html").read_text()
+    assert "Label issues listed: 12 (7 of labelling bugs: settle them image by image with <code>defuse review</code>)" \
+        in html
+    correct.update(reviewed_labels=5, reviewed_relabelled=3)
+    run.write_manifest(manifest)
+    report = build_report(run)
+    report.save(run)
+    assert report.data["repair"]["reviewed_labels"] == 5
+    assert "Label issues listed: 12 (5 reviewed by a person, 3 relabelled on review)." in \
+        run.path("report/index.html").read_text()
+    assert json.loads(run.path("report/report.json").read_text())["repair"]["reviewed_relabelled"] == 3
+
+
 def test_importing_and_rendering_the_report_never_imports_torch(finished, tmp_path):
     run = _copy(finished[0], tmp_path)
     code = ("import sys; from defuse.report import build_report; from defuse.rundir import RunDir; "

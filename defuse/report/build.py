@@ -382,7 +382,7 @@ def _repair(repair: dict[str, Any] | None) -> dict[str, Any] | None:
     if repair is None:
         return None
     keys = ("labelled_regions", "chosen", "reason", "chosen_on", "label_issues", "label_issues_of_labelling_bugs",
-            "relabelled", "relabelled_training_images", "guard_images", "guard", "real_bug_images",
+            "reviewed_labels", "reviewed_relabelled", "relabelled", "relabelled_training_images", "guard_images", "guard", "real_bug_images",
             "real_bug_accuracy_before", "real_bug_accuracy_after", "val_region_accuracy_before",
             "val_region_accuracy_after")
     return {k: repair[k] for k in keys if k in repair}
