@@ -70,7 +70,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 
-from defuse.artifacts import CORRECT_DIR, LABEL_ISSUES, REPAIRED_CKPT  # noqa: F401  (re-exported)
+from defuse.artifacts import CORRECT_DIR, LABEL_ISSUES, LABEL_REVIEW, REPAIRED_CKPT  # noqa: F401  (re-exported)
 from defuse.config import CorrectConfig, TrainerConfig, outcome_fields
 from defuse.data import ImageDataModule, ImageSet
 from defuse.distill import Regions
@@ -871,10 +871,12 @@ def repair(
         if len(bug_rows):
             log.warning("%d training/validation/audit labels contradict the person's region labels and the judge, "
                         "and the judge doubts %d more, in pairs that look like labelling bugs (label_issues.csv); "
-                        "the doubted ones are left out. %s", contradicted, len(bug_rows) - contradicted,
+                        "the doubted ones are left out. %s%s", contradicted, len(bug_rows) - contradicted,
                         "The contradicted ones are relabelled with the person's label (correct.relabel)."
                         if config.relabel else "The contradicted ones are left out too; to train on them under "
-                        "the person's label, consent with --relabel (correct.relabel=true).")
+                        "the person's label, consent with --relabel (correct.relabel=true).",
+                        "" if reviewed else f" A person can settle each of them: `defuse review --run-dir "
+                        f"{Path(workdir).parent}`, then --reviewed-labels {Path(workdir).parent / LABEL_REVIEW}.")
         if len(issues) > len(bug_rows):
             log.warning("%d labels on natural boundaries of the labelled regions are doubted by the judge (too few "
                         "for a labelling bug): listed in label_issues.csv for review, and their labels stand.",
