@@ -76,6 +76,7 @@ from defuse.data import ImageDataModule, ImageSet
 from defuse.distill import Regions
 from defuse.fit import make_trainer
 from defuse.identify import latent_means
+from defuse.label import parse_label
 from defuse.models.classifiers import classifier_head
 from defuse.models.inference import predict_labels
 from defuse.models.loading import LoadedClassifier, save_classifier
@@ -361,7 +362,6 @@ def read_reviewed_labels(path: str | Path, data: ImageDataModule) -> dict[int, i
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns) or 'none'})"
                          f". A review file has the columns image,label: image from label_issues.csv, label a class.")
     classes = list(data.classes)
-    names = {name: k for k, name in enumerate(classes)}
     allowed = {int(i) for name in REVIEWABLE_SPLITS for i in data.indices(name).tolist()}
     answers: dict[int, int] = {}
     for line, (image, label) in enumerate(zip(frame["image"], frame["label"]), start=2):
@@ -375,10 +375,9 @@ def read_reviewed_labels(path: str | Path, data: ImageDataModule) -> dict[int, i
             raise ValueError(f"{path}, line {line}: image {image} is not in the train, val or audit split of this "
                              f"run's data (test images only grade, and are never relabelled). Review the images "
                              f"label_issues.csv or `defuse review` lists.")
-        if label in names:
-            answers[int(image)] = names[label]
-        elif label.isdigit() and int(label) < len(classes):
-            answers[int(image)] = int(label)
+        parsed = parse_label(label, classes)  # as the review prompt reads an answer
+        if isinstance(parsed, int):
+            answers[int(image)] = parsed
         else:
             raise ValueError(f"{path}, line {line}: label {label!r} is not a class. Use a class name or index "
                              f"({', '.join(f'{k}={n}' for k, n in enumerate(classes))}), or leave it empty to skip.")

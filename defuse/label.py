@@ -418,7 +418,7 @@ def review_prompt(items: Sequence[tuple[int, str, torch.Tensor]], classes: Seque
                     return answered
                 if answer in ("", "s", "skip"):
                     break
-                label = _parse_label(answer, classes)
+                label = parse_label(answer, classes)
                 if isinstance(label, int):
                     handle.write(f"{image},{label}\n")
                     handle.flush()
@@ -474,7 +474,7 @@ def file_labels(path: str | Path, regions: Regions | Sequence[Region], classes: 
             )
         if region in answers:
             raise ValueError(f"Region ids in {file} must appear once each, got region {region} twice instead.")
-        label = _parse_label(value, classes)
+        label = parse_label(value, classes)
         if label is None:
             raise ValueError(
                 f"The label of region {region} in {file} must be a class index in [0, {len(classes) - 1}], "
@@ -730,7 +730,7 @@ def _read_answer(region: Region, classes: Sequence[str], ask: Callable[[str], st
             return "label", NOT_A_BUG
         if command == "s":
             return "label", SKIP
-        label = _parse_label(text, classes)
+        label = parse_label(text, classes)
         if label is None:
             out(f"{text!r} is not a class. Classes (index name): {_class_listing(classes, indexed=True)}; "
                 f"or n (not a bug), s (skip), u (undo), ? (help), q (quit).")
@@ -738,7 +738,7 @@ def _read_answer(region: Region, classes: Sequence[str], ask: Callable[[str], st
         return "label", label
 
 
-def _parse_label(value: Any, classes: Sequence[str]) -> Label | None:
+def parse_label(value: Any, classes: Sequence[str]) -> Label | None:
     """A class index, a class name (exact, then case-insensitive, before an index), not-a-bug or skip; else None."""
     if isinstance(value, bool):
         return None
