@@ -4,8 +4,7 @@ images it never saw.
 Loss: ``CE(training set, labels as corrected) + lambda * CE(region batch, person's label)
 + keep * KL(original || fine-tuned)``, starting from the classifier's own weights. The training set is the
 training split less its label issues, plus, when the person consents (``correct.relabel``), the training images
-whose labels the person's answers contradict, under the person's label (``relabelled_repeats`` times each; as many
-times each training image whose label a person confirmed on review, which holds the boundary they push). The
+whose labels the person's answers contradict, under the person's label (``relabelled_repeats`` times each). The
 region batch holds fresh decoded samples of the labelled regions whose bug no real image shows (those the
 validity judge gives the person's label at least ``min_validity``); lambda = 0 trains without them. The KL term
 holds the original model's answers only on images whose label it already gives, so it never pulls a corrected
@@ -394,15 +393,12 @@ class RealImages:
         relabelled: training images trained under a person's label (empty without consent).
         guard: held-out images that must not get worse (no label issues, no bug images).
         bugs: held-out real images of the labelled bugs, with the person's label: what the choice maximises.
-        confirmed: training images of labelling bugs whose given label a person confirmed on review (also in
-            ``clean_train``): the real images of the mistaken class next to the bug, which hold the boundary.
     """
 
     clean_train: ImageSet
     relabelled: ImageSet
     guard: ImageSet
     bugs: ImageSet
-    confirmed: ImageSet | None = None
 
     @classmethod
     def gather(cls, data: ImageDataModule, issues: pd.DataFrame | None = None,
@@ -427,12 +423,7 @@ class RealImages:
                 if "reviewed" in rows:  # ... unless a person reviewed them: their answer decides
                     acted |= rows["reviewed"].astype(bool)
                 rows = rows[acted]
-            same = rows["person_label"].astype("int64") == rows["given_label"].astype("int64")
-            if name == "train" and "reviewed" in rows:
-                kept = rows[same & rows["reviewed"].astype(bool)]
-                confirmed.append(ImageSet(images.images[_column(kept, "position")], images.labels[
-                    _column(kept, "position")], images.classes))
-            rows = rows[~same]
+            rows = rows[rows["person_label"].astype("int64") != rows["given_label"].astype("int64")]
             flagged = torch.zeros(len(images), dtype=torch.bool)
             flagged[_column(rows, "position")] = True
             moved = rows[rows["relabelled"].astype(bool)]
@@ -440,7 +431,6 @@ class RealImages:
                                   images.classes)
             return images.subset(~flagged), relabelled
 
-        confirmed: list[ImageSet] = []
         clean_train, relabelled = split("train")
         parts = [piece for name in held_out for piece in split(name)]
         pool = ImageSet(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), clean_train.classes)
@@ -449,18 +439,13 @@ class RealImages:
             read = predict_labels(original, pool.float_images())
             for person, mistake in bug_pairs:
                 is_bug |= (pool.labels == person) & (read == mistake)
-        return cls(clean_train, relabelled, pool.subset(~is_bug), pool.subset(is_bug),
-                   confirmed[0] if confirmed else None)
+        return cls(clean_train, relabelled, pool.subset(~is_bug), pool.subset(is_bug))
 
     def training_set(self, relabelled_repeats: int) -> ImageSet:
         """The fine-tune's training images: the clean ones, then the relabelled ones ``relabelled_repeats`` times
-        (they outweigh the bug's mislabelled images that no rule found and that still teach it). Images whose
-        label a person confirmed on review count ``relabelled_repeats`` times too (once in the clean set): a
-        reviewed answer weighs the same whether it moves a label or keeps it, so the repeated relabelled images
-        do not push the boundary into the real images of the mistaken class the person vouched for."""
-        extra = [self.confirmed] * (relabelled_repeats - 1) if self.confirmed is not None else []
-        images = [self.clean_train.images] + [self.relabelled.images] * relabelled_repeats + [e.images for e in extra]
-        labels = [self.clean_train.labels] + [self.relabelled.labels] * relabelled_repeats + [e.labels for e in extra]
+        (they outweigh the bug's mislabelled images that no rule found and that still teach it)."""
+        images = [self.clean_train.images] + [self.relabelled.images] * relabelled_repeats
+        labels = [self.clean_train.labels] + [self.relabelled.labels] * relabelled_repeats
         return ImageSet(torch.cat(images), torch.cat(labels), self.clean_train.classes)
 
 
@@ -717,9 +702,7 @@ def correct(
               "decoded_accuracy": _round(_accuracy(base["decoded"], truth["decoded"]))}
     summary: dict[str, Any] = {
         **({"drift_box": box} if box is not None else {}),
-        "relabelled_training_images": len(real.relabelled),
-        "confirmed_training_images": 0 if real.confirmed is None else len(real.confirmed),
-        "clean_training_images": len(real.clean_train),
+        "relabelled_training_images": len(real.relabelled), "clean_training_images": len(real.clean_train),
         "relabelled_repeats": config.relabelled_repeats,
         "guard_images": len(real.guard), "real_bug_images": len(real.bugs),
         "chosen_on": "real held-out bug images" if use_bugs else

@@ -454,7 +454,6 @@ def test_a_reviewed_label_decides_its_image_relabelled_or_standing_whatever_the_
     regions = Regions([_region(1)], {})
     latents = {name: np.tile([5.0, 0.0], (len(digits.split(name)), 1)) for name in ("train", "val", "audit")}
     train = digits.split("train").labels.numpy()
-    train_images = digits.split("train").images
     ones, threes = np.flatnonzero(train == 1), np.flatnonzero(train == 3)
     latents["train"][ones] = 0.0
     latents["audit"][digits.split("audit").labels.numpy() == 0] = 0.0
@@ -478,11 +477,6 @@ def test_a_reviewed_label_decides_its_image_relabelled_or_standing_whatever_the_
     # Left out: the unreviewed 1s and the three relabelled training images; the 1 the person confirmed trains as 1.
     assert len(real.clean_train) == len(train) - (len(ones) - 1) - 1
     assert int((real.clean_train.labels == 1).sum()) == 1
-    # The confirmed 1 weighs as much as each relabelled image: it holds the boundary they push against.
-    assert real.confirmed is not None and real.confirmed.labels.tolist() == [1]
-    assert torch.equal(real.confirmed.images[0], train_images[ones[1]])
-    training = real.training_set(relabelled_repeats=3)
-    assert int((training.labels == 1).sum()) == 3 and len(training) == len(real.clean_train) + 3 * 3 + 2
     # The reviewed held-out 1 is graded as a 0, the other held-out images of the bug are left out as before.
     assert int((real.guard.labels == 0).sum() + (real.bugs.labels == 0).sum()) == 1 + sum(
         int((digits.split(s).labels == 0).sum()) for s in ("val", "audit"))
