@@ -361,6 +361,11 @@ class CorrectConfig:
     # Measured offline on the 15 kept planted runs (same checkpoints, same choice; graded on test): planted runs
     # meeting every repair bar 9 -> 12, largest class drop 2.90 -> 2.33 points (short; slant 2.90 -> 0.52).
     average: bool = True
+    # The repaired model moves answers only to the classes a person gave the labelled regions
+    # (defuse.models.classifiers.ScopedRepair): where the fine-tune answers such a class, its answer; everywhere else
+    # the original's. Candidates are judged (guard, bug images) as they will answer. False: the fine-tuned model as
+    # it is, every answer it moved.
+    scoped: bool = True
 
     def validate(self) -> None:
         if not self.layers or any(layer not in ("all", "head") for layer in self.layers):

@@ -136,6 +136,30 @@ def test_a_repair_that_gives_up_part_of_a_class_is_refused(tmp_path, digits, tra
     assert low < -0.005 and low <= bound["candidates"][0]["guard_change"] <= high and bound["chosen"] is None
 
 
+def test_a_scoped_repair_moves_answers_only_to_the_persons_class_and_is_judged_as_it_answers(tmp_path, digits,
+                                                                                            trained):
+    from defuse.models.classifiers import ScopedRepair
+    from defuse.models.inference import predict_labels
+
+    regions = _regions_of_ones_called_seven(digits, 60)
+    real = RealImages.gather(digits)
+    # A mild fine-tune (a strong one reads every image as 7): it moves many answers to 7 and a few elsewhere.
+    loose = CorrectConfig(lambdas=[0.5], epochs=1, lr=1e-3, max_clean_drop=1.0, max_class_drop=1.0, layers=["all"])
+    whole, whole_summary = correct(trained, digits, real, regions, regions, loose, tmp_path / "a")
+    scoped, scoped_summary = correct(trained, digits, real, regions, regions, loose, tmp_path / "b",
+                                     scoped_classes={7})
+    assert isinstance(scoped, ScopedRepair) and not isinstance(whole, ScopedRepair)
+    x = real.guard.float_images()
+    before, fine_tuned, after = (predict_labels(m, x) for m in (trained, whole, scoped))
+    moved = before != after
+    assert moved.any() and ((before != fine_tuned) & (fine_tuned != 7)).any()  # the fine-tune moved others too
+    assert (after[moved] == 7).all() and torch.equal(moved, (before != fine_tuned) & (fine_tuned == 7))
+    # The candidate table judges each as it answers: the scoped guard change is what the scoped model does.
+    change = float((after == real.guard.labels).float().mean() - (before == real.guard.labels).float().mean())
+    assert scoped_summary["candidates"][0]["guard_change"] == pytest.approx(change, abs=1e-4)
+    assert scoped_summary["candidates"][0]["guard_change"] != whole_summary["candidates"][0]["guard_change"]
+
+
 def test_label_issues_leave_every_loss_and_check_unless_the_person_consents_to_relabel(digits):
     issues = pd.concat([_issues(digits, "train", 1, 7, False), _issues(digits, "val", 1, 7, False)])
     left_out = RealImages.gather(digits, issues)

@@ -90,3 +90,25 @@ def test_factory_errors(tmp_path):
     torch.save({"wrong.weight": torch.zeros(1)}, tmp_path / "w.pt")
     with pytest.raises(ValueError, match="does not fit the module built by"):
         load_factory("test_loading:tiny_factory", tmp_path / "w.pt")
+
+
+def test_a_scoped_repair_moves_answers_only_to_the_persons_classes_and_round_trips(tmp_path):
+    from defuse.models.classifiers import ScopedRepair
+
+    torch.manual_seed(0)
+    original, fine_tuned = tiny_factory(), tiny_factory()  # two unrelated linear models: many answers differ
+    scoped = ScopedRepair(original, fine_tuned, [2])  # a person gave class 2 to a region
+    x = torch.rand(512, 1, 28, 28) - 0.5
+    before, after, answer = (m(x).argmax(dim=1) for m in (original, fine_tuned, scoped))
+    moved = (after == 2) & (before != 2)
+    assert moved.any() and ((before != after) & ~moved).any()  # the fine-tune also moved answers nobody asked about
+    assert torch.equal(answer, torch.where(moved, after, before))
+
+    original, fine_tuned = (build_classifier("small_cnn", 1, 3, [0.2], [0.3]).eval() for _ in range(2))
+    scoped = ScopedRepair(original, fine_tuned, [2]).eval()
+    hparams = {"arch": "small_cnn", "in_channels": 1, "num_classes": 3, "mean": [0.2], "std": [0.3],
+               "classes": ["a", "b", "c"], "scoped_classes": [2]}
+    save_classifier(tmp_path / "r.ckpt", scoped, hparams)
+    loaded = load_classifier(tmp_path / "r.ckpt").model
+    assert isinstance(loaded, ScopedRepair) and loaded.classes.tolist() == [2]
+    assert torch.equal(loaded(x.clamp(0, 1)), scoped(x.clamp(0, 1)))

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuse.models.classifiers import build_classifier
+from defuse.models.classifiers import ScopedRepair, build_classifier
 from defuse.models.generators import ConvVAE
 from defuse.rundir import atomic_torch_save, sha256_file
 
@@ -81,10 +81,12 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     classes = tuple(hparams.get("classes") or [str(i) for i in range(hparams.get("num_classes", 0))])
     kind = payload.get("kind", "builtin")
     if kind == "builtin":
-        model = build_classifier(
-            hparams["arch"], hparams["in_channels"], hparams["num_classes"], hparams["mean"], hparams["std"],
-            hparams.get("width", 32),
-        )
+        def build() -> nn.Module:
+            return build_classifier(hparams["arch"], hparams["in_channels"], hparams["num_classes"], hparams["mean"],
+                                    hparams["std"], hparams.get("width", 32))
+
+        # A scoped repair (the correct stage's repaired.ckpt) holds the original and the fine-tuned weights.
+        model = ScopedRepair(build(), build(), hparams["scoped_classes"]) if hparams.get("scoped_classes") else build()
         model.load_state_dict(payload["state_dict"])
     elif kind == "torchscript":
         model = load_torchscript(payload["source"]["torchscript"])
