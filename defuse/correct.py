@@ -49,10 +49,10 @@ largest class drop on test 2.90 -> 0.52 points for slant seed 0; runs meeting ev
 the original another, the fine-tune's answer; everywhere else the original's. Candidates are judged (guard, bug
 images) as they will answer. A fine-tune also moves a few answers a class that nobody asked about (on the planted
 benchmark: 9 -> 4, 5 -> 3, 1 -> 7), the guard cannot tell them from noise on a few thousand images, and they cost
-test accuracy no held-out figure predicted. Measured on the kept planted runs (seeds 0 and 1, same checkpoints,
-graded on test): largest class drop outside the subgroup at most 1.40 points (short's 7s, the bug's own pair)
-where it reached 1.45, and 0.00 to 0.53 in every other case; with a person's review, short seed 0 is no longer
-refused (0.977 on the real subgroup).
+test accuracy no held-out figure predicted. Measured on the planted benchmark (three seeds, graded on test):
+largest class drop outside the subgroup at most 1.40 points (short's 7s, the bug's own pair) where it reached
+1.45, at most 1.05 in every other case; with a person's review, short seed 0 is no longer refused (0.977 on the
+real subgroup).
 
 Every (layers, lambda, epoch) is a Lightning checkpoint under ``correct/``; an interrupted fine-tune resumes from the last
 one (loaded weights-only), and finished lambdas are not trained again.
@@ -913,9 +913,7 @@ def repair(
                     "Check the labels, or lower correct.min_validity (0 trains on every sample).", config.min_validity)
         return replace(original, summary={"labelled_regions": len(bug_labels), "chosen": None, **counts,
                                           "reason": "no region sample passes correct.min_validity"})
-    import os
-    if not os.environ.get('DEFUSE_EXP_DECODED'):
-        train_regions = _without_pairs_shown_by_real_images(train_regions, regions, bug_labels, issues)
+    train_regions = _without_pairs_shown_by_real_images(train_regions, regions, bug_labels, issues)
     key = _inputs_key(classifier.model, bug_labels, regions, judge, data, config, tau, seed, trainer, reviewed)
     workdir = Path(workdir)
     if (workdir / "KEY").exists() and (workdir / "KEY").read_text().strip() != key:
