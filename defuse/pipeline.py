@@ -139,11 +139,11 @@ def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
     """The label issues a person should review before correct (:func:`defuse.correct.issues_for_review`), less those
     ``correct.reviewed_labels`` answers already. Needs the regions labelled (the label stage's labels.jsonl)."""
-    from defuse.correct import issues_for_review, read_reviewed_labels
+    from defuse.correct import image_witness, issues_for_review, read_reviewed_labels
     from defuse.data import ImageDataModule
     from defuse.distill import Regions
     from defuse.label import LabelBook
-    from defuse.models.loading import load_generator
+    from defuse.models.loading import load_classifier, load_generator
     from defuse.validity import ValidityModel
 
     for name in (LABELS_FILE, REGIONS_JSON, GENERATOR_CKPT, VALIDITY_MODEL):
@@ -152,9 +152,12 @@ def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
                                     f"labelled. Run `defuse run` (and label the regions) first.")
     data = ImageDataModule(config.data, config.seed)
     reviewed = read_reviewed_labels(config.correct.reviewed_labels, data) if config.correct.reviewed_labels else None
+    hparams = load_classifier(run.path(CLASSIFIER_CKPT)).hparams if run.path(CLASSIFIER_CKPT).exists() else {}
+    # The same image judge the correct stage fits (same seed stream, deterministic), so review and repair agree.
+    image_scores = image_witness(hparams, data, config.correct, config.seed, config.trainer, run.root)
     return issues_for_review(Regions.load(run), LabelBook(run.path(LABELS_FILE)).bug_labels(),
                              load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
-                             data, reviewed)
+                             data, reviewed, image_scores)
 
 
 def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, interactive: bool,

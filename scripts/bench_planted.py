@@ -37,8 +37,12 @@ Measured, reading only the run directories' artifacts, and grading only on the t
 The audit split's labels are left clean: it models a small, carefully labelled set, as a test set is.
 ``--poison-audit`` poisons it too (a user whose every label carries the bug).
 
+``--replay-correct`` (with ``--keep DIR`` of an earlier run) re-runs only the correct and verify stages on the kept
+runs, with the running code and the shipped config, and grades them as above: the way to measure a change to the
+repair without re-training and re-searching every case (discovery figures are then left out).
+
 Run: ``python scripts/bench_planted.py [--seeds 0,1,2] [--cases slant,thin,...] [--no-repair] [--no-consent]
-[--review] [--poison-audit] [--keep DIR] [--out FILE]``. Prints JSON.
+[--review] [--poison-audit] [--keep DIR [--replay-correct]] [--out FILE]``. Prints JSON.
 """
 
 from __future__ import annotations
@@ -488,11 +492,13 @@ def labelled_config(config: RunConfig, labels: Path, consent: bool) -> RunConfig
 
 
 def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, consent: bool,
-             poison_audit: bool, review: bool = False) -> dict:
+             poison_audit: bool, review: bool = False, replay: bool = False) -> dict:
     start = time.perf_counter()
     npz, info, poisoned_rows = write_case_data(folder, case, seed, poison_audit)
     config = case_config(npz, seed, None if case == "clean" else folder / "clean" / "generator.ckpt")
     run = RunDir(folder / case)
+    if replay:
+        return replay_correct(run, config, case, info, poisoned_rows, reference, consent, review, start)
     # A directory kept from an earlier run (--keep) holds the simulated person's answers already: an unlabelled first
     # call would go on to repair without the consent to relabel, and the labelled call would repair again.
     answered = do_repair and run.path("person.yaml").exists()
@@ -520,6 +526,31 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
                          **repair_figures(run, labelled, case, group, poisoned_rows)}
     out["seconds"] = round(time.perf_counter() - start, 1)
     return out
+
+
+def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poisoned_rows: np.ndarray, reference,
+                   consent: bool, review: bool, start: float) -> dict:
+    """``--replay-correct``: the correct and verify stages again, forced, on a kept run with its person's labels
+    (and a fresh simulated review, which the running code's rules decide), graded as :func:`run_case` grades."""
+    if not run.path("person.yaml").exists() or not run.path("regions.json").exists():
+        raise SystemExit(f"{run.root} holds no finished run with the simulated person's labels to replay: run "
+                         f"`python scripts/bench_planted.py --keep {run.root.parent.parent}` first.")
+    labelled = labelled_config(config, run.path("person.yaml"), consent)
+    reviewed = {}
+    if review:
+        answers = simulated_review(run, labelled, reference)
+        labelled = reviewed_config(labelled, answers)
+        reviewed = review_figures(answers, np.load(run.root.parent / "clean.npz")["y"],
+                                  np.load(labelled.data.root)["y"])
+    for name in ("correct", "verify"):
+        run_stage(stage_named(name), labelled, run, force=True)
+    test = ImageDataModule(config.data, config.seed).split("test")
+    group = subgroup(test, case, info["threshold"]) if case != "clean" else None
+    return {**info, "replayed": ["correct", "verify"],
+            "repair": {"labels": "simulated person (independent clean reference's vote)",
+                       "relabel_consent": labelled.correct.relabel, **reviewed,
+                       **repair_figures(run, labelled, case, group, poisoned_rows)},
+            "seconds": round(time.perf_counter() - start, 1)}
 
 
 # ----------------------------------------------------------------------------- over seeds
@@ -589,9 +620,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-repair", action="store_true", help="discovery only: no labels, correct or verify")
     parser.add_argument("--no-consent", action="store_true", help="the person does not consent to relabelling")
     parser.add_argument("--poison-audit", action="store_true", help="poison the audit split's labels too")
+    parser.add_argument("--replay-correct", action="store_true", help="with --keep DIR of an earlier run: re-run "
+                        "only correct and verify on its kept runs (the running code, the shipped config) and grade "
+                        "them; no discovery figures")
     parser.add_argument("--review", action="store_true", help="the person also reviews each label issue image by "
                         "image (answered with the reference's reading), as `defuse review` asks")
     args = parser.parse_args(argv)
+    if args.replay_correct and (not args.keep or args.no_repair):
+        parser.error("--replay-correct re-runs the repair of kept runs: give --keep DIR (an earlier run's "
+                     "directory), and not --no-repair")
     torch.set_num_threads(2)
     cases = ["clean", *(c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean")]
     unknown = [c for c in cases if c != "clean" and c not in CASES]
@@ -606,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     deviations[SHARED_GENERATOR[0]] = {"value": "clean/generator.ckpt", "reason": SHARED_GENERATOR[1]}
     result: dict = {"config": str(SHIPPED.name), "deviations": deviations, "seeds": seeds,
                     "poison_audit": args.poison_audit, "consent": not args.no_consent, "review": args.review,
+                    "replay_correct": args.replay_correct,
                     "cases": {}}
     per_seed: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -620,8 +658,10 @@ def main(argv: list[str] | None = None) -> int:
             clean_max = 0.0
             for case in cases:
                 out = run_case(case, folder, seed, reference, not args.no_repair, not args.no_consent,
-                               args.poison_audit, args.review)
-                if case == "clean":
+                               args.poison_audit, args.review, args.replay_correct)
+                if args.replay_correct:
+                    pass  # no discovery figures to compare with the clean control
+                elif case == "clean":
                     clean_max = out["max_bug_score"]
                     result.setdefault("splits", RunDir(folder / "clean").metrics("fit-classifier").get("split_sizes"))
                 else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -67,3 +68,12 @@ def test_review_figures_count_answers_against_the_planted_truth(tmp_path):
     pd.DataFrame({"image": [0, 1, 2, 3], "label": [2, 7, 2, 7]}).to_csv(review, index=False)
     assert review_figures(review, clean, given) == {"reviewed": 4, "review_changed": 2, "review_changed_poisoned": 1,
                                                     "reviewed_poisoned": 2, "review_wrong_answers": 2}
+
+
+def test_replay_correct_needs_a_kept_run_to_replay(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        bp.main(["--replay-correct"])  # nothing kept to replay
+    assert "--replay-correct re-runs the repair of kept runs: give --keep DIR" in capsys.readouterr().err
+    run = bp.RunDir(tmp_path / "seed0" / "short")
+    with pytest.raises(SystemExit, match=r"holds no finished run with the simulated person's labels to replay"):
+        bp.replay_correct(run, None, "short", {}, None, None, True, False, 0.0)

@@ -15,6 +15,7 @@ from defuse.correct import (
     candidate_weights,
     choose_candidate,
     contradicting_labels,
+    image_judge_scores,
     neighbour_shares,
     correct,
     paired_change,
@@ -238,6 +239,31 @@ def test_a_contradicted_label_needs_its_held_out_neighbours_to_carry_the_persons
     region_of, person_of = contradicting_labels(regions, {1: 0}, latents, labels, judge,
                                                 neighbours=(reference, reference_labels))
     assert region_of.tolist() == [1, -1] and person_of.tolist() == [0, -1]
+
+
+def test_the_image_judge_contradicts_a_label_the_latent_judge_accepts_only_when_it_is_sure():
+    regions = Regions([_region(1)], {})  # 0 -> 1, labelled 0 below
+    judge = quadrant_validity()
+    latents = np.array([[3.0, 0.0]] * 4)  # the latent judge reads every one as a 1: alone, it contradicts none
+    labels = np.array([1, 1, 1, 2])
+    scores = np.array([[0.95, 0.05, 0.0], [0.85, 0.15, 0.0], [0.0, 0.0, 1.0], [0.99, 0.01, 0.0]])
+    region_of, person_of = contradicting_labels(regions, {1: 0}, latents, labels, judge, image_scores=scores)
+    # Image 0: the image judge is sure of the person's class (0.95 >= IMAGE_JUDGE_SURE); image 1: not sure enough;
+    # image 2: sure of another class; image 3: sure of 0, but its label is not the region's mistake.
+    assert region_of.tolist() == [1, -1, -1, -1] and person_of.tolist() == [0, -1, -1, -1]
+    assert (contradicting_labels(regions, {1: 0}, latents, labels, judge)[0] == -1).all()  # no image judge: none
+
+
+def test_the_image_judge_learns_the_audit_labels_and_is_the_same_judge_every_time(tmp_path, digits):
+    first = image_judge_scores(digits, "small_cnn", 8, 15, 0, None, tmp_path)
+    second = image_judge_scores(digits, "small_cnn", 8, 15, 0, None, tmp_path)
+    assert set(first) == {"train", "val"} and first["train"].shape == (len(digits.split("train")), 10)
+    np.testing.assert_array_equal(first["train"], second["train"])  # review and correct see one judge
+    np.testing.assert_allclose(first["val"].sum(axis=1), 1.0, atol=1e-5)
+    # Fitted on the 270 audit images alone (45 steps here), it reads most training images as their label (chance: 0.1).
+    assert (first["train"].argmax(axis=1) == digits.split("train").labels.numpy()).mean() > 0.7
+    other = image_judge_scores(digits, "small_cnn", 8, 15, 1, None, tmp_path)["train"]  # another seed's stream
+    assert not np.array_equal(other, first["train"])
 
 
 def test_neighbour_shares_count_labels_among_the_nearest_and_can_leave_each_image_out():
