@@ -59,8 +59,8 @@ _DESCRIPTIONS = {
     "interrupted fine-tune resumes from its last checkpoint.",
     "review": "Review the label issues of the labelling bugs your region labels revealed, image by image, before "
     "correct: the training, validation and audit images whose given label is a labelled region's mistake and which "
-    "the validity judge doubts or contradicts (e.g. short 2s labelled 7). At a terminal each image is shown with "
-    "its given label and the region's label; answer with its class (Enter skips, q stops). Answers go to "
+    "the judges doubt or contradict (e.g. short 2s labelled 7). At a terminal each image is shown with "
+    "its given label, the region's label and what the two judges (latent, image) give that label; answer with its class (Enter skips, q stops). Answers go to "
     "<run-dir>/label_review.csv at once (run again to resume); without a terminal the images to review are written "
     "to <run-dir>/label_review_todo.csv, whose label column you fill. Use them with `defuse run --reviewed-labels "
     "FILE`: each answer decides its image's label (relabelled or standing), whatever the rules say.",

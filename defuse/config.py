@@ -340,9 +340,11 @@ class CorrectConfig:
     # Without it they are listed and left out. `defuse run --relabel` gives it.
     relabel: bool = False
     # Epochs of the image judge: a classifier of the run's architecture fitted on the audit split alone (held-out
-    # labels, never the classifier's), a second witness for label issues beside the latent judge; 0 turns it off.
-    # The latent judge is one linear model over the generator's space and is unsure of a bug's extreme (the
-    # shortest 2s labelled 7); read from the images, they are plainly 2s (see defuse.correct.IMAGE_JUDGE_SURE).
+    # labels, never the classifier's), the witness that contradicts train and val labels (the latent judge and its
+    # audit neighbours stay the witness on the audit images it learnt, and everywhere when it is off); 0 turns it
+    # off. The latent judge is one linear model over the generator's space: unsure of a bug's extreme (the shortest
+    # 2s labelled 7), and sure of some real images of the mistaken class; read from the images, both are plain
+    # (see defuse.correct.contradicting_labels).
     image_judge_epochs: int = 20
     # Each relabelled training image counts this many times: they must outweigh the bug's mislabelled images that
     # no rule found, which still teach the bug in the training loss. 4 when the latent rule alone found about two

@@ -186,12 +186,19 @@ def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, i
             f"column (empty skips), then `defuse run --run-dir {run.root} --reviewed-labels {listing}`.")
         return {"to_review": len(todo), "answered": 0, "file": str(listing)}
     data = ImageDataModule(config.data, config.seed)
-    items = [(int(row.image), f"{row.split}, labelled {row.given_class!r}; its region says {row.person_class!r}",
+    items = [(int(row.image), f"{row.split}, labelled {row.given_class!r}; its region says {row.person_class!r}"
+              f"{_witnesses(row)}",
               data.split(row.split).images[row.position : row.position + 1].float() / 255)
              for row in todo.itertuples(index=False)]
     answered = review_prompt(items, data.classes, out, ask=ask, out=say)
     say(use)
     return {"to_review": len(todo), "answered": answered, "file": str(out)}
+
+
+def _witnesses(row) -> str:
+    """What the judges give the region's label, as the review prompt shows it (the image judge where it judged)."""
+    said = f"; the judges give {row.person_class!r}: latent {row.judge_validity:.2f}"
+    return said + (f", image {row.image_judge:.2f}" if row.image_judge == row.image_judge else "")  # NaN: none
 
 
 def verify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:

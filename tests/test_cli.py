@@ -8,6 +8,7 @@ import select
 import os
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -340,7 +341,7 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
     data = ImageDataModule(config.data, config.seed)
     images = data.indices("train").numpy()[:3]
     todo = pd.DataFrame({"split": "train", "position": [0, 1, 2], "image": images, "given_class": "7",
-                         "person_class": "2"})
+                         "person_class": "2", "judge_validity": 0.81, "image_judge": [0.974, np.nan, 0.5]})
     asked_with = []
 
     def to_review(config, run):  # the label issues of a labelling bug, less those already answered
@@ -361,7 +362,10 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
     assert done == {"to_review": 3, "answered": 1, "file": str(review)}
     assert review.read_text() == f"image,label\n{images[0]},7\n"  # written at once, before the person stopped
     assert any("'seven?' is not a class" in line for line in said) and len(prompts) == 4
-    assert prompts[0] == f"[1/3] image {images[0]} (train, labelled '7'; its region says '2'). What is it? "
+    # Each image comes with what the two witnesses give the region's label (the image judge's only where it judged).
+    assert prompts[0] == (f"[1/3] image {images[0]} (train, labelled '7'; its region says '2'; the judges give '2': "
+                          f"latent 0.81, image 0.97). What is it? ")
+    assert prompts[2].endswith("latent 0.81). What is it? ")  # image 1, without an image judge, after the re-ask
     assert f"--reviewed-labels {review}" in said[-1]
     answers = iter(["2", "3"])  # again: the answered image is not asked about, the others are
     pipeline.review_command(config, run, interactive=True, ask=lambda _: next(answers), say=said.append)

@@ -254,6 +254,18 @@ def test_the_image_judge_contradicts_a_label_the_latent_judge_accepts_only_when_
     assert (contradicting_labels(regions, {1: 0}, latents, labels, judge)[0] == -1).all()  # no image judge: none
 
 
+def test_where_the_image_judge_judges_a_latent_contradiction_does_not_stand_alone():
+    regions = Regions([_region(1)], {})  # 0 -> 1, labelled 0 below
+    judge = quadrant_validity()
+    latents = np.zeros((3, 2))  # the latent judge reads every one as a 0: alone, it contradicts all three 1s
+    labels = np.array([1, 1, 1])
+    assert contradicting_labels(regions, {1: 0}, latents, labels, judge)[0].tolist() == [1, 1, 1]
+    # The image judge sees the images: sure of a 0, unsure, sure of a 1 (the label was right).
+    scores = np.array([[0.97, 0.03, 0.0], [0.6, 0.4, 0.0], [0.02, 0.98, 0.0]])
+    region_of, _ = contradicting_labels(regions, {1: 0}, latents, labels, judge, image_scores=scores)
+    assert region_of.tolist() == [1, -1, -1]
+
+
 def test_the_image_judge_learns_the_audit_labels_and_is_the_same_judge_every_time(tmp_path, digits):
     first = image_judge_scores(digits, "small_cnn", 8, 15, 0, None, tmp_path)
     second = image_judge_scores(digits, "small_cnn", 8, 15, 0, None, tmp_path)
@@ -352,6 +364,29 @@ def test_pairs_that_few_training_images_contradict_are_listed_but_not_relabelled
     issues = find_label_issues(regions, {1: 0}, {**latents, "train": few}, judge, digits, relabel=True)
     contradicted = issues[(issues["kind"] == "contradicted") & (issues["split"] == "train")]
     assert len(contradicted) == MIN_BUG_IMAGES - 1 and not issues["relabelled"].any()
+
+
+def test_each_label_issue_says_what_each_witness_gives_the_persons_label(digits):
+    from defuse.correct import find_label_issues
+
+    # As above: every training 1 contradicts region 1 (0 -> 1, labelled 0); the image judge is given for train
+    # only, as the correct stage gives it (it learnt the audit labels), with a made-up probability per image.
+    regions = Regions([_region(1)], {})
+    judge = quadrant_validity()
+    latents = {name: np.zeros((len(digits.split(name)), 2)) for name in ("train", "val", "audit")}
+    latents["audit"][digits.split("audit").labels.numpy() != 0] = [-50.0, -50.0]
+    n = len(digits.split("train"))
+    scores = np.full((n, 10), 0.01)
+    scores[:, 0] = np.linspace(0.05, 0.9, n)
+    issues = find_label_issues(regions, {1: 0}, latents, judge, digits, relabel=True,
+                               image_scores={"train": scores})
+    train = issues[issues["split"] == "train"]
+    assert len(train) > 0 and (train["person_label"] == 0).all()
+    expected = judge.scores(latents["train"])[train["position"], 0].round(3)
+    np.testing.assert_allclose(train["judge_validity"], expected)
+    np.testing.assert_allclose(train["image_judge"], scores[train["position"], 0].round(3))
+    audit = issues[issues["split"] == "audit"]
+    assert len(audit) > 0 and audit["image_judge"].isna().all() and audit["judge_validity"].notna().all()
 
 
 def test_a_pair_few_of_its_labels_contradict_is_a_boundary_whose_labels_stand(digits, monkeypatch):
