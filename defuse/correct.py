@@ -207,15 +207,16 @@ def contradicting_labels(regions: Regions, bug_labels: dict[int, int], latents: 
     """
     if len(labels) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-    scores = validity.scores(latents)
-    judged = np.where(scores.max(axis=1) >= min_validity, scores.argmax(axis=1), -1)
-    if neighbours is not None and len(neighbours[1]):
-        classes = max(scores.shape[1], int(neighbours[1].max()) + 1)
-        share = neighbour_shares(latents, *neighbours, num_classes=classes, exclude_self=exclude_self)
-        witnessed = share[np.arange(len(latents)), np.maximum(judged, 0)] >= NEIGHBOUR_SHARE
-        judged = np.where(witnessed, judged, -1)
     if image_scores is not None:  # the image judge decides alone where it judges
         judged = np.where(image_scores.max(axis=1) >= IMAGE_JUDGE_SURE, image_scores.argmax(axis=1), -1)
+    else:  # the latent rule: the latent judge, sure, and most of its audit neighbours
+        scores = validity.scores(latents)
+        judged = np.where(scores.max(axis=1) >= min_validity, scores.argmax(axis=1), -1)
+        if neighbours is not None and len(neighbours[1]):
+            classes = max(scores.shape[1], int(neighbours[1].max()) + 1)
+            share = neighbour_shares(latents, *neighbours, num_classes=classes, exclude_self=exclude_self)
+            witnessed = share[np.arange(len(latents)), np.maximum(judged, 0)] >= NEIGHBOUR_SHARE
+            judged = np.where(witnessed, judged, -1)
     return _nearest_relabelled_region(regions, bug_labels, latents,
                                       lambda mistake, person: (labels == mistake) & (judged == person))
 
