@@ -492,16 +492,40 @@ def test_correct_layers_refuses_an_unknown_family():
         CorrectConfig(layers=["encoder"]).validate()
 
 
-def test_ties_on_the_bug_images_go_to_the_better_real_guard_change_not_to_decoded_accuracy():
-    def candidate(layers, lam, epoch, bug, guard, decoded, admissible=True):
+def test_ties_on_the_bug_images_go_to_the_surer_reading_then_the_real_guard_change_not_to_decoded_accuracy():
+    def candidate(layers, lam, epoch, bug, guard, decoded, admissible=True, confidence=None):
         return {"layers": layers, "lambda": lam, "epoch": epoch, "bug_accuracy": bug, "guard_change": guard,
-                "decoded_accuracy": decoded, "admissible": admissible}
+                "decoded_accuracy": decoded, "admissible": admissible, "bug_confidence": confidence}
 
     table = [candidate("all", 1.0, 4, 0.93, -0.002, 1.0), candidate("head", 0.0, 1, 0.93, 0.001, 0.58),
              candidate("all", 0.0, 2, 0.90, 0.004, 0.60), candidate("all", 1.0, 3, 0.97, 0.0, 1.0, admissible=False)]
     assert choose_candidate(table, "bug_accuracy")["layers"] == "head"  # tie at 0.93: the guard decides
     assert choose_candidate(table, "decoded_accuracy")["epoch"] == 4  # no real bug images: decoded decides
     assert choose_candidate([t | {"admissible": False} for t in table], "bug_accuracy") is None
+    # The same tie, read more surely by the worse guard change: the sureness decides; accuracy still comes first.
+    sure = [table[0] | {"bug_confidence": 0.91}, table[1] | {"bug_confidence": 0.87}, table[2] | {"bug_confidence": 0.99}]
+    assert choose_candidate(sure, "bug_accuracy")["epoch"] == 4
+    # Decoded samples decide (too few bug images): the bug images' sureness plays no part.
+    assert choose_candidate([t | {"decoded_accuracy": 0.6} for t in sure[:2]], "decoded_accuracy")["layers"] == "head"
+
+
+def test_bug_confidence_is_each_checkpoints_mean_probability_of_the_bug_labels(tmp_path):
+    from defuse.correct import bug_confidence
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    images = torch.rand(6, 1, 2, 2)
+    labels = torch.tensor([0, 1, 1, 0, 1, 1])
+    candidates = []
+    for epoch, bias in enumerate([(0.0, 0.0), (0.0, 3.0)]):  # the second leans towards class 1
+        weights = {"1.weight": torch.zeros(2, 4), "1.bias": torch.tensor(bias)}
+        path = tmp_path / f"epoch{epoch}.ckpt"
+        torch.save({"state_dict": {f"model.{k}": v for k, v in weights.items()}}, path)
+        candidates.append({"path": str(path)})
+    uniform, leaning = bug_confidence(model, candidates, images, labels)
+    assert uniform == pytest.approx(0.5)
+    p1 = float(torch.sigmoid(torch.tensor(3.0)))
+    assert leaning == pytest.approx((4 * p1 + 2 * (1 - p1)) / 6)
+    assert bug_confidence(model, candidates, images[:0], labels[:0]) == [None, None]
 
 
 def test_decoded_samples_must_read_the_real_bug_images_better_than_real_images_alone_beyond_chance():
