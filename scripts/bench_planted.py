@@ -9,7 +9,9 @@ adopt its clean case's generator.ckpt (the VAE reads images only, and the cases 
 
 Cases (each subgroup is 25% of its class, by a feature computed on the train and val images only):
 slant (right-slanted 7s -> 1, geometry), thin (thin-stroke 6s -> 1, stroke), bold (thick-stroke 3s -> 8, stroke),
-narrow (horizontally narrow 0s -> 6, shape), short (vertically short 2s -> 7, size); and clean (nothing poisoned).
+narrow (horizontally narrow 0s -> 6, shape), short (vertically short 2s -> 7, size); and clean (nothing
+poisoned). Fresh cases, designed after the repair's settings were fixed (``--cases``): wide (the widest 1s -> 7),
+topheavy (top-heavy 9s -> 4), backslant (left-leaning 4s -> 9), light (the 5s with the least ink -> 3).
 
 Who labels: a simulated person, a labels file written from an independent clean *reference* classifier (trained on
 the clean labels with its own seed stream) by its majority vote on each region's fresh samples ("not-a-bug" where
@@ -156,6 +158,11 @@ def top_share(images: torch.Tensor) -> torch.Tensor:
     return ((mass * (rows < middle)).sum(dim=1) / mass.sum(dim=1).clamp_min(1e-9)).float()
 
 
+def ink(images: torch.Tensor) -> torch.Tensor:
+    """Total ink (the sum of the pixels): small or faint digits have little, big or heavy ones much."""
+    return images[:, 0].sum(dim=(1, 2))
+
+
 CASES = {
     # name: (source class, planted class, feature, take the top (+1) or bottom (-1) quarter)
     "slant": (7, 1, slant, +1),
@@ -167,6 +174,11 @@ CASES = {
     # untuned check the repair issue asks for (`--cases wide,topheavy`).
     "wide": (1, 7, width, +1),
     "topheavy": (9, 4, top_share, +1),
+    # Fresh cases of 2026-11-26, designed after the tie rule (ties on the bug images go to bug_confidence) was
+    # committed, and never used to choose anything (`--cases backslant,light`): the most left-leaning 4s read as 9
+    # (geometry, a new pair) and the 5s with the least ink read as 3 (mass: small or faint 5s).
+    "backslant": (4, 9, slant, -1),
+    "light": (5, 3, ink, -1),
 }
 # What `--cases` runs by default: the five the repair was developed on (the fresh ones on request, so the default
 # run stays about an hour).

@@ -41,9 +41,21 @@ def test_width_and_slant_order_images_the_way_their_cases_name():
     assert bp.slant(both)[1] > 0.3 and abs(float(bp.slant(both)[0])) < 1e-6
 
 
+def test_ink_is_the_digits_mass_and_backslant_takes_the_left_leaning_end():
+    small, big = _canvas(), _canvas()
+    small[0, 0, 10:18, 13:15] = 1.0
+    big[0, 0, 4:24, 12:16] = 1.0
+    assert bp.ink(torch.cat([small, big])).tolist() == [16.0, 80.0]
+    leaning_left = torch.flip(_canvas().index_put_((torch.tensor([0]), torch.tensor([0]), torch.arange(4, 24),
+                                                    20 - torch.arange(20) // 2), torch.tensor(1.0)), dims=[-1])
+    source, planted, feature, sign = bp.CASES["backslant"]
+    assert (source, planted) == (4, 9) and float(feature(leaning_left)) * sign > 0.3  # the top quarter by sign
+
+
 def test_every_case_plants_a_different_class_and_the_fresh_ones_stay_off_the_default_run():
     assert all(source != planted for source, planted, _, _ in bp.CASES.values())
-    assert set(bp.DEFAULT_CASES) < set(bp.CASES) and {"wide", "topheavy"} <= set(bp.CASES) - set(bp.DEFAULT_CASES)
+    fresh = {"wide", "topheavy", "backslant", "light"}
+    assert set(bp.DEFAULT_CASES) < set(bp.CASES) and fresh <= set(bp.CASES) - set(bp.DEFAULT_CASES)
 
 
 def test_the_simulated_persons_labels_and_consent_reach_the_config(tmp_path):
