@@ -826,7 +826,7 @@ def choose_candidate(table: list[dict[str, Any]], key: str) -> dict[str, Any] | 
     """The admissible candidate with the best ``key`` accuracy (None when none is admissible).
 
     Ties on the real bug images go to the higher ``bug_confidence`` (the mean probability given their labels): a
-    few dozen bug images tie often (slant seed 0 of the planted benchmark: 60 of 62 for eight candidates), and how
+    few dozen bug images tie often (slant seed 0 of the planted benchmark: 60 of 62 for nine candidates), and how
     surely a candidate reads them is the same evidence at a finer grain, where the guard change that broke such
     ties before moved by one image in 2,333. Then to the better guard change, and only then to decoded-sample
     accuracy, which says little about real images (the repair issue: 99.8% on decoded samples, 0.61 on the real
