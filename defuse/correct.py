@@ -38,9 +38,9 @@ mistake) measure the repair; every other held-out image is the *guard*. A candid
 lower end of the paired bootstrap 95% interval of its guard accuracy change is at least ``-max_clean_drop``, and
 no class of the guard loses more than ``max_class_drop``. The admissible candidate with the best accuracy on the
 bug images (decoded validation samples when there are fewer than ``MIN_BUG_IMAGES``; ties go to the surer reading
-of the bug images, then to the better guard change) wins, if it beats the original; otherwise the original weights stay and the summary says why. A winner
-trained with decoded samples must beat the best candidate trained on real images alone beyond chance
-(:func:`_unless_decoded_samples_help`).
+of the bug images, then to the better guard change) wins, if it beats the original; otherwise the original weights
+stay and the summary says why. A winner trained with decoded samples must beat the best candidate trained on real
+images alone beyond chance (:func:`_unless_decoded_samples_help`).
 
 *Weight averaging.* Each epoch's candidate is the running mean of the weights at the end of every epoch so far
 (``correct.average``, stochastic weight averaging), not the last step's weights: one epoch's last steps move
