@@ -96,7 +96,8 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     regions = distill(discovery.failures, loaded.model, generator, discovery.judge, loaded.classes or audit.classes,
                       config.distill, seed=config.seed, real=real)
     regions.save(run)
-    save_pictures(run, regions, discovery.failures, generator, config.distill, config.seed, real=real)
+    save_pictures(run, regions, discovery.failures, generator, config.distill, config.seed, real=real,
+                  classifier=loaded.model)
     return regions.metrics
 
 
@@ -104,14 +105,14 @@ def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """One label per region from a person (prompt), a labels file, or the conservative suggestions (auto)."""
     from defuse.distill import Regions, region_grids
     from defuse.label import label_stage
-    from defuse.models.loading import load_generator
+    from defuse.models.loading import load_classifier, load_generator
 
     regions = Regions.load(run)
     return label_stage(
         run, regions, regions.classes, config.label.mode, regions_sha256=run.artifact_hash(REGIONS_JSON),
         min_real_misread=config.label.auto_min_real_misread,
         previews=lambda: region_grids(regions, load_generator(run.path(GENERATOR_CKPT)), config.distill.tau,
-                                      config.seed),
+                                      config.seed, load_classifier(run.path(CLASSIFIER_CKPT)).model),
     )
 
 

@@ -11,7 +11,8 @@ Cases (each subgroup is 25% of its class, by a feature computed on the train and
 slant (right-slanted 7s -> 1, geometry), thin (thin-stroke 6s -> 1, stroke), bold (thick-stroke 3s -> 8, stroke),
 narrow (horizontally narrow 0s -> 6, shape), short (vertically short 2s -> 7, size); and clean (nothing
 poisoned). Fresh cases, designed after the repair's settings were fixed (``--cases``): wide (the widest 1s -> 7),
-topheavy (top-heavy 9s -> 4), backslant (left-leaning 4s -> 9), light (the 5s with the least ink -> 3).
+topheavy (top-heavy 9s -> 4), backslant (left-leaning 4s -> 9), light (the 5s with the least ink -> 3), squat
+(the 8s widest for their height -> 0).
 
 Who labels: a simulated person, a labels file written from an independent clean *reference* classifier (trained on
 the clean labels with its own seed stream) by its majority vote on each region's fresh samples ("not-a-bug" where
@@ -26,8 +27,9 @@ Measured, reading only the run directories' artifacts, and grading only on the t
 
 * visibility: the share of the planted subgroup's test images whose VAE reconstruction the poisoned model
   reads as the planted class (the ceiling for any latent search);
-* the rank of the first region with the planted pair, its precision (the share of its fresh samples the
-  reference reads as the source class while the poisoned model reads the planted class), its bug score;
+* the rank of the first region with the planted pair, its precision (the share of the fresh samples a person is
+  shown of it, its misreadings first, that the reference reads as the source class while the poisoned model reads
+  the planted class; ``planted_precision_gaussian``: the same share on plain draws of its Gaussian), its bug score;
 * valid failures per 1,000 classifier queries, against random sampling from the prior and against the
   reference search (Beta(50, 50) shift of the mean, 10 samples per source) at equal budget, from the audit split;
 * repair: accuracy on the planted subgroup of the test split before/after, clean accuracy outside it, the largest
@@ -39,9 +41,10 @@ Measured, reading only the run directories' artifacts, and grading only on the t
 The audit split's labels are left clean: it models a small, carefully labelled set, as a test set is.
 ``--poison-audit`` poisons it too (a user whose every label carries the bug).
 
-``--replay-correct`` (with ``--keep DIR`` of an earlier run) re-runs only the correct and verify stages on the kept
-runs, with the running code and the shipped config, and grades them as above: the way to measure a change to the
-repair without re-training and re-searching every case (discovery figures are then left out).
+``--replay-correct`` (with ``--keep DIR`` of an earlier run) asks the simulated person again and re-runs only the
+label, correct and verify stages on the kept runs, with the running code and the shipped config, and grades them as
+above: the way to measure a change to the repair without re-training and re-searching every case (of the discovery
+figures, only visibility and the planted region's are then given).
 
 Run: ``python scripts/bench_planted.py [--seeds 0,1,2] [--cases slant,thin,...] [--no-repair] [--no-consent]
 [--review] [--poison-audit] [--keep DIR [--replay-correct]] [--out FILE]``. Prints JSON.
@@ -70,7 +73,7 @@ from defuse.config import (
 )
 from defuse.correct import paired_change
 from defuse.data import ImageDataModule, ImageSet, load_source
-from defuse.distill import Regions
+from defuse.distill import Regions, region_misreadings
 from defuse.identify import Discovery, latent_means, make_evaluate, select_sources
 from defuse.label import auto_labels
 from defuse.models import inference_copy, load_classifier, load_generator
@@ -158,6 +161,11 @@ def top_share(images: torch.Tensor) -> torch.Tensor:
     return ((mass * (rows < middle)).sum(dim=1) / mass.sum(dim=1).clamp_min(1e-9)).float()
 
 
+def aspect(images: torch.Tensor) -> torch.Tensor:
+    """Width over height of the ink (their spreads): squat digits are wide for their height, tall ones narrow."""
+    return width(images) / height(images).clamp_min(1e-6)
+
+
 def ink(images: torch.Tensor) -> torch.Tensor:
     """Total ink (the sum of the pixels): small or faint digits have little, big or heavy ones much."""
     return images[:, 0].sum(dim=(1, 2))
@@ -179,6 +187,10 @@ CASES = {
     # (geometry, a new pair) and the 5s with the least ink read as 3 (mass: small or faint 5s).
     "backslant": (4, 9, slant, -1),
     "light": (5, 3, ink, -1),
+    # Fresh case of 2026-11-27, designed after a region's pictures began to show its misreadings first (the change
+    # backslant's precision miss led to), and never used to choose anything (`--cases squat`): the 8s widest for
+    # their height read as 0 (shape: aspect ratio; a new source and a new target class).
+    "squat": (8, 0, aspect, +1),
 }
 # What `--cases` runs by default: the five the repair was developed on (the fresh ones on request, so the default
 # run stays about an hour).
@@ -247,13 +259,15 @@ def train_reference(folder: Path, clean_npz: Path, seed: int) -> torch.nn.Module
 
 @torch.no_grad()
 def simulated_person(run: RunDir, reference: torch.nn.Module, tau: float, seed: int) -> Path:
-    """A labels file: each region is what the clean reference reads on most of its fresh samples ("not-a-bug" where
-    that is the model's own mistake). Read by the pipeline through `--labels FILE`, as a person's file would be."""
+    """A labels file: each region is what the clean reference reads on most of the samples a person is shown of it
+    (``region_misreadings``: the classifier's misreadings of the region first), "not-a-bug" where that is the
+    model's own mistake. Read by the pipeline through `--labels FILE`, as a person's file would be."""
     regions, generator = Regions.load(run), load_generator(run.path("generator.ckpt"))
+    model = load_classifier(run.path("classifier.ckpt")).model
     rng = numpy_rng(seed, "bench.person")
     answers = {}
     for region in regions.regions:
-        votes = predict_labels(reference, generator.decode(torch.from_numpy(region.sample(VOTE_SAMPLES, tau, rng))))
+        votes = predict_labels(reference, region_misreadings(region, VOTE_SAMPLES, tau, rng, generator, model))
         majority = int(torch.bincount(votes, minlength=len(regions.classes)).argmax())
         answers[region.id] = "not-a-bug" if majority == region.predicted_label else majority
     path = run.path("person.yaml")
@@ -352,17 +366,30 @@ def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, grou
         "test_subgroup_size": int(group.sum()),
         "subgroup_read_as_planted": round(float((predict_labels(model, x) == planted).float().mean()), 4),
         "visibility": round(float((predict_labels(model, reconstruct(generator, x)) == planted).float().mean()), 4),
-        "planted_rank": None, "planted_precision": None, "planted_bug_score": None,
     })
+    return {**out, **planted_region_figures(run, config, case, reference)}
+
+
+@torch.no_grad()
+def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference) -> dict:
+    """The first region of the planted pair: its rank, its precision (the share of the samples a person is shown of
+    it, ``region_misreadings``, that the reference reads as the source class while the poisoned model reads the
+    planted class), the same share on plain draws of its Gaussian (``planted_precision_gaussian``), its bug score."""
+    model = inference_copy(load_classifier(run.path("classifier.ckpt")).model)
+    generator, regions = load_generator(run.path("generator.ckpt")), Regions.load(run)
+    source, planted = CASES[case][:2]
+    out: dict = {"planted_rank": None, "planted_precision": None, "planted_precision_gaussian": None,
+                 "planted_bug_score": None}
     auto = auto_labels(regions, regions.classes, min_real_misread=config.label.auto_min_real_misread)
     for region in regions.regions:
         if (region.source_label, region.predicted_label) == (source, planted):
-            z = torch.from_numpy(region.sample(PRECISION_SAMPLES, config.distill.tau,
-                                               numpy_rng(config.seed, "bench.precision")))
-            decoded = generator.decode(z)
-            hit = (predict_labels(reference, decoded) == source) & (predict_labels(model, decoded) == planted)
-            out.update({"planted_rank": region.id, "planted_precision": round(float(hit.float().mean()), 4),
-                        "planted_bug_score": region.bug_score,
+            precision = {}
+            for name, classifier in (("planted_precision", model), ("planted_precision_gaussian", None)):
+                decoded = region_misreadings(region, PRECISION_SAMPLES, config.distill.tau,
+                                             numpy_rng(config.seed, "bench.precision"), generator, classifier)
+                hit = (predict_labels(reference, decoded) == source) & (predict_labels(model, decoded) == planted)
+                precision[name] = round(float(hit.float().mean()), 4)
+            out.update({"planted_rank": region.id, **precision, "planted_bug_score": region.bug_score,
                         "planted_real_misread": f"{region.real_misread}/{region.real_neighbours}",
                         "planted_auto_label": auto[region.id].label})
             break
@@ -542,23 +569,30 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
 
 def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poisoned_rows: np.ndarray, reference,
                    consent: bool, review: bool, start: float) -> dict:
-    """``--replay-correct``: the correct and verify stages again, forced, on a kept run with its person's labels
-    (and a fresh simulated review, which the running code's rules decide), graded as :func:`run_case` grades."""
+    """``--replay-correct``: the simulated person asked again (the running code's pictures of the kept regions), then
+    the label, correct and verify stages again, forced, on a kept run (and a fresh simulated review, which the
+    running code's rules decide), graded as :func:`run_case` grades, with the planted region's figures."""
     if not run.path("person.yaml").exists() or not run.path("regions.json").exists():
         raise SystemExit(f"{run.root} holds no finished run with the simulated person's labels to replay: run "
                          f"`python scripts/bench_planted.py --keep {run.root.parent.parent}` first.")
-    labelled = labelled_config(config, run.path("person.yaml"), consent)
+    labelled = labelled_config(config, simulated_person(run, reference, config.distill.tau, config.seed), consent)
     reviewed = {}
     if review:
         answers = simulated_review(run, labelled, reference)
         labelled = reviewed_config(labelled, answers)
         reviewed = review_figures(answers, np.load(run.root.parent / "clean.npz")["y"],
                                   np.load(labelled.data.root)["y"])
-    for name in ("correct", "verify"):
+    for name in ("label", "correct", "verify"):
         run_stage(stage_named(name), labelled, run, force=True)
     test = ImageDataModule(config.data, config.seed).split("test")
     group = subgroup(test, case, info["threshold"]) if case != "clean" else None
-    return {**info, "replayed": ["correct", "verify"],
+    discovery = {}
+    if case != "clean":
+        model = load_classifier(run.path("classifier.ckpt")).model
+        x = reconstruct(load_generator(run.path("generator.ckpt")), test.float_images()[group])
+        discovery = {"visibility": round(float((predict_labels(model, x) == CASES[case][1]).float().mean()), 4),
+                     **planted_region_figures(run, config, case, reference)}
+    return {**info, "replayed": ["label", "correct", "verify"], **discovery,
             "repair": {"labels": "simulated person (independent clean reference's vote)",
                        "relabel_consent": labelled.correct.relabel, **reviewed,
                        **repair_figures(run, labelled, case, group, poisoned_rows)},
@@ -577,7 +611,7 @@ BARS = {
 
 def summarise(per_seed: dict[int, dict]) -> dict:
     """Mean and worst of each figure per case over the seeds, and whether each bar holds on the worst seed."""
-    figures = ("visibility", "planted_rank", "planted_precision", "planted_bug_score", "valid_failures_per_1000_queries",
+    figures = ("visibility", "planted_rank", "planted_precision", "planted_precision_gaussian", "planted_bug_score", "valid_failures_per_1000_queries",
                "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
     repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "decoded_accuracy_before", "decoded_accuracy_after",
               "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
@@ -591,7 +625,7 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         table: dict = {}
         for name in figures + repair:
             # The discovery bar holds where the generator can show the bug at all (visibility >= 0.5).
-            counted = [r for r in rows if name not in ("planted_rank", "planted_precision")
+            counted = [r for r in rows if name not in ("planted_rank", "planted_precision", "planted_precision_gaussian")
                        or (r.get("visibility") or 0) >= 0.5]
             values = [r.get(name, r.get("repair", {}).get(name)) for r in counted]
             values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]

@@ -52,9 +52,19 @@ def test_ink_is_the_digits_mass_and_backslant_takes_the_left_leaning_end():
     assert (source, planted) == (4, 9) and float(feature(leaning_left)) * sign > 0.3  # the top quarter by sign
 
 
+def test_aspect_is_width_for_height_and_squat_takes_the_wide_end():
+    squat, tall = _canvas(), _canvas()
+    squat[0, 0, 10:18, 4:24] = 1.0  # 20 wide, 8 high
+    tall[0, 0, 4:24, 10:18] = 1.0  # the same block on its side
+    ratios = bp.aspect(torch.cat([squat, tall]))
+    assert torch.allclose(ratios[0] * ratios[1], torch.tensor(1.0)) and float(ratios[0]) > 2
+    source, planted, feature, sign = bp.CASES["squat"]
+    assert (source, planted) == (8, 0) and feature is bp.aspect and sign == +1
+
+
 def test_every_case_plants_a_different_class_and_the_fresh_ones_stay_off_the_default_run():
     assert all(source != planted for source, planted, _, _ in bp.CASES.values())
-    fresh = {"wide", "topheavy", "backslant", "light"}
+    fresh = {"wide", "topheavy", "backslant", "light", "squat"}
     assert set(bp.DEFAULT_CASES) < set(bp.CASES) and fresh <= set(bp.CASES) - set(bp.DEFAULT_CASES)
 
 

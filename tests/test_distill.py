@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from defuse.config import DistillConfig
-from defuse.distill import RealEvidence, Region, Regions, distill, region_grids, save_grid_png
+from defuse.distill import RealEvidence, Region, Regions, distill, region_grids, region_misreadings, save_grid_png
 from defuse.identify import Failures
 from defuse.rundir import RunDir
 from stubs import LineGenerator, QuadrantClassifier, quadrant_validity
@@ -148,6 +148,26 @@ def test_region_sampling_follows_mean_and_scaled_covariance():
     assert z.shape == (40_000, 2)
     np.testing.assert_allclose(z.mean(axis=0), [1.0, -2.0], atol=0.02)
     np.testing.assert_allclose(np.cov(z, rowvar=False), [[0.5, 0.25], [0.25, 1.0]], atol=0.03)
+
+
+def _region_at(mean) -> Region:
+    return Region(id=1, source_label=0, predicted_label=1, pair="0 -> 1", n_failures=10, weight=1.0, purity=1.0,
+                  error_rate=0.5, flip_rate=0.5, validity=1.0, confidence=1.0, suggested_label=0, median_radius=1.0,
+                  pair_median_radius=1.0, source_confidence=1.0, coverage=1.0, bug_score=1.0, mean=list(mean),
+                  cov=[[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_a_region_shows_its_misreadings_first():
+    """Half the draws of a region centred on the 0 | 1 boundary are read as 1: shown, all 16 are; unfiltered, not."""
+    region, classifier = _region_at((1.0, -1.0)), QuadrantClassifier()
+    shown = region_misreadings(region, 16, 1.0, np.random.default_rng(0), LineGenerator(), classifier)
+    assert shown.shape == (16, 1, 2, 2) and bool((classifier(shown).argmax(1) == 1).all())
+    plain = region_misreadings(region, 16, 1.0, np.random.default_rng(0), LineGenerator())
+    assert 0 < int((classifier(plain).argmax(1) == 1).sum()) < 16
+    # Misreadings rarer than the grid (P(z0 > 1) = 7% here): the few come first, the rest fill the grid.
+    rare = region_misreadings(_region_at((-0.5, -1.0)), 16, 1.0, np.random.default_rng(0), LineGenerator(), classifier)
+    read = (classifier(rare).argmax(1) == 1).int()
+    assert len(rare) == 16 and 0 < int(read.sum()) < 16 and bool((read[:-1] >= read[1:]).all())
 
 
 def test_regions_round_trip_with_grids(tmp_path):
