@@ -481,9 +481,15 @@ def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tenso
         decoded = decoded_accuracy(run, config, case, models)
         real = {k: round(float((p[group] == source).float().mean()), 4) for k, p in (("before", before),
                                                                                     ("after", after))}
+        # What a model trained on the right labels reads on the subgroup (the clean control's classifier, same
+        # seed and images): the repair's ceiling, short of which a bar of 0.90 may sit for a hard subgroup.
+        clean_model = run.root.parent / "clean" / "classifier.ckpt"
+        ceiling = (round(float((predict_labels(load_classifier(clean_model).model, x[group]) == source)
+                               .float().mean()), 4) if clean_model.exists() else None)
         out.update({
             "subgroup_accuracy_before": real["before"],
             "subgroup_accuracy_after": real["after"],
+            "subgroup_accuracy_clean_model": ceiling,
             "decoded_accuracy_before": decoded["before"],
             "decoded_accuracy_after": decoded["after"],
             "decoded_to_real_gap_after": None if decoded["after"] is None else round(decoded["after"] - real["after"], 4),
@@ -613,7 +619,8 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     """Mean and worst of each figure per case over the seeds, and whether each bar holds on the worst seed."""
     figures = ("visibility", "planted_rank", "planted_precision", "planted_precision_gaussian", "planted_bug_score", "valid_failures_per_1000_queries",
                "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
-    repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "decoded_accuracy_before", "decoded_accuracy_after",
+    repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "subgroup_accuracy_clean_model",
+              "decoded_accuracy_before", "decoded_accuracy_after",
               "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
               "largest_per_class_drop_outside_subgroup", "label_issues_poisoned", "label_issues_not_poisoned",
               "contradicted_poisoned", "contradicted_not_poisoned", "doubted_poisoned", "doubted_not_poisoned",
