@@ -84,7 +84,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 
 from defuse.artifacts import CORRECT_DIR, LABEL_ISSUES, LABEL_REVIEW, REPAIRED_CKPT  # noqa: F401  (re-exported)
-from defuse.config import CorrectConfig, TrainerConfig, outcome_fields
+from defuse.config import CorrectConfig, TrainerConfig, outcome_fields, path_fields
 from defuse.data import ImageDataModule, ImageSet
 from defuse.distill import Regions
 from defuse.fit import make_trainer
@@ -93,7 +93,7 @@ from defuse.label import parse_label
 from defuse.models.classifiers import ScopedRepair, classifier_head, scoped_changes
 from defuse.models.inference import predict_labels, predict_logits
 from defuse.models.loading import LoadedClassifier, save_classifier
-from defuse.rundir import atomic_write_json, defuse_version, fingerprint
+from defuse.rundir import atomic_write_json, defuse_version, fingerprint, path_digest
 from defuse.seeding import int_seed, numpy_rng, torch_generator
 from defuse.validity import ValidityModel
 
@@ -1066,6 +1066,12 @@ def _without_pairs_shown_by_real_images(samples: RegionSamples, regions: Regions
     return RegionSamples(samples.images[keep], samples.labels[keep], samples.regions[keep])
 
 
+def section_by_content(section: Any) -> dict[str, Any]:
+    """A config section as part of a cache key: each file or folder it names stands for what it holds (its
+    digest), so data moved elsewhere keeps the fine-tune's checkpoints and data edited in place trains anew."""
+    return {**asdict(section), **{key: path_digest(path) for key, path in path_fields(section).items()}}
+
+
 def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, judge: ValidityModel,
                 data: ImageDataModule, config: CorrectConfig, tau: float, seed: int,
                 trainer: TrainerConfig | None, reviewed: dict[int, int] | None = None,
@@ -1082,8 +1088,8 @@ def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, 
         "weights": weights.hexdigest(), "labels": {str(k): v for k, v in sorted(bug_labels.items())},
         "regions": [(r.id, r.source_label, r.predicted_label, r.mean, r.cov) for r in regions.regions],
         # `scoped` only changes how candidates are judged, not how they are trained: their checkpoints stand.
-        "judge": judge_hash, "data": asdict(data.config),
-        "config": {k: v for k, v in asdict(config).items() if k != "scoped"}, "tau": tau, "seed": seed,
+        "judge": judge_hash, "data": section_by_content(data.config),
+        "config": {k: v for k, v in section_by_content(config).items() if k != "scoped"}, "tau": tau, "seed": seed,
         "trainer": trainer_fields, "reviewed": sorted((reviewed or {}).items()),
         # What the fine-tune trains on and leaves out: the label issues (new witnesses change them, not the inputs).
         "issues": None if issues is None else hashlib.sha256(issues.to_csv(index=False).encode()).hexdigest(),

@@ -1,7 +1,7 @@
 import copy
 import json
 import re
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ from defuse.correct import (
     correct,
     paired_change,
     sample_regions,
+    section_by_content,
 )
 from defuse.data import ImageDataModule
 from defuse.distill import Region, Regions
@@ -609,3 +610,18 @@ def test_a_review_file_takes_class_names_or_indices_and_names_the_line_and_value
         read_reviewed_labels(path, digits)
     with pytest.raises(FileNotFoundError, match="defuse review"):
         read_reviewed_labels(tmp_path / "absent.csv", digits)
+
+
+def test_the_fine_tunes_cache_key_follows_what_the_data_file_holds_not_where_it_lies(tmp_path):
+    """Checkpoints of a fine-tune on other data must never be resumed: the key sees an in-place edit of the npz,
+    and the same bytes moved elsewhere keep it (a kept run replayed from a copied folder reuses its epochs)."""
+    first, moved = tmp_path / "a.npz", tmp_path / "elsewhere" / "a.npz"
+    moved.parent.mkdir()
+    np.savez(first, x=np.zeros((4, 8, 8), np.uint8), y=np.arange(4) % 2)
+    moved.write_bytes(first.read_bytes())
+    key = section_by_content(DataConfig(source="npz", root=str(first)))
+    assert section_by_content(DataConfig(source="npz", root=str(moved))) == key
+    assert key["root"] != str(first) and len(key["root"]) == 64  # a sha256, not the path
+    np.savez(first, x=np.ones((4, 8, 8), np.uint8), y=np.arange(4) % 2)
+    assert section_by_content(DataConfig(source="npz", root=str(first))) != key
+    assert section_by_content(DataConfig()) == asdict(DataConfig())  # no file named: the section as it is
