@@ -12,7 +12,7 @@ slant (right-slanted 7s -> 1, geometry), thin (thin-stroke 6s -> 1, stroke), bol
 narrow (horizontally narrow 0s -> 6, shape), short (vertically short 2s -> 7, size); and clean (nothing
 poisoned). Fresh cases, designed after the repair's settings were fixed (``--cases``): wide (the widest 1s -> 7),
 topheavy (top-heavy 9s -> 4), backslant (left-leaning 4s -> 9), light (the 5s with the least ink -> 3), squat
-(the 8s widest for their height -> 0).
+(the 8s widest for their height -> 0), leftheavy (the 5s with the most ink left of their middle -> 6).
 
 Who labels: a simulated person, a labels file written from an independent clean *reference* classifier (trained on
 the clean labels with its own seed stream) by its majority vote on each region's fresh samples ("not-a-bug" where
@@ -161,6 +161,12 @@ def top_share(images: torch.Tensor) -> torch.Tensor:
     return ((mass * (rows < middle)).sum(dim=1) / mass.sum(dim=1).clamp_min(1e-9)).float()
 
 
+def left_share(images: torch.Tensor) -> torch.Tensor:
+    """Share of the ink left of the middle column of the ink's own horizontal extent (``top_share`` on the images
+    turned on their diagonal): a 5 whose bowl closes to the left, like a 6's, carries its ink on the left."""
+    return top_share(images.transpose(-1, -2))
+
+
 def aspect(images: torch.Tensor) -> torch.Tensor:
     """Width over height of the ink (their spreads): squat digits are wide for their height, tall ones narrow."""
     return width(images) / height(images).clamp_min(1e-6)
@@ -191,6 +197,10 @@ CASES = {
     # backslant's precision miss led to), and never used to choose anything (`--cases squat`): the 8s widest for
     # their height read as 0 (shape: aspect ratio; a new source and a new target class).
     "squat": (8, 0, aspect, +1),
+    # Fresh case of 2026-11-27 (later), designed after the correct stage's cache key began to follow the data's
+    # content, with nothing changed since in any stage, and never used to choose anything (`--cases leftheavy`):
+    # the 5s with the most ink left of their middle read as 6 (position of the ink; a new pair).
+    "leftheavy": (5, 6, left_share, +1),
 }
 # What `--cases` runs by default: the five the repair was developed on (the fresh ones on request, so the default
 # run stays about an hour).

@@ -62,9 +62,20 @@ def test_aspect_is_width_for_height_and_squat_takes_the_wide_end():
     assert (source, planted) == (8, 0) and feature is bp.aspect and sign == +1
 
 
+def test_left_share_is_the_ink_left_of_its_own_middle_and_leftheavy_takes_that_end():
+    left = _canvas()
+    left[0, 0, 6:22, 6:12] = 1.0  # a thick stroke on the left ...
+    left[0, 0, 6:8, 12:22] = 1.0  # ... and a thin bar to the right
+    shares = bp.left_share(torch.cat([left, torch.flip(left, dims=[-1])]))
+    assert shares[0] > 0.6 > 0.4 > shares[1]
+    assert torch.allclose(bp.left_share(torch.roll(left, 4, dims=-1)), shares[:1])  # its own middle, not the canvas's
+    source, planted, feature, sign = bp.CASES["leftheavy"]
+    assert (source, planted) == (5, 6) and feature is bp.left_share and sign == +1
+
+
 def test_every_case_plants_a_different_class_and_the_fresh_ones_stay_off_the_default_run():
     assert all(source != planted for source, planted, _, _ in bp.CASES.values())
-    fresh = {"wide", "topheavy", "backslant", "light", "squat"}
+    fresh = {"wide", "topheavy", "backslant", "light", "squat", "leftheavy"}
     assert set(bp.DEFAULT_CASES) < set(bp.CASES) and fresh <= set(bp.CASES) - set(bp.DEFAULT_CASES)
 
 
