@@ -110,3 +110,10 @@ def test_replay_correct_needs_a_kept_run_to_replay(tmp_path, capsys):
     run = bp.RunDir(tmp_path / "seed0" / "short")
     with pytest.raises(SystemExit, match=r"holds no finished run with the simulated person's labels to replay"):
         bp.replay_correct(run, None, "short", {}, None, None, True, False, 0.0)
+
+
+def test_the_candidate_diagnosis_names_the_command_that_keeps_the_run_it_needs(tmp_path):
+    import bench_candidates
+
+    with pytest.raises(SystemExit, match=r"manifest.json is missing: keep a run with .*--seeds 3 --cases short"):
+        bench_candidates.main(["--keep", str(tmp_path), "--seed", "3", "--case", "short"])
