@@ -60,8 +60,8 @@ def candidate_figures(keep: Path, seed: int, case: str) -> dict:
                                                   "bug_confidence", "guard_change")},
                      "test_subgroup_accuracy": round(float((after[group] == labels[group]).float().mean()), 4),
                      "test_outside_change": round(outside, 4)})
-    return {"case": case, "seed": seed, "chosen": metrics.get("chosen"), "real_bug_images": metrics.get("real_bug_images"),
-            "test_subgroup_size": int(group.sum()), "candidates": rows}
+    return {"case": case, "seed": seed, "chosen": metrics.get("chosen"),
+            "real_bug_images": metrics.get("real_bug_images"), "test_subgroup_size": int(group.sum()), "candidates": rows}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,8 +46,12 @@ label, correct and verify stages on the kept runs, with the running code and the
 above: the way to measure a change to the repair without re-training and re-searching every case (of the discovery
 figures, only visibility and the planted region's are then given).
 
+``--set correct.KEY=VALUE`` (with ``--replay-correct``) replays the repair with a changed setting: an experiment,
+listed under ``deviations``, never the shipped figures.
+
 Run: ``python scripts/bench_planted.py [--seeds 0,1,2] [--cases slant,thin,...] [--no-repair] [--no-consent]
-[--review] [--poison-audit] [--keep DIR [--replay-correct]] [--out FILE]``. Prints JSON.
+[--review] [--poison-audit] [--keep DIR [--replay-correct [--set correct.KEY=VALUE ...]]] [--out FILE]``. Prints
+JSON.
 """
 
 from __future__ import annotations
@@ -547,10 +551,10 @@ def labelled_config(config: RunConfig, labels: Path, consent: bool) -> RunConfig
 
 
 def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, consent: bool,
-             poison_audit: bool, review: bool = False, replay: bool = False) -> dict:
+             poison_audit: bool, review: bool = False, replay: bool = False, experiment: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
     npz, info, poisoned_rows = write_case_data(folder, case, seed, poison_audit)
-    config = case_config(npz, seed, None if case == "clean" else folder / "clean" / "generator.ckpt")
+    config = case_config(npz, seed, None if case == "clean" else folder / "clean" / "generator.ckpt", experiment)
     run = RunDir(folder / case)
     if replay:
         return replay_correct(run, config, case, info, poisoned_rows, reference, consent, review, start)
@@ -688,7 +692,14 @@ def main(argv: list[str] | None = None) -> int:
                         "them; no discovery figures")
     parser.add_argument("--review", action="store_true", help="the person also reviews each label issue image by "
                         "image (answered with the reference's reading), as `defuse review` asks")
+    parser.add_argument("--set", action="append", default=[], metavar="correct.KEY=VALUE", dest="experiment",
+                        help="with --replay-correct: an experiment on the repair, not the product as shipped (listed "
+                        "under deviations); repeatable, correct.* keys only, e.g. --set correct.epochs=10")
     args = parser.parse_args(argv)
+    bad = [item for item in args.experiment if not item.startswith("correct.") or "=" not in item]
+    if bad or (args.experiment and not args.replay_correct):
+        parser.error("--set takes correct.KEY=VALUE and goes with --replay-correct (an experiment on the repair of "
+                     f"kept runs, whose discovery it leaves alone); got {', '.join(bad or args.experiment)}")
     if args.replay_correct and (not args.keep or args.no_repair):
         parser.error("--replay-correct re-runs the repair of kept runs: give --keep DIR (an earlier run's "
                      "directory), and not --no-repair")
@@ -704,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     deviations = {k: {"value": v, "reason": r} for k, (v, r) in DEVIATIONS.items()}
     deviations[SHARED_GENERATOR[0]] = {"value": "clean/generator.ckpt", "reason": SHARED_GENERATOR[1]}
+    for item in args.experiment:
+        key, value = item.split("=", 1)
+        deviations[key] = {"value": value, "reason": "an experiment (--set): not the product as shipped"}
     result: dict = {"config": str(SHIPPED.name), "deviations": deviations, "seeds": seeds,
                     "poison_audit": args.poison_audit, "consent": not args.no_consent, "review": args.review,
                     "replay_correct": args.replay_correct,
@@ -721,7 +735,7 @@ def main(argv: list[str] | None = None) -> int:
             clean_max = 0.0
             for case in cases:
                 out = run_case(case, folder, seed, reference, not args.no_repair, not args.no_consent,
-                               args.poison_audit, args.review, args.replay_correct)
+                               args.poison_audit, args.review, args.replay_correct, tuple(args.experiment))
                 if args.replay_correct:
                     pass  # no discovery figures to compare with the clean control
                 elif case == "clean":

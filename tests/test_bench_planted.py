@@ -112,6 +112,17 @@ def test_replay_correct_needs_a_kept_run_to_replay(tmp_path, capsys):
         bp.replay_correct(run, None, "short", {}, None, None, True, False, 0.0)
 
 
+def test_an_experiment_on_the_repair_is_a_replay_of_correct_settings_and_reaches_the_config(tmp_path, capsys):
+    outside_correct = ["--keep", str(tmp_path), "--replay-correct", "--set", "data.val_size=0.2"]
+    for argv in (["--set", "correct.epochs=10"], outside_correct):
+        with pytest.raises(SystemExit):
+            bp.main(argv)
+        assert "--set takes correct.KEY=VALUE and goes with --replay-correct" in capsys.readouterr().err
+    np_path = tmp_path / "x.npz"
+    config = bp.case_config(np_path, 0, extra=("correct.epochs=10",))
+    assert config.correct.epochs == 10 and bp.case_config(np_path, 0).correct.epochs != 10
+
+
 def test_the_candidate_diagnosis_names_the_command_that_keeps_the_run_it_needs(tmp_path):
     import bench_candidates
 
