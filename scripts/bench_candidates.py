@@ -37,6 +37,11 @@ def candidate_figures(keep: Path, seed: int, case: str) -> dict:
     if not (run / "manifest.json").exists():
         raise SystemExit(f"{run / 'manifest.json'} is missing: keep a run with `scripts/bench_planted.py --keep "
                          f"{keep} --seeds {seed} --cases {case}` first.")
+    metrics = json.loads((run / "manifest.json").read_text())["stages"].get("correct", {}).get("metrics", {})
+    if not metrics.get("candidates"):
+        raise SystemExit(f"{run} has no repair candidates to grade (its correct stage did not run, or trained "
+                         f"nothing): replay it with `scripts/bench_planted.py --keep {keep} --seeds {seed} --cases "
+                         f"{case} --replay-correct`.")
     npz, info, _ = planted.write_case_data(folder, case, seed, poison_audit=False)
     config = planted.case_config(npz, seed)
     test = ImageDataModule(config.data, config.seed).split("test")
@@ -44,7 +49,6 @@ def candidate_figures(keep: Path, seed: int, case: str) -> dict:
     images, labels = test.float_images(), test.labels
     original = load_classifier(run / "classifier.ckpt").model
     before = predict_labels(original, images)
-    metrics = json.loads((run / "manifest.json").read_text())["stages"]["correct"]["metrics"]
     scoped = metrics.get("scoped_classes")
     rows = []
     for candidate in metrics["candidates"]:

@@ -700,6 +700,10 @@ def main(argv: list[str] | None = None) -> int:
     if bad or (args.experiment and not args.replay_correct):
         parser.error("--set takes correct.KEY=VALUE and goes with --replay-correct (an experiment on the repair of "
                      f"kept runs, whose discovery it leaves alone); got {', '.join(bad or args.experiment)}")
+    try:  # a misspelt key or a bad value fails here, not after the first seed's reference is trained
+        case_config(Path("unused.npz"), 0, extra=tuple(args.experiment))
+    except ValueError as error:
+        parser.error(f"--set: {error}")
     if args.replay_correct and (not args.keep or args.no_repair):
         parser.error("--replay-correct re-runs the repair of kept runs: give --keep DIR (an earlier run's "
                      "directory), and not --no-repair")

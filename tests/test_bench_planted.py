@@ -118,6 +118,9 @@ def test_an_experiment_on_the_repair_is_a_replay_of_correct_settings_and_reaches
         with pytest.raises(SystemExit):
             bp.main(argv)
         assert "--set takes correct.KEY=VALUE and goes with --replay-correct" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bp.main(["--keep", str(tmp_path), "--replay-correct", "--set", "correct.epoch=10"])
+    assert "Did you mean 'correct.epochs'?" in capsys.readouterr().err  # before any seed is run
     np_path = tmp_path / "x.npz"
     config = bp.case_config(np_path, 0, extra=("correct.epochs=10",))
     assert config.correct.epochs == 10 and bp.case_config(np_path, 0).correct.epochs != 10
@@ -127,4 +130,9 @@ def test_the_candidate_diagnosis_names_the_command_that_keeps_the_run_it_needs(t
     import bench_candidates
 
     with pytest.raises(SystemExit, match=r"manifest.json is missing: keep a run with .*--seeds 3 --cases short"):
+        bench_candidates.main(["--keep", str(tmp_path), "--seed", "3", "--case", "short"])
+    run = tmp_path / "seed3" / "short"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_text('{"stages": {"label": {}}}')
+    with pytest.raises(SystemExit, match=r"has no repair candidates to grade .*--cases short --replay-correct"):
         bench_candidates.main(["--keep", str(tmp_path), "--seed", "3", "--case", "short"])

@@ -2,6 +2,7 @@ import copy
 import json
 import re
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from defuse.correct import (
     correct,
     paired_change,
     sample_regions,
+    _inputs_key,
     section_by_content,
 )
 from defuse.data import ImageDataModule
@@ -622,6 +624,17 @@ def test_the_fine_tunes_cache_key_follows_what_the_data_file_holds_not_where_it_
     key = section_by_content(DataConfig(source="npz", root=str(first)))
     assert section_by_content(DataConfig(source="npz", root=str(moved))) == key
     assert key["root"] != str(first) and len(key["root"]) == 64  # a sha256, not the path
+
+    model = torch.nn.Linear(2, 2)
+
+    def inputs_key(root) -> str:  # the key the stage writes to correct/KEY, for data at ``root``
+        data = SimpleNamespace(config=DataConfig(source="npz", root=str(root)))
+        return _inputs_key(model, {1: 0}, Regions([_region(1)], {}), quadrant_validity(), data,
+                           CorrectConfig(), 0.25, 0, None)
+
+    stage_key = inputs_key(first)
+    assert inputs_key(moved) == stage_key
     np.savez(first, x=np.ones((4, 8, 8), np.uint8), y=np.arange(4) % 2)
     assert section_by_content(DataConfig(source="npz", root=str(first))) != key
+    assert inputs_key(first) != stage_key
     assert section_by_content(DataConfig()) == asdict(DataConfig())  # no file named: the section as it is
