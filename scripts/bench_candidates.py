@@ -42,7 +42,7 @@ def candidate_figures(keep: Path, seed: int, case: str) -> dict:
         raise SystemExit(f"{run} has no repair candidates to grade (its correct stage did not run, or trained "
                          f"nothing): replay it with `scripts/bench_planted.py --keep {keep} --seeds {seed} --cases "
                          f"{case} --replay-correct`.")
-    npz, info, _ = planted.write_case_data(folder, case, seed, poison_audit=False)
+    npz, info, _ = planted.write_case_data(folder, case, seed)
     config = planted.case_config(npz, seed)
     test = ImageDataModule(config.data, config.seed).split("test")
     group = planted.subgroup(test, case, info["threshold"])

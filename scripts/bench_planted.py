@@ -38,8 +38,16 @@ Measured, reading only the run directories' artifacts, and grading only on the t
 * clean control: clean test accuracy before/after the repair its labels lead to.
 * over the seeds: mean and worst of every figure, and each acceptance bar of the repair issue, met or not.
 
-The audit split's labels are left clean: it models a small, carefully labelled set, as a test set is.
-``--poison-audit`` poisons it too (a user whose every label carries the bug).
+Labels as the user has them: train, val *and audit* carry the planted labels (one labelling process made them
+all); only the test split, which grades, is clean. ``--clean-audit`` leaves the audit split's labels clean instead:
+it stands for a curated gold set a user points defuse at, and its figures are reported separately (``clean_audit``
+in the JSON).
+
+Natural cases (``NATURAL_CASES``, ``--cases``): no label is touched. The 15% of one class furthest along a feature
+(threshold on the 8,000 labelled images) is thinned out of train, val and audit (3% of it kept, a seeded choice):
+a bug that no labelled image shows. The test split keeps every image. Their pair is the class the shipped
+classifier read most of the test subgroup as when the case was designed (``scripts/screen_natural.py``). They train
+their own generator (the data differ from the clean case's).
 
 ``--replay-correct`` (with ``--keep DIR`` of an earlier run) asks the simulated person again and re-runs only the
 label, correct and verify stages on the kept runs, with the running code and the shipped config, and grades them as
@@ -50,7 +58,7 @@ figures, only visibility and the planted region's are then given).
 listed under ``deviations``, never the shipped figures.
 
 Run: ``python scripts/bench_planted.py [--seeds 0,1,2] [--cases slant,thin,...] [--no-repair] [--no-consent]
-[--review] [--poison-audit] [--keep DIR [--replay-correct [--set correct.KEY=VALUE ...]]] [--out FILE]``. Prints
+[--review] [--clean-audit] [--keep DIR [--replay-correct [--set correct.KEY=VALUE ...]]] [--out FILE]``. Prints
 JSON.
 """
 
@@ -211,9 +219,47 @@ CASES = {
 DEFAULT_CASES = ("slant", "thin", "bold", "narrow", "short")
 
 
+# Natural cases: (source class, the class the shipped classifier reads the test subgroup as most, feature, sign).
+# Nothing is relabelled: the subgroup (the NATURAL_SHARE of the class furthest along the feature by sign) is thinned
+# out of train, val and audit to NATURAL_KEEP of its images. Designed by scripts/screen_natural.py (seed 0, the
+# shipped classifier trained without the subgroup, read on the test subgroup) and fixed here before any pipeline
+# run on them; never tuned on.
+NATURAL_CASES: dict[str, tuple[int, int, object, int]] = {}
+NATURAL_SHARE = 0.15
+NATURAL_KEEP = 0.03
+
+
+def case_spec(case: str) -> tuple[int, int, object, int]:
+    """(source class, planted or misread class, feature, sign) of a planted or a natural case."""
+    return CASES[case] if case in CASES else NATURAL_CASES[case]
+
+
 def subgroup(images: ImageSet, case: str, threshold: float) -> torch.Tensor:
-    source, _, feature, sign = CASES[case]
+    source, _, feature, sign = case_spec(case)
     return (images.labels == source) & (feature(images.float_images()) * sign >= threshold)
+
+
+def thin_out(x: np.ndarray, y: np.ndarray, labelled: int, groups: list[tuple[int, object, int]], seed: int,
+             share: float = NATURAL_SHARE, keep: float = NATURAL_KEEP) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """``x``, ``y`` less most of each group's images among the first ``labelled`` rows (the labelled pool: train,
+    val and audit); the rows after them (test) are kept whole. A group (source class, feature, sign) is the
+    ``share`` of the class's labelled images furthest along ``feature * sign`` (threshold on the labelled pool);
+    ``keep`` of them stay (a seeded choice, stream ``bench.natural_keep``). Returns the arrays and, per group, its
+    threshold and counts."""
+    images = torch.from_numpy(x[:, None]).float() / (255.0 if x.dtype == np.uint8 else 1.0)
+    drop = np.zeros(len(y), dtype=bool)
+    rng = numpy_rng(seed, "bench.natural_keep")
+    info = []
+    for source, feature, sign in groups:
+        of_class = np.flatnonzero(y[:labelled] == source)
+        values = (feature(images[of_class]) * sign).numpy()
+        threshold = float(np.quantile(values, 1 - share))
+        members = of_class[values >= threshold]
+        kept = rng.choice(members, size=int(round(keep * len(members))), replace=False)
+        drop[np.setdiff1d(members, kept)] = True
+        info.append({"threshold": round(threshold, 4), "subgroup_labelled": int(len(members)),
+                     "subgroup_kept": int(len(kept))})
+    return x[~drop], y[~drop], info
 
 
 # ----------------------------------------------------------------------------- data and config
@@ -227,8 +273,9 @@ def case_config(npz: Path, seed: int, generator: Path | None = None, extra: tupl
     return load_config(SHIPPED, overrides)
 
 
-def write_case_data(folder: Path, case: str, seed: int, poison_audit: bool) -> tuple[Path, dict, np.ndarray]:
-    """The MNIST test split as an npz, with the case's subgroup relabelled in train and val (and audit if asked).
+def write_case_data(folder: Path, case: str, seed: int, clean_audit: bool = False) -> tuple[Path, dict, np.ndarray]:
+    """The MNIST test split as an npz, with the case's subgroup relabelled in train, val and audit (train and val
+    only with ``clean_audit``), or, for a natural case, thinned out of them (:func:`thin_out`).
 
     Which rows are train, val and audit is read from the product's own split of the clean file, so the poison
     lands exactly where the run will train and select. Returns the file, its figures and the poisoned rows."""
@@ -239,8 +286,15 @@ def write_case_data(folder: Path, case: str, seed: int, poison_audit: bool) -> t
         np.savez(clean, x=x, y=y)
     if case == "clean":
         return clean, {}, np.zeros(0, dtype=np.int64)
+    path = folder / f"{case}.npz"
+    if case in NATURAL_CASES:
+        source, _, feature, sign = NATURAL_CASES[case]
+        labelled = len(y) - int(case_config(clean, seed).data.test_size)
+        x_thin, y_thin, (info,) = thin_out(x, y, labelled, [(source, feature, sign)], seed)
+        np.savez(path, x=x_thin, y=y_thin)
+        return path, {**info, "natural": True}, np.zeros(0, dtype=np.int64)
     data = ImageDataModule(case_config(clean, seed).data, seed)
-    poisoned_splits = ("train", "val", "audit") if poison_audit else ("train", "val")
+    poisoned_splits = ("train", "val") if clean_audit else ("train", "val", "audit")
     rows = torch.cat([data.indices(name) for name in ("train", "val")])
     source, planted, feature, sign = CASES[case]
     fitted = ImageSet(pool.images[rows], pool.labels[rows], pool.classes)  # the threshold: train and val only
@@ -254,7 +308,6 @@ def write_case_data(folder: Path, case: str, seed: int, poison_audit: bool) -> t
         y[index.numpy()[hit]] = planted
         hit_rows.append(index.numpy()[hit])
         poisoned[name] = int(hit.sum())
-    path = folder / f"{case}.npz"
     np.savez(path, x=x, y=y)
     return path, {"threshold": round(threshold, 4), "poisoned_labels": poisoned}, np.concatenate(hit_rows)
 
@@ -374,7 +427,7 @@ def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, grou
         out[f"yield_vs_{name}"] = round(ours / max(out[f"{name}_yield"], 1e-9), 2)
     if case == "clean":
         return out
-    source, planted = CASES[case][:2]
+    source, planted = case_spec(case)[:2]
     x = test.float_images()[group]
     out.update({
         "test_subgroup_size": int(group.sum()),
@@ -391,7 +444,7 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
     planted class), the same share on plain draws of its Gaussian (``planted_precision_gaussian``), its bug score."""
     model = inference_copy(load_classifier(run.path("classifier.ckpt")).model)
     generator, regions = load_generator(run.path("generator.ckpt")), Regions.load(run)
-    source, planted = CASES[case][:2]
+    source, planted = case_spec(case)[:2]
     out: dict = {"planted_rank": None, "planted_precision": None, "planted_precision_gaussian": None,
                  "planted_bug_score": None}
     auto = auto_labels(regions, regions.classes, min_real_misread=config.label.auto_min_real_misread)
@@ -414,7 +467,7 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
 def decoded_accuracy(run: RunDir, config: RunConfig, case: str, models: dict[str, torch.nn.Module]) -> dict:
     """Accuracy (reading the source class) on fresh decoded samples of the regions of the planted pair that the
     person labelled with the source class: what the repair's own validation sees of the bug."""
-    source, planted = CASES[case][:2]
+    source, planted = case_spec(case)[:2]
     answers = yaml.safe_load(run.path("person.yaml").read_text())
     regions, generator = Regions.load(run), load_generator(run.path("generator.ckpt"))
     rng = numpy_rng(config.seed, "bench.decoded_gap")
@@ -490,7 +543,7 @@ def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tenso
                                           "of": int(in_worst.sum())},
     })
     if case != "clean":
-        source, planted = CASES[case][:2]
+        source, planted = case_spec(case)[:2]
         pair = verified.get("failures_by_pair", {}).get(f"{source} -> {planted}", {})
         decoded = decoded_accuracy(run, config, case, models)
         real = {k: round(float((p[group] == source).float().mean()), 4) for k, p in (("before", before),
@@ -551,10 +604,12 @@ def labelled_config(config: RunConfig, labels: Path, consent: bool) -> RunConfig
 
 
 def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, consent: bool,
-             poison_audit: bool, review: bool = False, replay: bool = False, experiment: tuple[str, ...] = ()) -> dict:
+             clean_audit: bool, review: bool = False, replay: bool = False, experiment: tuple[str, ...] = ()) -> dict:
     start = time.perf_counter()
-    npz, info, poisoned_rows = write_case_data(folder, case, seed, poison_audit)
-    config = case_config(npz, seed, None if case == "clean" else folder / "clean" / "generator.ckpt", experiment)
+    npz, info, poisoned_rows = write_case_data(folder, case, seed, clean_audit)
+    # Planted cases share every image with the clean case, and so its generator; a natural case's images differ.
+    shared = None if case == "clean" or case in NATURAL_CASES else folder / "clean" / "generator.ckpt"
+    config = case_config(npz, seed, shared, experiment)
     run = RunDir(folder / case)
     if replay:
         return replay_correct(run, config, case, info, poisoned_rows, reference, consent, review, start)
@@ -610,7 +665,7 @@ def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poison
     if case != "clean":
         model = load_classifier(run.path("classifier.ckpt")).model
         x = reconstruct(load_generator(run.path("generator.ckpt")), test.float_images()[group])
-        discovery = {"visibility": round(float((predict_labels(model, x) == CASES[case][1]).float().mean()), 4),
+        discovery = {"visibility": round(float((predict_labels(model, x) == case_spec(case)[1]).float().mean()), 4),
                      **planted_region_figures(run, config, case, reference)}
     return {**info, "replayed": ["label", "correct", "verify"], **discovery,
             "repair": {"labels": "simulated person (independent clean reference's vote)",
@@ -679,14 +734,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="planted cases to run (the clean control "
                         f"always runs); default: {', '.join(DEFAULT_CASES)}; also: "
-                        f"{', '.join(c for c in CASES if c not in DEFAULT_CASES)} (fresh, never tuned on)")
+                        f"{', '.join(c for c in CASES if c not in DEFAULT_CASES)} (fresh, never tuned on); natural (no label "
+                        f"touched, the subgroup thinned out): {', '.join(NATURAL_CASES)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated run seeds (default 0,1,2)")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     parser.add_argument("--keep", default=None, metavar="DIR", help="keep the run directories here (default: a "
                         "temporary folder, removed at the end)")
     parser.add_argument("--no-repair", action="store_true", help="discovery only: no labels, correct or verify")
     parser.add_argument("--no-consent", action="store_true", help="the person does not consent to relabelling")
-    parser.add_argument("--poison-audit", action="store_true", help="poison the audit split's labels too")
+    parser.add_argument("--clean-audit", action="store_true", help="leave the audit split's labels clean: a "
+                        "curated gold set (default: every split but test carries the planted labels)")
     parser.add_argument("--replay-correct", action="store_true", help="with --keep DIR of an earlier run: re-run "
                         "only correct and verify on its kept runs (the running code, the shipped config) and grade "
                         "them; no discovery figures")
@@ -709,9 +766,9 @@ def main(argv: list[str] | None = None) -> int:
                      "directory), and not --no-repair")
     torch.set_num_threads(2)
     cases = ["clean", *(c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean")]
-    unknown = [c for c in cases if c != "clean" and c not in CASES]
+    unknown = [c for c in cases if c != "clean" and c not in CASES and c not in NATURAL_CASES]
     if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; the cases are {', '.join(CASES)}")
+        parser.error(f"unknown case(s) {', '.join(unknown)}; the cases are {', '.join([*CASES, *NATURAL_CASES])}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -723,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         key, value = item.split("=", 1)
         deviations[key] = {"value": value, "reason": "an experiment (--set): not the product as shipped"}
     result: dict = {"config": str(SHIPPED.name), "deviations": deviations, "seeds": seeds,
-                    "poison_audit": args.poison_audit, "consent": not args.no_consent, "review": args.review,
+                    "clean_audit": args.clean_audit, "consent": not args.no_consent, "review": args.review,
                     "replay_correct": args.replay_correct,
                     "cases": {}}
     per_seed: dict[int, dict] = {}
@@ -733,13 +790,13 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             folder = root / f"seed{seed}"
             folder.mkdir(parents=True, exist_ok=True)
-            clean_npz, _, _ = write_case_data(folder, "clean", seed, args.poison_audit)
+            clean_npz, _, _ = write_case_data(folder, "clean", seed, args.clean_audit)
             reference = train_reference(folder, clean_npz, seed)
             per_seed[seed] = {}
             clean_max = 0.0
             for case in cases:
                 out = run_case(case, folder, seed, reference, not args.no_repair, not args.no_consent,
-                               args.poison_audit, args.review, args.replay_correct, tuple(args.experiment))
+                               args.clean_audit, args.review, args.replay_correct, tuple(args.experiment))
                 if args.replay_correct:
                     pass  # no discovery figures to compare with the clean control
                 elif case == "clean":

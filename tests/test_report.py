@@ -109,6 +109,41 @@ def test_the_report_names_the_classes_a_scoped_repair_may_move_answers_to(finish
         run.path("report/index.html").read_text()
 
 
+def test_a_labelled_region_whose_samples_stay_misread_is_named_not_repaired(finished, tmp_path):
+    run = _copy(finished[0], tmp_path)
+    manifest = run.manifest()
+    manifest["stages"]["correct"]["metrics"].update(
+        chosen={"layers": "all", "lambda": 0.0, "epoch": 0}, chosen_on="real held-out bug images",
+        guard={"guard_change": 0.001, "guard_change_ci95": [-0.001, 0.003], "largest_class_drop": 0.0})
+    run.write_manifest(manifest)
+    verify = json.loads(run.path("verify.json").read_text())
+    labelled = [r for r in verify["regions"] if r.get("accuracy_after") is not None]
+    assert len(labelled) >= 2
+    labelled[0]["accuracy_after"] = 0.031  # the repair was admitted, yet the region's samples stay misread
+    labelled[1]["accuracy_after"] = 0.85
+    run.path("verify.json").write_text(json.dumps(verify))
+    report = build_report(run)
+    report.save(run)
+    by_id = {r["id"]: r for r in report.data["regions"]}
+    missed, fixed = by_id[labelled[0]["id"]], by_id[labelled[1]["id"]]
+    assert missed["repaired"] is False and "reads 3.1% of its fresh samples as" in missed["not_repaired_reason"]
+    assert fixed["repaired"] is True and fixed["not_repaired_reason"] is None
+    assert labelled[0]["id"] in report.data["summary"]["regions_not_repaired"]
+    assert labelled[1]["id"] not in report.data["summary"]["regions_not_repaired"]
+    assert report.data["summary"]["regions_repaired"] == sum(r["repaired"] is True for r in report.data["regions"])
+    assert report.data["status_detail"].startswith("Partly repaired:")
+    assert f"#{labelled[0]['id']} " in report.data["status_detail"]
+    assert "<strong>Not repaired:</strong>" in run.path("report/index.html").read_text()
+    assert "**not repaired**" in run.path("report/report.md").read_text()
+    # A refused repair repairs no region, whatever the samples read.
+    manifest["stages"]["correct"]["metrics"].update(chosen=None, reason="no candidate raised accuracy")
+    run.write_manifest(manifest)
+    refused = build_report(run).data
+    assert refused["summary"]["regions_repaired"] == 0
+    assert all(r["not_repaired_reason"].startswith("the repair was refused") for r in refused["regions"]
+               if r["repaired"] is False)
+
+
 def test_importing_and_rendering_the_report_never_imports_torch(finished, tmp_path):
     run = _copy(finished[0], tmp_path)
     code = ("import sys; from defuse.report import build_report; from defuse.rundir import RunDir; "
