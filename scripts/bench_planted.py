@@ -257,7 +257,7 @@ def thin_out(x: np.ndarray, y: np.ndarray, labelled: int, groups: list[tuple[int
         members = of_class[values >= threshold]
         kept = rng.choice(members, size=int(round(keep * len(members))), replace=False)
         drop[np.setdiff1d(members, kept)] = True
-        info.append({"threshold": round(threshold, 4), "subgroup_labelled": int(len(members)),
+        info.append({"threshold": threshold, "subgroup_labelled": int(len(members)),
                      "subgroup_kept": int(len(kept))})
     return x[~drop], y[~drop], info
 

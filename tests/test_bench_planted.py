@@ -136,3 +136,40 @@ def test_the_candidate_diagnosis_names_the_command_that_keeps_the_run_it_needs(t
     (run / "manifest.json").write_text('{"stages": {"label": {}}}')
     with pytest.raises(SystemExit, match=r"has no repair candidates to grade .*--cases short --replay-correct"):
         bench_candidates.main(["--keep", str(tmp_path), "--seed", "3", "--case", "short"])
+
+
+def test_thin_out_keeps_a_few_of_the_subgroups_labelled_images_and_every_test_image():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((1200, 28, 28), dtype=np.uint8)
+    y = np.repeat(np.arange(2), 600)
+    for i in range(1200):  # a bar of a random width: the subgroup is the widest 15% of class 1
+        half = int(rng.integers(1, 12))
+        x[i, 10:18, 14 - half : 14 + half] = 255
+    labelled = 1000  # rows 1000-1199 are the test split: never thinned
+    x_thin, y_thin, (info,) = bp.thin_out(x, y, labelled, [(1, bp.width, +1)], seed=0)
+    widths = bp.width(torch.from_numpy(x[:, None]).float() / 255).numpy()
+    group = (y == 1) & (widths >= info["threshold"])
+    assert info["subgroup_labelled"] == int(group[:labelled].sum()) and 60 <= info["subgroup_labelled"] <= 90
+    assert info["subgroup_kept"] == round(bp.NATURAL_KEEP * info["subgroup_labelled"])
+    assert len(y_thin) == len(y) - info["subgroup_labelled"] + info["subgroup_kept"]
+    assert np.array_equal(x_thin[-200:], x[-200:]) and np.array_equal(y_thin[-200:], y[-200:])  # test untouched
+    assert (y_thin == 0).sum() == 600  # class 0, outside every subgroup, keeps all its images
+    again = bp.thin_out(x, y, labelled, [(1, bp.width, +1)], seed=0)[0]
+    assert np.array_equal(again, x_thin) and not np.array_equal(bp.thin_out(x, y, labelled, [(1, bp.width, +1)],
+                                                                            seed=1)[0], x_thin)
+
+
+def test_every_split_but_test_carries_the_planted_labels_unless_the_audit_stands_for_a_gold_set(tmp_path):
+    import numpy as np
+
+    poisoned = bp.write_case_data(tmp_path, "slant", 0)[1]["poisoned_labels"]
+    assert set(poisoned) == {"train", "val", "audit"} and min(poisoned.values()) > 0
+    gold = tmp_path / "gold"
+    gold.mkdir()
+    _, info, rows = bp.write_case_data(gold, "slant", 0, clean_audit=True)
+    assert set(info["poisoned_labels"]) == {"train", "val"} and len(rows) == sum(info["poisoned_labels"].values())
+    given, clean = np.load(tmp_path / "slant.npz")["y"], np.load(tmp_path / "clean.npz")["y"]
+    assert np.array_equal(given[-2000:], clean[-2000:])  # the test split grades under clean labels
+    assert (given != clean).sum() == sum(poisoned.values())
