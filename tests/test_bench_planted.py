@@ -173,3 +173,11 @@ def test_every_split_but_test_carries_the_planted_labels_unless_the_audit_stands
     given, clean = np.load(tmp_path / "slant.npz")["y"], np.load(tmp_path / "clean.npz")["y"]
     assert np.array_equal(given[-2000:], clean[-2000:])  # the test split grades under clean labels
     assert (given != clean).sum() == sum(poisoned.values())
+
+
+def test_the_natural_cases_touch_no_label_and_name_the_pair_the_shipped_classifier_misreads():
+    assert set(bp.NATURAL_CASES) == {"natural_short2", "natural_short0"}
+    assert not set(bp.NATURAL_CASES) & set(bp.CASES)
+    assert bp.case_spec("natural_short2") == (2, 7, bp.height, -1) and bp.case_spec("slant")[:2] == (7, 1)
+    with pytest.raises(SystemExit):
+        bp.main(["--cases", "natural_short9"])
