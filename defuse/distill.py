@@ -100,6 +100,11 @@ class Region:
     real_error_rate: float = REAL_PRIOR[0] / REAL_PRIOR[1]  # (real_misread + 0.5) / (real_neighbours + 5)
     real_nearest: list[int] = field(default_factory=list)  # the nearest of them (held-out split positions), nearest first
     real_nearest_read: list[int] = field(default_factory=list)  # the class the classifier reads each of them as
+    # Median standardised latent distance from the centre to the real images whose neighbourhoods the search walked
+    # from into this region (its failures' sources): the region's reach among real images. Its own Gaussian
+    # reaches none (a core of failures: on the planted benchmark no real image lies within even the 99% ellipsoid
+    # of a top region), so the real images it covers are those within this radius (label issues, defuse.correct).
+    source_radius: float = 0.0
     mean: list[float] = field(default_factory=list, repr=False)
     cov: list[list[float]] = field(default_factory=list, repr=False)
 
@@ -236,12 +241,15 @@ def distill(
     *,
     seed: int = 0,
     real: RealEvidence | None = None,
+    sources: np.ndarray | None = None,
 ) -> Regions:
     """Fit regions per confusion pair, refine them on fresh samples, score them and rank them by bug score.
 
     Args:
         real: held-out images (latents, labels, classifier predictions) for the real-data evidence term; without
             them every region gets the prior real_error_rate (0.1) and the ranking rests on fresh samples alone.
+        sources: encoder means of the searched split, (N, d), indexed by the failures' ``source_index``: each
+            region's ``source_radius`` (0 without them).
     """
     z_all = failures.z
     table = failures.table
@@ -273,6 +281,8 @@ def distill(
     evaluate = make_evaluate(generator.eval(), inference_copy(classifier))
     _refine(candidates, evaluate, validity, config, rng)
     scored = _score(candidates, failures, evaluate, validity, config, rng, real)
+    for c in scored:
+        c["source_radius"] = _source_radius(c, failures, sources, validity)
     scored.sort(key=lambda c: (-c["bug_score"], c["source"], c["predicted"]))
     scored = scored[: config.max_regions]
     regions = [
@@ -285,7 +295,8 @@ def distill(
             pair_median_radius=c["pair_median_radius"], source_confidence=c["source_confidence"],
             coverage=c["coverage"], bug_score=c["bug_score"], real_neighbours=c["real_neighbours"],
             real_misread=c["real_misread"], real_distance=c["real_distance"], real_error_rate=c["real_error_rate"],
-            real_nearest=c["real_nearest"], real_nearest_read=c["real_nearest_read"], mean=c["mean"].tolist(), cov=c["cov"].tolist(),
+            real_nearest=c["real_nearest"], real_nearest_read=c["real_nearest_read"],
+            source_radius=c["source_radius"], mean=c["mean"].tolist(), cov=c["cov"].tolist(),
         )
         for rank, c in enumerate(scored, start=1)
     ]
@@ -378,6 +389,15 @@ def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvid
             "bug_score": round(error_rate * validity_mean * confidence * real_rate, 4),
         })
     return out
+
+
+def _source_radius(candidate: dict[str, Any], failures: Failures, sources: np.ndarray | None,
+                   validity: ValidityModel) -> float:
+    """Median standardised distance from the candidate's centre to the distinct sources of its member failures."""
+    if sources is None or len(candidate["members"]) == 0:
+        return 0.0
+    index = np.unique(failures.table["source_index"].to_numpy()[candidate["members"]])
+    return round(float(np.median(_standardised_distance(sources[index], validity, candidate["mean"]))), 4)
 
 
 def _real_neighbours(real: RealEvidence | None, validity: ValidityModel, candidate: dict[str, Any],

@@ -51,7 +51,8 @@ Label = Union[int, str]  # a class index, NOT_A_BUG or SKIP
 _RESET = "\x1b[0m"
 _UPPER_HALF = "\u2580"  # "▀": foreground paints the upper pixel, background the lower one
 _HELP = """\
-  a class index or name   the class this region's images truly show (a bug: the classifier should say it)
+  a class index or name   the class this region's images truly show (a bug: the classifier should say it;
+                          the class it already says: the labels of the real images around it are suspect)
   Enter                   take the suggestion (a class only where real images are misread the same way)
   n                       not a bug (the images are ambiguous or not of their source class)
   s                       skip: no label, the region is left out of the repair
@@ -387,7 +388,7 @@ def interactive_labels(
             current = by_id.get(last) or _first_pending(region_list, book.answers())
             continue
         book.record(current.id, label, "prompt")
-        out(f"region #{current.id}: {_describe(label, classes)}")
+        out(f"region #{current.id}: {_describe(label, classes)}{_model_agrees_note(current, label, classes)}")
         current = _first_pending(region_list, book.answers())
     out(f"All {len(region_list)} regions are labelled ({book.path}).")
     return book.answers()
@@ -811,6 +812,15 @@ def _as_region_id(key: Any) -> int | None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _model_agrees_note(region: Region, label: Label, classes: Sequence[str]) -> str:
+    """What an answer that is the class the model already reads means: its labels, not the model, are suspect."""
+    if label != region.predicted_label or label == region.source_label:
+        return ""
+    return (f" (the classifier already reads these as {classes[label]}: nothing to fine-tune here, but the real "
+            f"images labelled {classes[region.source_label]} within this region's reach are listed as label issues "
+            f"for review, `defuse review`)")
 
 
 def _describe(label: Label, classes: Sequence[str]) -> str:

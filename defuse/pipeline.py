@@ -85,16 +85,21 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Group the failures into ranked regions, with real evidence from the audit split; draw their pictures."""
     from defuse.data import ImageDataModule
     from defuse.distill import RealEvidence, distill, save_pictures
-    from defuse.identify import Discovery
+    from defuse.identify import Discovery, latent_means
     from defuse.models.loading import load_classifier, load_generator
 
     discovery = Discovery.load(run)
     loaded = load_classifier(run.path(CLASSIFIER_CKPT))
     generator = load_generator(run.path(GENERATOR_CKPT))
-    audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split)
+    data = ImageDataModule(config.data, config.seed)
+    audit = data.split(config.identify.validity_split)
     real = RealEvidence.observe(loaded.model, generator, audit)
+    # The searched split's latents, for each region's reach among real images (the same as real's when both are
+    # the audit split, the default).
+    sources = (real.z if config.identify.split == config.identify.validity_split else
+               latent_means(generator, data.split(config.identify.split).float_images()).numpy())
     regions = distill(discovery.failures, loaded.model, generator, discovery.judge, loaded.classes or audit.classes,
-                      config.distill, seed=config.seed, real=real)
+                      config.distill, seed=config.seed, real=real, sources=sources)
     regions.save(run)
     save_pictures(run, regions, discovery.failures, generator, config.distill, config.seed, real=real,
                   classifier=loaded.model)

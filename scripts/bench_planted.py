@@ -334,18 +334,27 @@ def train_reference(folder: Path, clean_npz: Path, seed: int) -> torch.nn.Module
 
 
 @torch.no_grad()
-def simulated_person(run: RunDir, reference: torch.nn.Module, tau: float, seed: int) -> Path:
+def simulated_person(run: RunDir, config: RunConfig, reference: torch.nn.Module) -> Path:
     """A labels file: each region is what the clean reference reads on most of the samples a person is shown of it
-    (``region_misreadings``: the classifier's misreadings of the region first), "not-a-bug" where that is the
-    model's own mistake. Read by the pipeline through `--labels FILE`, as a person's file would be."""
+    (``region_misreadings``: the classifier's misreadings of the region first). Where that is the model's own
+    reading, the person looks at the real images shown beside the region (its nearest audit images labelled as
+    its source class, ``Region.real_nearest``, as the report shows them): if the reference reads most of them as
+    the model does too, the answer is that class (the model is right here and those labels are suspect: the bug
+    seen from its labels' side when every split carries it); else "not-a-bug". Read by the pipeline through
+    `--labels FILE`, as a person's file would be."""
     regions, generator = Regions.load(run), load_generator(run.path("generator.ckpt"))
     model = load_classifier(run.path("classifier.ckpt")).model
-    rng = numpy_rng(seed, "bench.person")
+    audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split).float_images()
+    rng = numpy_rng(config.seed, "bench.person")
     answers = {}
     for region in regions.regions:
-        votes = predict_labels(reference, region_misreadings(region, VOTE_SAMPLES, tau, rng, generator, model))
-        majority = int(torch.bincount(votes, minlength=len(regions.classes)).argmax())
-        answers[region.id] = "not-a-bug" if majority == region.predicted_label else majority
+        shown = region_misreadings(region, VOTE_SAMPLES, config.distill.tau, rng, generator, model)
+        majority = int(torch.bincount(predict_labels(reference, shown), minlength=len(regions.classes)).argmax())
+        answers[region.id] = majority
+        if majority == region.predicted_label:
+            beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
+            read = predict_labels(reference, audit[beside]) if len(beside) else torch.zeros(0, dtype=torch.long)
+            answers[region.id] = majority if 2 * int((read == majority).sum()) > len(read) > 0 else "not-a-bug"
     path = run.path("person.yaml")
     path.write_text(yaml.safe_dump(answers))
     return path
@@ -448,27 +457,46 @@ def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, grou
 
 @torch.no_grad()
 def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference) -> dict:
-    """The first region of the planted pair: its rank, its precision (the share of the samples a person is shown of
-    it, ``region_misreadings``, that the reference reads as the source class while the poisoned model reads the
-    planted class), the same share on plain draws of its Gaussian (``planted_precision_gaussian``), its bug score."""
+    """The first region of the planted pair, in either orientation: *direct* (source -> planted: the planted
+    images' look-alikes read as the planted class) or *reversed* (planted -> source: where every split carries
+    the planted labels, the search starts from the mislabelled images, whose labels the model agrees with, and
+    finds their neighbours read as the source class; the bug seen from its labels' side). Its rank, orientation,
+    precision and bug score. Precision, direct: the share of the samples a person is shown of it
+    (``region_misreadings``) that the reference reads as the source class while the model reads the planted class
+    (``planted_precision_gaussian``: the same share on plain draws of its Gaussian). Reversed: the share of the
+    real images shown beside it (its nearest audit images labelled as the planted class) that the reference reads
+    as the source class, i.e. mislabelled images of the bug (Gaussian: None)."""
     model = inference_copy(load_classifier(run.path("classifier.ckpt")).model)
     generator, regions = load_generator(run.path("generator.ckpt")), Regions.load(run)
     source, planted = case_spec(case)[:2]
-    out: dict = {"planted_rank": None, "planted_precision": None, "planted_precision_gaussian": None,
+    out: dict = {"planted_rank": None, "planted_orientation": None, "planted_rank_direct": None,
+                 "planted_rank_reversed": None, "planted_precision": None, "planted_precision_gaussian": None,
                  "planted_bug_score": None}
     auto = auto_labels(regions, regions.classes, min_real_misread=config.label.auto_min_real_misread)
+    audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split).float_images()
     for region in regions.regions:
-        if (region.source_label, region.predicted_label) == (source, planted):
-            precision = {}
+        pair = (region.source_label, region.predicted_label)
+        orientation = "direct" if pair == (source, planted) else "reversed" if pair == (planted, source) else None
+        if orientation is None or out[f"planted_rank_{orientation}"] is not None:
+            continue
+        out[f"planted_rank_{orientation}"] = region.id
+        if out["planted_rank"] is not None:
+            continue
+        precision = {"planted_precision_gaussian": None}
+        if orientation == "direct":
             for name, classifier in (("planted_precision", model), ("planted_precision_gaussian", None)):
                 decoded = region_misreadings(region, PRECISION_SAMPLES, config.distill.tau,
                                              numpy_rng(config.seed, "bench.precision"), generator, classifier)
                 hit = (predict_labels(reference, decoded) == source) & (predict_labels(model, decoded) == planted)
                 precision[name] = round(float(hit.float().mean()), 4)
-            out.update({"planted_rank": region.id, **precision, "planted_bug_score": region.bug_score,
-                        "planted_real_misread": f"{region.real_misread}/{region.real_neighbours}",
-                        "planted_auto_label": auto[region.id].label})
-            break
+        else:
+            beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
+            precision["planted_precision"] = (round(float((predict_labels(reference, audit[beside]) == source)
+                                                          .float().mean()), 4) if len(beside) else None)
+        out.update({"planted_rank": region.id, "planted_orientation": orientation, **precision,
+                    "planted_bug_score": region.bug_score,
+                    "planted_real_misread": f"{region.real_misread}/{region.real_neighbours}",
+                    "planted_auto_label": auto[region.id].label})
     return out
 
 
@@ -490,22 +518,42 @@ def decoded_accuracy(run: RunDir, config: RunConfig, case: str, models: dict[str
 
 
 def label_issue_figures(run: RunDir, poisoned_rows: np.ndarray) -> dict:
-    """label_issues.csv against the rows the benchmark poisoned (train and val), overall and per kind."""
+    """label_issues.csv against the rows the benchmark poisoned: overall, per kind and per region, as precision
+    (the share of listed rows that are poisoned) and recall (the share of poisoned rows listed), for what is listed
+    and for what is relabelled."""
     path = run.path("label_issues.csv")
     if not path.exists():
         return {"label_issues_listed": None}
     listed = pd.read_csv(path)
     hit = listed["image"].isin(poisoned_rows)
+    total = max(len(poisoned_rows), 1)
+
+    def share(part: int, whole: int) -> float | None:
+        return round(part / whole, 4) if whole else None
+
+    relabelled = listed["relabelled"].astype(bool) if "relabelled" in listed else pd.Series(False, index=listed.index)
     out = {"label_issues_listed": len(listed), "label_issues_poisoned": int(hit.sum()),
            "label_issues_not_poisoned": int((~hit).sum()), "poisoned_rows": len(poisoned_rows),
-           "label_issues_relabelled": int(listed["relabelled"].sum()) if "relabelled" in listed else 0}
+           "label_issues_relabelled": int(relabelled.sum()),
+           "label_issues_precision": share(int(hit.sum()), len(listed)),
+           "label_issues_recall": share(int(hit.sum()), len(poisoned_rows)) if len(poisoned_rows) else None,
+           "relabelled_poisoned": int((relabelled & hit).sum()),
+           "relabelled_precision": share(int((relabelled & hit).sum()), int(relabelled.sum())),
+           "relabelled_recall": share(int((relabelled & hit).sum()), total) if len(poisoned_rows) else None}
     if "label_bug" in listed:  # the rows of pairs judged labelling bugs (left out or relabelled; the rest stand)
         bug = listed["label_bug"].astype(bool)
         out["labelling_bug_poisoned"], out["labelling_bug_not_poisoned"] = int((bug & hit).sum()), int((bug & ~hit).sum())
     if "kind" in listed:
-        for kind in ("contradicted", "doubted"):
+        for kind in ("contradicted", "doubted", "neighbour"):
             mine = listed["kind"] == kind
             out[f"{kind}_poisoned"], out[f"{kind}_not_poisoned"] = int((mine & hit).sum()), int((mine & ~hit).sum())
+    if "region" in listed:
+        out["label_issues_by_region"] = {
+            str(int(region)): {"listed": len(rows), "poisoned": int(rows["image"].isin(poisoned_rows).sum()),
+                               "precision": share(int(rows["image"].isin(poisoned_rows).sum()), len(rows)),
+                               "recall": share(int(rows["image"].isin(poisoned_rows).sum()), len(poisoned_rows)),
+                               "relabelled": int(rows["relabelled"].astype(bool).sum()) if "relabelled" in rows else 0}
+            for region, rows in listed.groupby("region") if int(region) >= 0}
     return out
 
 
@@ -565,6 +613,7 @@ def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tenso
         out.update({
             "subgroup_accuracy_before": real["before"],
             "subgroup_accuracy_after": real["after"],
+            "subgroup_gain": round(real["after"] - real["before"], 4),
             "subgroup_accuracy_clean_model": ceiling,
             "decoded_accuracy_before": decoded["before"],
             "decoded_accuracy_after": decoded["after"],
@@ -636,7 +685,7 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
     group = subgroup(test, case, info["threshold"]) if case != "clean" else None
     out.update(discovery_figures(run, config, case, reference, group))
     if do_repair:
-        labelled = labelled_config(config, simulated_person(run, reference, config.distill.tau, config.seed), consent)
+        labelled = labelled_config(config, simulated_person(run, config, reference), consent)
         reviewed = {}
         if review:
             answers = simulated_review(run, labelled, reference)
@@ -659,7 +708,7 @@ def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poison
     if not run.path("person.yaml").exists() or not run.path("regions.json").exists():
         raise SystemExit(f"{run.root} holds no finished run with the simulated person's labels to replay: run "
                          f"`python scripts/bench_planted.py --keep {run.root.parent.parent}` first.")
-    labelled = labelled_config(config, simulated_person(run, reference, config.distill.tau, config.seed), consent)
+    labelled = labelled_config(config, simulated_person(run, config, reference), consent)
     reviewed = {}
     if review:
         answers = simulated_review(run, labelled, reference)
@@ -686,23 +735,28 @@ def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poison
 # ----------------------------------------------------------------------------- over seeds
 
 # Figure -> (which end is worse, the acceptance bar of the repair issue or None)
+# (the bars of the issue about bugs the labels do not show; the per-class drop is the repair issue's).
 BARS = {
-    "planted_rank": ("max", 5), "planted_precision": ("min", 0.8),
-    "subgroup_accuracy_after": ("min", 0.90), "clean_accuracy_outside_subgroup_change": ("min", -0.003),
+    "planted_rank": ("max", 3), "planted_precision": ("min", 0.8),
+    "subgroup_accuracy_after": ("min", 0.85), "clean_accuracy_outside_subgroup_change": ("min", -0.003),
     "largest_per_class_drop_outside_subgroup": ("max", 0.02),
 }
+# Natural cases: no label to relabel, the region's decoded samples are the only evidence.
+NATURAL_BARS = {"planted_rank": ("max", 5), "subgroup_gain": ("min", 0.15),
+                "clean_accuracy_outside_subgroup_change": ("min", -0.003)}
 
 
 def summarise(per_seed: dict[int, dict]) -> dict:
     """Mean and worst of each figure per case over the seeds, and whether each bar holds on the worst seed."""
     figures = ("visibility", "planted_rank", "planted_precision", "planted_precision_gaussian", "planted_bug_score", "valid_failures_per_1000_queries",
                "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
-    repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "subgroup_accuracy_clean_model",
+    repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "subgroup_gain", "subgroup_accuracy_clean_model",
               "decoded_accuracy_before", "decoded_accuracy_after",
               "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
               "largest_per_class_drop_outside_subgroup", "label_issues_poisoned", "label_issues_not_poisoned",
               "contradicted_poisoned", "contradicted_not_poisoned", "doubted_poisoned", "doubted_not_poisoned",
-              "poisoned_rows")
+              "neighbour_poisoned", "neighbour_not_poisoned", "label_issues_precision", "label_issues_recall",
+              "relabelled_precision", "relabelled_recall", "poisoned_rows")
     out: dict = {}
     cases = next(iter(per_seed.values())).keys()
     for case in cases:
@@ -721,12 +775,13 @@ def summarise(per_seed: dict[int, dict]) -> dict:
             if not values:
                 table[name] = {"mean": None, "worst": None, "missing": values_note}
                 continue
-            side = BARS.get(name, ("min",))[0]
+            bars = NATURAL_BARS if case in NATURAL_CASES else BARS
+            side = bars.get(name, BARS.get(name, ("min",)))[0]
             worst = max(values) if side == "max" else min(values)
             table[name] = {"mean": round(float(np.mean(values)), 4), "worst": worst, "values": values,
                            **({"missing": values_note} if values_note else {})}
-            if name in BARS and case != "clean":
-                bar = BARS[name][1]
+            if name in bars and case != "clean":
+                bar = bars[name][1]
                 table[name]["bar"] = bar
                 table[name]["met"] = (values_note is None) and (worst <= bar if side == "max" else worst >= bar)
         if case == "clean":

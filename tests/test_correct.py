@@ -11,6 +11,7 @@ import torch
 
 from defuse.config import CorrectConfig, DataConfig
 from defuse.correct import (
+    neighbourhood_labels,
     RealImages,
     RegionSamples,
     candidate_weights,
@@ -638,3 +639,52 @@ def test_the_fine_tunes_cache_key_follows_what_the_data_file_holds_not_where_it_
     assert section_by_content(DataConfig(source="npz", root=str(first))) != key
     assert inputs_key(first) != stage_key
     assert section_by_content(DataConfig()) == asdict(DataConfig())  # no file named: the section as it is
+
+
+def test_the_persons_answer_makes_the_other_class_of_its_pair_suspect_within_the_regions_reach():
+    from types import SimpleNamespace
+
+    region = replace(_region(1), mean=[0.0, 0.0], source_radius=2.0)  # 0 -> 1, reach 2 (unit scale)
+    regions = Regions([region], {})
+    judge = SimpleNamespace(scale=np.ones(2))  # only its standardisation is read: no judge's reading counts
+    latents = np.array([[1.0, 0.0], [1.0, 1.0], [3.0, 0.0], [0.0, 1.5], [0.5, 0.5]])
+    labels = np.array([1, 0, 1, 2, 1])
+    # Answered 0 (the source class: the model is wrong here): the images labelled 1 within reach are suspect.
+    region_of, person_of = neighbourhood_labels(regions, {1: 0}, latents, labels, judge)
+    assert region_of.tolist() == [1, -1, -1, -1, 1] and person_of.tolist() == [0, -1, -1, -1, 0]
+    # Answered 1 (the model's own reading: its labels are the suspects): the images labelled 0 within reach.
+    region_of, person_of = neighbourhood_labels(regions, {1: 1}, latents, labels, judge)
+    assert region_of.tolist() == [-1, 1, -1, -1, -1] and person_of.tolist() == [-1, 1, -1, -1, -1]
+    # Answered 2 (neither): both classes of the pair are suspect, never a third class's images.
+    assert neighbourhood_labels(regions, {1: 2}, latents, labels, judge)[0].tolist() == [1, 1, -1, -1, 1]
+    # Unanswered, or a region without a reach (an older regions.json): nothing.
+    assert (neighbourhood_labels(regions, {}, latents, labels, judge)[0] == -1).all()
+    unreached = Regions([replace(region, source_radius=0.0)], {})
+    assert (neighbourhood_labels(unreached, {1: 0}, latents, labels, judge)[0] == -1).all()
+
+
+def test_images_within_a_labelled_regions_reach_are_listed_for_review_and_relabelled_only_on_its_answers(digits):
+    from types import SimpleNamespace
+
+    from defuse.correct import NEIGHBOUR, find_label_issues
+
+    classes = digits.num_classes
+    latents = {name: np.zeros((len(digits.split(name)), 2)) for name in ("train", "val", "audit")}
+    region = replace(_region(1), source_label=3, predicted_label=5, pair="3 -> 5", mean=[0.0, 0.0],
+                     source_radius=1.0)
+    judge = SimpleNamespace(scale=np.ones(2),
+                            scores=lambda z: np.full((len(z), classes), 1.0 / classes),
+                            predict_proba=lambda z: np.tile(np.eye(classes)[3], (len(z), 1)))
+    # The judge reads everything as 3, so no "doubted" or "contradicted" row competes; answered 5 (the model's
+    # reading): every image labelled 3 lies within reach and is a suspect.
+    table = find_label_issues(Regions([region], {}), {1: 5}, latents, judge, digits, relabel=True)
+    threes = sum(int((digits.split(n).labels == 3).sum()) for n in ("train", "val", "audit"))
+    mine = table[table["kind"] == NEIGHBOUR]
+    assert len(mine) == threes and (mine["given_label"] == 3).all() and (mine["person_label"] == 5).all()
+    assert not mine["relabelled"].any() and not mine["label_bug"].any()  # consent alone relabels none of them
+    first = int(mine.iloc[0]["image"])
+    reviewed = find_label_issues(Regions([region], {}), {1: 5}, latents, judge, digits, relabel=True,
+                                 reviewed={first: 5})
+    row = reviewed[reviewed["image"] == first].iloc[0]
+    assert row["reviewed"] and row["relabelled"] and row["person_label"] == 5
+    assert reviewed["relabelled"].sum() == 1  # the person's answer, image by image, is what relabels

@@ -181,3 +181,22 @@ def test_regions_round_trip_with_grids(tmp_path):
     assert set(grids) == {r.id for r in regions.regions} and grids[1].shape == (16, 1, 2, 2)
     save_grid_png(tmp_path / "regions" / "region_01.png", grids[1].clamp(0, 1))
     assert (tmp_path / "regions" / "region_01.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_regions_reach_is_the_median_distance_of_its_failures_sources_and_travels_in_regions_json(tmp_path):
+    failures = make_failures(TWO_PAIRS)
+    # Every failure's source sits 3 units (along the first latent axis) from the failure itself.
+    sources = failures.z + np.array([3.0, 0.0], dtype=np.float32)
+    regions = distill(failures, QuadrantClassifier(), LineGenerator(), quadrant_validity(), CLASSES, CONFIG,
+                      sources=sources)
+    scale = quadrant_validity().scale
+    for region in regions.regions:
+        members = sources[(failures.table["source_label"] == region.source_label).to_numpy()
+                          & (failures.table["predicted_label"] == region.predicted_label).to_numpy()]
+        expected = np.median(np.linalg.norm((members - np.asarray(region.mean)) / scale, axis=1))
+        assert region.source_radius == pytest.approx(expected, rel=0.25)  # the member failures, not all the pair's
+        assert region.source_radius > 3 / scale.max() * 0.5
+    assert all(r.source_radius == 0.0 for r in _distill(failures).regions)  # no sources given: no reach
+    run = RunDir(tmp_path)
+    regions.save(run)
+    assert [r.source_radius for r in Regions.load(run).regions] == [r.source_radius for r in regions.regions]
