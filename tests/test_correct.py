@@ -11,6 +11,7 @@ import torch
 
 from defuse.config import CorrectConfig, DataConfig
 from defuse.correct import (
+    repaired_pairs,
     neighbourhood_labels,
     RealImages,
     RegionSamples,
@@ -688,3 +689,13 @@ def test_images_within_a_labelled_regions_reach_are_listed_for_review_and_relabe
     row = reviewed[reviewed["image"] == first].iloc[0]
     assert row["reviewed"] and row["relabelled"] and row["person_label"] == 5
     assert reviewed["relabelled"].sum() == 1  # the person's answer, image by image, is what relabels
+
+
+def test_relabelled_images_add_their_pair_to_what_the_repair_fixes():
+    regions = Regions([_region(1), replace(_region(2), source_label=6, predicted_label=1, pair="6 -> 1")], {})
+    # Region 1 (0 -> 1) answered 0: a bug; region 2 (6 -> 1) answered 1, the model's reading: no pair of its own.
+    assert repaired_pairs(regions, {1: 0, 2: 1}) == {(0, 1)}
+    issues = pd.DataFrame({"person_label": [6, 6, 3], "given_label": [1, 1, 3], "relabelled": [True, True, True]})
+    assert repaired_pairs(regions, {1: 0, 2: 1}, issues) == {(0, 1), (6, 1)}  # a label kept on review adds none
+    listed_only = issues.assign(relabelled=False)
+    assert repaired_pairs(regions, {2: 1}, listed_only) == set()
