@@ -333,6 +333,7 @@ def interactive_labels(
     grid_path: Callable[[int], str | Path | None] | None = None,
     terminal_columns: int | None = None,
     suggestions: Mapping[int, Answer] | None = None,
+    real_grid_path: Callable[[int], str | Path | None] | None = None,
 ) -> dict[int, Answer]:
     """Ask a person for one label per region, in rank order, resuming where the book stops.
 
@@ -352,6 +353,9 @@ def interactive_labels(
             (default ``shutil.get_terminal_size()``).
         suggestions: what Enter takes, with the reason shown; default the conservative :func:`auto_labels`, so a
             person who only presses Enter repairs no more than ``--labels auto`` would.
+        real_grid_path: region id -> the PNG of the real images nearest it that carry its source label, or None:
+            where every split carries a labelling bug, these are the mislabelled images (look-alikes of the
+            region's samples labelled as the source class), and answering the model's own reading lists them.
 
     Returns:
         The book's answers, by region id.
@@ -369,7 +373,7 @@ def interactive_labels(
     while current is not None:
         if show:
             _show_region(current, region_list, classes, out, previews, grid_path, terminal_columns,
-                         suggestions.get(current.id))
+                         suggestions.get(current.id), real_grid_path)
         show = True
         command, label = _read_answer(current, classes, ask, out, suggestions.get(current.id))
         if command == "quit":
@@ -599,7 +603,8 @@ def label_stage(
             interactive_labels(region_list, classes, book, ask=ask, out=out, previews=shown,
                                grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}.png")),
                                terminal_columns=terminal_columns,
-                               suggestions=auto_labels(region_list, classes, min_real_misread=min_real_misread))
+                               suggestions=auto_labels(region_list, classes, min_real_misread=min_real_misread),
+                               real_grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}_real.png")))
     elif kind == "auto":
         answered = book.answers()
         added = [a for a in auto_labels(region_list, classes, min_real_misread=min_real_misread).values()
@@ -684,7 +689,8 @@ def preview_columns(images: torch.Tensor, terminal_columns: int, max_side: int =
 
 def _show_region(region: Region, region_list: list[Region], classes: Sequence[str], out: Callable,
                  previews: Mapping[int, Any] | None, grid_path: Callable | None,
-                 terminal_columns: int | None = None, suggestion: Answer | None = None) -> None:
+                 terminal_columns: int | None = None, suggestion: Answer | None = None,
+                 real_grid_path: Callable | None = None) -> None:
     position = region_list.index(region) + 1
     out("")
     out(f"Region #{region.id} ({position} of {len(region_list)}): {region.pair} | {region.n_failures} failures | "
@@ -697,6 +703,10 @@ def _show_region(region: Region, region_list: list[Region], classes: Sequence[st
         path = grid_path(region.id)
         if path is not None:
             out(f"samples: {path}")
+    real = real_grid_path(region.id) if real_grid_path is not None and region.real_nearest else None
+    if real is not None:
+        read = ", ".join(classes[k] for k in region.real_nearest_read)
+        out(f"real images nearest it labelled {classes[region.source_label]} (the classifier reads: {read}): {real}")
     if suggestion is not None:
         out(f"suggested: {_describe(suggestion.label, classes)} ({suggestion.reason})")
     else:

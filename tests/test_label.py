@@ -509,3 +509,22 @@ def test_previews_fill_the_terminal_width_and_never_wrap(terminal, per_row, tmp_
     visible = [len(re.sub(r"\x1b\[[0-9;]*m", "", line)) for line in drawn]
     assert max(visible) == per_row * 17 - 1 and (max(visible) <= terminal or per_row == 1)
     assert visible.count(0) == -(-16 // per_row) - 1  # one blank line between rows of previews
+
+
+def test_answering_the_models_own_reading_says_the_labels_around_the_region_are_suspect(tmp_path):
+    from dataclasses import replace
+
+    regions = Regions([replace(make_region(1, 1, 7, 7, real_misread=3), real_nearest=[4, 9, 2],
+                               real_nearest_read=[1, 1, 7])], {})
+    printed: list[str] = []
+    answers = interactive_labels(regions, DIGITS, LabelBook(tmp_path / "labels.jsonl"), ask=scripted(["7"], []),
+                                 out=printed.append, real_grid_path=lambda region: f"regions/region_{region:02d}_real.png")
+    assert answers[1].label == 7 and answers[1].is_bug  # a class: recorded as the person gave it
+    text = "\n".join(printed)
+    assert "real images nearest it labelled 1 (the classifier reads: 1, 1, 7): regions/region_01_real.png" in text
+    assert ("region #1: 7 (index 7) (the classifier already reads these as 7: nothing to fine-tune here, but the "
+            "real images labelled 1 within this region's reach are listed as label issues for review") in text
+    printed.clear()
+    interactive_labels(make_regions(), DIGITS, LabelBook(tmp_path / "other.jsonl"), ask=scripted(["7", "q"], []),
+                       out=printed.append)
+    assert not any("already reads these" in line for line in printed)  # 7 for a "7 -> 1" region: a bug to fix
