@@ -703,9 +703,10 @@ def _show_region(region: Region, region_list: list[Region], classes: Sequence[st
         path = grid_path(region.id)
         if path is not None:
             out(f"samples: {path}")
-    real = real_grid_path(region.id) if real_grid_path is not None and region.real_nearest else None
+    nearest_read = getattr(region, "real_nearest_read", None)  # a region-like record may lack real evidence
+    real = real_grid_path(region.id) if real_grid_path is not None and nearest_read else None
     if real is not None:
-        read = ", ".join(classes[k] for k in region.real_nearest_read)
+        read = ", ".join(classes[k] for k in nearest_read)
         out(f"real images nearest it labelled {classes[region.source_label]} (the classifier reads: {read}): {real}")
     if suggestion is not None:
         out(f"suggested: {_describe(suggestion.label, classes)} ({suggestion.reason})")
