@@ -1044,13 +1044,14 @@ def repair(
         return replace(original, summary={"labelled_regions": len(bug_labels), "chosen": None, **counts,
                                           "reason": "no region sample passes correct.min_validity"})
     train_regions = _without_pairs_shown_by_real_images(train_regions, regions, bug_labels, issues)
-    key = _inputs_key(classifier.model, bug_labels, regions, judge, data, config, tau, seed, trainer, reviewed, issues)
+    pairs = repaired_pairs(regions, bug_labels, issues)
+    key = _inputs_key(classifier.model, bug_labels, regions, judge, data, config, tau, seed, trainer, reviewed, issues,
+                      pairs)
     workdir = Path(workdir)
     if (workdir / "KEY").exists() and (workdir / "KEY").read_text().strip() != key:
         shutil.rmtree(workdir)  # checkpoints of other inputs: resuming from them would be wrong
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "KEY").write_text(key + "\n")
-    pairs = repaired_pairs(regions, bug_labels, issues)
     real = RealImages.gather(data, issues, pairs, classifier.model)
     model, summary = correct(classifier.model, data, real, train_regions, val_regions, config, workdir,
                              trainer=trainer, seed=seed,
@@ -1135,7 +1136,7 @@ def section_by_content(section: Any) -> dict[str, Any]:
 def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, judge: ValidityModel,
                 data: ImageDataModule, config: CorrectConfig, tau: float, seed: int,
                 trainer: TrainerConfig | None, reviewed: dict[int, int] | None = None,
-                issues: pd.DataFrame | None = None) -> str:
+                issues: pd.DataFrame | None = None, pairs: set[tuple[int, int]] | None = None) -> str:
     """A fingerprint of everything the fine-tune's checkpoints depend on (weights hashed, not compared)."""
     weights = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -1153,5 +1154,7 @@ def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, 
         "trainer": trainer_fields, "reviewed": sorted((reviewed or {}).items()),
         # What the fine-tune trains on and leaves out: the label issues (new witnesses change them, not the inputs).
         "issues": None if issues is None else hashlib.sha256(issues.to_csv(index=False).encode()).hexdigest(),
+        # Which held-out images are bug images and which guard them (the per-epoch records hold their readings).
+        "pairs": sorted(pairs or ()),
         "defuse": defuse_version(),  # a forced re-run after an upgrade must not resume the old version's epochs
     })
