@@ -763,9 +763,10 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         rows = [per_seed[s][case] for s in per_seed]
         table: dict = {}
         for name in figures + repair:
-            # The discovery bar holds where the generator can show the bug at all (visibility >= 0.5).
+            # The discovery bar holds where the generator can show the bug at all (visibility >= 0.5: the direct
+            # pair's reconstructions), or where the bug was found from its labels' side (the reversed pair).
             counted = [r for r in rows if name not in ("planted_rank", "planted_precision", "planted_precision_gaussian")
-                       or (r.get("visibility") or 0) >= 0.5]
+                       or (r.get("visibility") or 0) >= 0.5 or r.get("planted_orientation") == "reversed"]
             values = [r.get(name, r.get("repair", {}).get(name)) for r in counted]
             values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
             if len(values) < len(counted):

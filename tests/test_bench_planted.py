@@ -181,3 +181,13 @@ def test_the_natural_cases_touch_no_label_and_name_the_pair_the_shipped_classifi
     assert bp.case_spec("natural_short2") == (2, 7, bp.height, -1) and bp.case_spec("slant")[:2] == (7, 1)
     with pytest.raises(SystemExit):
         bp.main(["--cases", "natural_short9"])
+
+
+def test_the_summary_counts_a_planted_pair_found_reversed_whatever_the_direct_visibility():
+    seed = {"clean": {"max_bug_score": 0.06}, "thin": {"visibility": 0.1, "planted_rank": 1,
+                                                     "planted_orientation": "reversed", "planted_precision": 0.875}}
+    hidden = {"clean": {"max_bug_score": 0.06}, "thin": {"visibility": 0.1, "planted_rank": 9,
+                                                       "planted_orientation": "direct", "planted_precision": 0.1}}
+    table = bp.summarise({0: seed, 1: hidden})["thin"]
+    assert table["planted_rank"]["values"] == [1] and table["planted_rank"]["bar"] == 3 and table["planted_rank"]["met"]
+    assert table["planted_precision"]["values"] == [0.875]
