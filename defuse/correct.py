@@ -50,6 +50,14 @@ of the bug images, then to the better guard change) wins, if it beats the origin
 stay and the summary says why. A winner trained with decoded samples must beat the best candidate trained on real
 images alone beyond chance (:func:`_unless_decoded_samples_help`).
 
+*What the repair moves, the person settles.* Where every split carries a labelling bug, the bug's images that no
+rule reached keep the mistaken label: in the guard, a candidate that fixes them loses them; in the clean loss, they
+go on teaching the bug. Every candidate is read on every held-out and clean training image, and those labelled
+with a repaired pair's mistake that a candidate moves to the person's label are listed (kind "moved",
+:func:`moved_to_person`) for ``defuse review``; each answer relabels its image or confirms its label. Answers on
+held-out images re-grade the same checkpoints (the key holds only what the fine-tune trains on); answers on
+training images retrain. No model fitted on the same labels decides them.
+
 *Weight averaging.* Each epoch's candidate is the running mean of the weights at the end of every epoch so far
 (``correct.average``, stochastic weight averaging), not the last step's weights: one epoch's last steps move
 unrelated test decisions by a few images a class, and the mean moves fewer (measured on the kept planted runs:
@@ -159,7 +167,7 @@ LABEL_BUG_SHARE = 0.05
 BOOTSTRAP_RESAMPLES = 2000
 LABEL_ISSUE_COLUMNS = ("split", "position", "image", "kind", "given_label", "given_class", "region", "person_label",
                        "person_class", "label_bug", "relabelled", "reviewed", "judge_validity", "image_judge")
-CONTRADICTED, DOUBTED, REVIEWED, NEIGHBOUR = "contradicted", "doubted", "reviewed", "neighbour"
+CONTRADICTED, DOUBTED, REVIEWED, NEIGHBOUR, MOVED = "contradicted", "doubted", "reviewed", "neighbour", "moved"
 # The splits whose labels a person may review: never test, which only grades.
 REVIEWABLE_SPLITS = ("train", "val", "audit")
 
@@ -498,6 +506,10 @@ def read_reviewed_labels(path: str | Path, data: ImageDataModule) -> dict[int, i
     return answers
 
 
+# Roles of the held-out images (val, then audit, each in its split's order).
+GUARD, BUG, LEFT_OUT = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class RealImages:
     """The real images a fine-tune reads, by role.
@@ -505,31 +517,52 @@ class RealImages:
     Attributes:
         clean_train: the clean loss (training images without label issues).
         relabelled: training images trained under a person's label (empty without consent).
-        guard: held-out images that must not get worse (no label issues, no bug images).
-        bugs: held-out real images of the labelled bugs, with the person's label: what the choice maximises.
+        held_out: every val and audit image, in split order, under its label as corrected (a person's answer where
+            relabelled). Candidates are read on all of them once, and the roles below say how each counts, so a
+            person's later answer on a held-out image re-grades the same checkpoints instead of training anew.
+        role: per held-out image, ``GUARD`` (must not get worse), ``BUG`` (a labelled bug's real image under the
+            person's label: what the choice maximises) or ``LEFT_OUT`` (a label issue of a labelling bug, unsettled).
+        split, position: where each held-out image comes from.
+        reviewed: per held-out image, whether a person answered it on review.
+        train_position, train_reviewed: each clean training image's position in the training split, and whether a
+            person answered it on review.
     """
 
     clean_train: ImageSet
     relabelled: ImageSet
-    guard: ImageSet
-    bugs: ImageSet
+    held_out: ImageSet
+    role: torch.Tensor
+    split: np.ndarray
+    position: np.ndarray
+    reviewed: torch.Tensor
+    train_position: np.ndarray
+    train_reviewed: torch.Tensor
+
+    @property
+    def guard(self) -> ImageSet:
+        return self.held_out.subset(self.role == GUARD)
+
+    @property
+    def bugs(self) -> ImageSet:
+        return self.held_out.subset(self.role == BUG)
 
     @classmethod
     def gather(cls, data: ImageDataModule, issues: pd.DataFrame | None = None,
                bug_pairs: set[tuple[int, int]] = frozenset(), original: nn.Module | None = None,
-               held_out: tuple[str, ...] = ("val", "audit")) -> "RealImages":
-        """Split ``data`` into the four roles. ``issues``: the label issues (:func:`find_label_issues`); relabelled
-        ones join ``relabelled`` (train) or the held-out pool under the person's label, the other ones of labelling
-        bugs leave (all leave when the frame has no ``label_bug`` column). Held-out
-        images labelled p that ``original`` reads as m, for a labelled pair ``(p, m)`` in ``bug_pairs``, are bugs."""
+               held_out: tuple[str, ...] = ("val", "audit"), reviewed: set[int] | None = None) -> "RealImages":
+        """Split ``data`` into the roles. ``issues``: the label issues (:func:`find_label_issues`); relabelled ones
+        join ``relabelled`` (train) or stay held out under the person's label, the other ones of labelling bugs are
+        left out (all are when the frame has no ``label_bug`` column). Held-out images labelled p that ``original``
+        reads as m, for a labelled pair ``(p, m)`` in ``bug_pairs``, are bugs. ``reviewed``: the source images a
+        person answered on review."""
         issues = issues if issues is not None else pd.DataFrame(columns=list(LABEL_ISSUE_COLUMNS))
 
-        def split(name: str) -> tuple[ImageSet, ImageSet]:
-            """(images without issues, relabelled issues under the person's label). Doubted labels leave the
-            guard too: a doubted held-out label is as likely the bug itself as an ambiguous image, and a repair
-            that fixes a mislabelled one counts as a loss (measured on the slant and thin benchmarks, seed 0:
-            kept in the guard, they refused every candidate; left out, the test split, whose labels are clean,
-            showed +0.16 points outside the slant subgroup)."""
+        def acted_on(name: str) -> tuple[ImageSet, torch.Tensor, torch.Tensor]:
+            """(the split under its labels as corrected, flagged, relabelled). Doubted labels leave the guard too:
+            a doubted held-out label is as likely the bug itself as an ambiguous image, and a repair that fixes a
+            mislabelled one counts as a loss (measured on the slant and thin benchmarks, seed 0: kept in the guard,
+            they refused every candidate; left out, the test split, whose labels are clean, showed +0.16 points
+            outside the slant subgroup)."""
             images = data.split(name)
             rows = issues[issues["split"] == name]
             if "label_bug" in rows:  # a boundary pair's labels stand: those images stay where they are
@@ -541,19 +574,32 @@ class RealImages:
             flagged = torch.zeros(len(images), dtype=torch.bool)
             flagged[_column(rows, "position")] = True
             moved = rows[rows["relabelled"].astype(bool)]
-            relabelled = ImageSet(images.images[_column(moved, "position")], _column(moved, "person_label"),
-                                  images.classes)
-            return images.subset(~flagged), relabelled
+            relabelled = torch.zeros(len(images), dtype=torch.bool)
+            relabelled[_column(moved, "position")] = True
+            labels = images.labels.clone()
+            labels[_column(moved, "position")] = _column(moved, "person_label")
+            return ImageSet(images.images, labels, images.classes), flagged, relabelled
 
-        clean_train, relabelled = split("train")
-        parts = [piece for name in held_out for piece in split(name)]
-        pool = ImageSet(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), clean_train.classes)
-        is_bug = torch.zeros(len(pool), dtype=torch.bool)
+        train, flagged, relabelled = acted_on("train")
+        clean_train = train.subset(~flagged)
+        relabelled_train = train.subset(relabelled)
+        parts = [(name, *acted_on(name)) for name in held_out]
+        pool = ImageSet(torch.cat([p[1].images for p in parts]), torch.cat([p[1].labels for p in parts]),
+                        train.classes)
+        left_out = torch.cat([p[2] & ~p[3] for p in parts])
+        role = torch.where(left_out, LEFT_OUT, GUARD)
         if original is not None and bug_pairs and len(pool):
             read = predict_labels(original, pool.float_images())
             for person, mistake in bug_pairs:
-                is_bug |= (pool.labels == person) & (read == mistake)
-        return cls(clean_train, relabelled, pool.subset(~is_bug), pool.subset(is_bug))
+                role[(pool.labels == person) & (read == mistake) & ~left_out] = BUG
+        answered = sorted(reviewed or ())
+        source = np.concatenate([data.indices(name).numpy() for name, *_ in parts])
+        train_position = np.flatnonzero(~flagged.numpy())
+        return cls(clean_train, relabelled_train, pool, role,
+                   split=np.concatenate([np.full(len(p[1]), p[0]) for p in parts]),
+                   position=np.concatenate([np.arange(len(p[1])) for p in parts]),
+                   reviewed=torch.from_numpy(np.isin(source, answered)), train_position=train_position,
+                   train_reviewed=torch.from_numpy(np.isin(data.indices("train").numpy()[train_position], answered)))
 
     def training_set(self, relabelled_repeats: int) -> ImageSet:
         """The fine-tune's training images: the clean ones, then the relabelled ones ``relabelled_repeats`` times
@@ -736,12 +782,15 @@ def correct(
     trainer: TrainerConfig | None = None,
     seed: int = 0,
     scoped_classes: set[int] | None = None,
+    pairs: set[tuple[int, int]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Fine-tune copies of ``classifier`` for every lambda; return the chosen weights and how they were chosen.
 
     ``data`` gives the batch size and loaders; ``real`` every real image by role (:class:`RealImages`). With
     ``scoped_classes`` (the classes a person gave the labelled regions), every candidate is judged, and the chosen
-    one returned, as a :class:`ScopedRepair` that moves answers only to those classes.
+    one returned, as a :class:`ScopedRepair` that moves answers only to those classes. ``pairs``: the (person's label,
+    mistake) pairs repaired (:func:`repaired_pairs`); guard images labelled with a mistake that a candidate moves to
+    the person's label are returned for a person's review (summary ``moved_for_review``, :func:`moved_to_person`).
     Randomness: streams ``correct.region_shuffle``, ``correct.clean_shuffle``, ``correct.guard_bootstrap``.
     """
     trainer_config = trainer or TrainerConfig(progress_bar=False)
@@ -749,10 +798,11 @@ def correct(
         raise ValueError("No held-out image is left to guard clean accuracy: set `data.val_size` (and "
                          "`data.audit_size`) above 0, so the repair can show it does no harm.")
     num_classes = len(real.guard.classes)
-    sets = {"guard": (real.guard.float_images(), real.guard.labels),
-            "bugs": (real.bugs.float_images(), real.bugs.labels),
-            "decoded": (val_regions.images, val_regions.labels)}
-    truth = {name: y.numpy() for name, (_, y) in sets.items()}
+    # Every held-out image is read once per candidate whatever its role, so a person's later answer on one re-grades
+    # the same checkpoints (:attr:`RealImages.held_out`).
+    sets = {"held_out": (real.held_out.float_images(), real.held_out.labels),
+            "decoded": (val_regions.images, val_regions.labels),
+            "train": (real.clean_train.float_images(), real.clean_train.labels)}
     base = {name: predict_labels(classifier, x).numpy() for name, (x, _) in sets.items()}
     region_x, region_y = train_regions.images, train_regions.labels
     training_set = real.training_set(config.relabelled_repeats)
@@ -801,6 +851,17 @@ def correct(
             for name in sets:
                 moved = scoped_changes(torch.from_numpy(base[name]), torch.from_numpy(c[name]), classes).numpy()
                 c[name] = np.where(moved, c[name], base[name])
+    # The roles: guard and bug images are slices of the held-out readings.
+    role = real.role.numpy()
+    held_labels = real.held_out.labels.numpy()
+    for reading in (base, *candidates):
+        reading["guard"], reading["bugs"] = reading["held_out"][role == GUARD], reading["held_out"][role == BUG]
+    truth = {"guard": held_labels[role == GUARD], "bugs": held_labels[role == BUG],
+             "decoded": val_regions.labels.numpy()}
+    unsettled = moved_to_person(held_labels, base["held_out"], [c["held_out"] for c in candidates], pairs or set(),
+                                (real.role == GUARD).numpy() & ~real.reviewed.numpy())
+    train_moved = moved_to_person(real.clean_train.labels.numpy(), base["train"],
+                                  [c["train"] for c in candidates], pairs or set(), ~real.train_reviewed.numpy())
     rng = numpy_rng(seed, "correct.guard_bootstrap")
     base_hits = base["guard"] == truth["guard"]
     base_per_class = per_class_accuracy(base["guard"], truth["guard"], num_classes)
@@ -816,7 +877,8 @@ def correct(
                       "decoded_accuracy": _round(_accuracy(c["decoded"], truth["decoded"])),
                       "admissible": bool(low >= -config.max_clean_drop and drop <= config.max_class_drop)})
     if use_bugs:
-        for t, confidence in zip(table, bug_confidence(classifier, candidates, *sets["bugs"])):
+        for t, confidence in zip(table, bug_confidence(classifier, candidates, real.bugs.float_images(),
+                                                           real.bugs.labels)):
             t["bug_confidence"] = _round(confidence)
     key = "bug_accuracy" if use_bugs else "decoded_accuracy"
     chosen = choose_candidate(table, key)
@@ -836,6 +898,10 @@ def correct(
         "guard_accuracy_before": round(float(base_hits.mean()), 4),
         "real_bug_accuracy_before": before["bug_accuracy"], "val_region_accuracy_before": before["decoded_accuracy"],
         "candidates": [{k: v for k, v in t.items() if k != "path"} for t in table],
+        "moved_for_review": [["train", int(real.train_position[i]), int(train_moved[i])]
+                             for i in np.flatnonzero(train_moved >= 0)]
+                            + [[str(real.split[i]), int(real.position[i]), int(unsettled[i])]
+                               for i in np.flatnonzero(unsettled >= 0)],
         **({"scoped_classes": sorted(scoped_classes)} if scoped_classes else {}),
         **({"decoded_samples_gain": decoded_gain} if decoded_gain is not None else {}),
     }
@@ -844,6 +910,10 @@ def correct(
         reason = ("no candidate raised accuracy on the " + ("real bug images" if use_bugs else "decoded region samples")
                   + " while the guard's 95% lower bound stayed within correct.max_clean_drop and no class lost more "
                   "than correct.max_class_drop")
+        if (unsettled >= 0).any():
+            reason += (f"; the guard counts {int((unsettled >= 0).sum())} held-out images the candidates move to your label "
+                       "as losses under their given labels: review them (`defuse review`), and your answers re-grade "
+                       "the same candidates")
         log.warning("The repair is refused: %s. repaired.ckpt keeps the original weights.", reason)
         summary.update({"chosen": None, "reason": reason})
         return repaired.eval(), summary
@@ -855,6 +925,34 @@ def correct(
                     "real_bug_accuracy_after": chosen["bug_accuracy"],
                     "val_region_accuracy_after": chosen["decoded_accuracy"]})
     return repaired.eval(), summary
+
+
+def moved_to_person(labels: np.ndarray, base: np.ndarray, readings: list[np.ndarray], pairs: set[tuple[int, int]],
+                    eligible: np.ndarray) -> np.ndarray:
+    """Which images await a person's answer because a candidate moves them to a person's label: ``eligible`` images
+    (unreviewed guard or clean training images) labelled with a repaired pair's mistake m, read as m by the
+    original (``base``), read as the person's label p by at least one candidate (``readings``): for each image, that
+    label (-1: none), (N,).
+
+    Why: where every split carries a labelling bug, the held-out images of the bug that no rule reached keep the
+    mistaken label, and a candidate that fixes them loses them under that label: the guard, graded on the same
+    labelling, vetoes the person's answer (measured on the planted benchmark, every split but test poisoned, seed
+    0: bold, 43 such 3s labelled 8, the guard's 8s fell 4 to 6 points for every candidate; thin, the best candidate
+    read 0.89 of its bug images and lost 2.02 points of the guard's 1s). Geometry cannot tell these from real
+    images of m the fix breaks (a wider reach covers every held-out image of the pair's classes), and neither can a
+    model fitted on the same labels; the person can, and their answers re-grade the same candidates.
+
+    On training images the same moves point at the bug's mislabelled images that no rule reached, which go on
+    teaching the bug: a candidate that learnt from the relabelled ones reads them as the person's label, so the
+    person is asked about exactly those (measured on the planted benchmark, bold seed 0: relabelled 44 of 141
+    poisoned training images, and the chosen candidate read 0.68 of the held-out bug images, 0.75 of the test
+    subgroup)."""
+    moved = np.full(len(base), -1, dtype=np.int64)
+    for person, mistake in sorted(pairs):
+        candidates = eligible & (labels == mistake) & (base == mistake) & (moved < 0)
+        for reading in readings:
+            moved[candidates & (reading == person)] = person
+    return moved
 
 
 def candidate_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -1045,17 +1143,30 @@ def repair(
                                           "reason": "no region sample passes correct.min_validity"})
     train_regions = _without_pairs_shown_by_real_images(train_regions, regions, bug_labels, issues)
     pairs = repaired_pairs(regions, bug_labels, issues)
-    key = _inputs_key(classifier.model, bug_labels, regions, judge, data, config, tau, seed, trainer, reviewed, issues,
-                      pairs)
+    real = RealImages.gather(data, issues, pairs, classifier.model, reviewed=set(reviewed or ()))
+    key = _inputs_key(classifier.model, bug_labels, regions, judge, data, config, tau, seed, trainer,
+                      _trained_on(issues, real, config))
     workdir = Path(workdir)
     if (workdir / "KEY").exists() and (workdir / "KEY").read_text().strip() != key:
         shutil.rmtree(workdir)  # checkpoints of other inputs: resuming from them would be wrong
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "KEY").write_text(key + "\n")
-    real = RealImages.gather(data, issues, pairs, classifier.model)
     model, summary = correct(classifier.model, data, real, train_regions, val_regions, config, workdir,
                              trainer=trainer, seed=seed,
-                             scoped_classes={person for person, _ in pairs} if config.scoped else None)
+                             scoped_classes={person for person, _ in pairs} if config.scoped else None,
+                             pairs=pairs)
+    moved = summary.pop("moved_for_review")
+    if moved:
+        issues = pd.concat([issues, _moved_rows(moved, regions, bug_labels, data)], ignore_index=True) \
+            .sort_values(["split", "position"], kind="stable").reset_index(drop=True)
+        original = replace(original, label_issues=issues)
+        held_out = sum(split != "train" for split, _, _ in moved)
+        log.warning("A candidate moves %d images labelled as a labelled region's mistake to your label (%d training "
+                    "images, which go on teaching the bug; %d held-out, which the guard counts as losses): they are "
+                    "listed in label_issues.csv (kind %r) for `defuse review`. Your answers on held-out images "
+                    "re-grade the same candidates; on training images, they retrain.", len(moved),
+                    len(moved) - held_out, held_out, MOVED)
+    summary["moved_for_review"] = len(moved)
     hparams = dict(classifier.hparams)
     if isinstance(model, ScopedRepair):  # what rebuilds it: load_classifier makes the same ScopedRepair
         hparams["scoped_classes"] = model.classes.tolist()
@@ -1133,11 +1244,38 @@ def section_by_content(section: Any) -> dict[str, Any]:
     return {**asdict(section), **{key: path_digest(path) for key, path in path_fields(section).items()}}
 
 
+def _trained_on(issues: pd.DataFrame, real: RealImages, config: CorrectConfig) -> str:
+    """A digest of what the fine-tune reads beyond the config: the training split's label issues (what leaves the
+    clean loss and what is relabelled), and, with ``correct.drift_augment``, the guard its drift box comes from.
+    Held-out answers only re-grade: candidates are read on every held-out image whatever its role."""
+    digest = hashlib.sha256(issues[issues["split"] == "train"].to_csv(index=False).encode())
+    if config.drift_augment:
+        digest.update(real.role.numpy().tobytes() + real.held_out.labels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _moved_rows(moved: list[list], regions: Regions, bug_labels: dict[int, int], data: ImageDataModule
+                ) -> pd.DataFrame:
+    """label_issues.csv rows (kind "moved") for held-out images a candidate moves to a person's label
+    (:func:`moved_to_person`), each with the region labelled that way (-1 where only relabelled images made the
+    pair) and the person's label of its pair."""
+    classes = data.classes
+    region_of = {(bug_labels.get(r.id, r.predicted_label), r.predicted_label): r.id for r in reversed(regions.regions)}
+    rows = []
+    for name, position, person in moved:
+        given = int(data.split(name).labels[position])
+        rows.append({"split": name, "position": position, "image": int(data.indices(name)[position]), "kind": MOVED,
+                     "given_label": given, "given_class": classes[given], "region": region_of.get((person, given), -1),
+                     "person_label": person, "person_class": classes[person], "label_bug": False, "relabelled": False,
+                     "reviewed": False, "judge_validity": np.nan, "image_judge": np.nan})
+    return pd.DataFrame(rows, columns=list(LABEL_ISSUE_COLUMNS))
+
+
 def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, judge: ValidityModel,
                 data: ImageDataModule, config: CorrectConfig, tau: float, seed: int,
-                trainer: TrainerConfig | None, reviewed: dict[int, int] | None = None,
-                issues: pd.DataFrame | None = None, pairs: set[tuple[int, int]] | None = None) -> str:
-    """A fingerprint of everything the fine-tune's checkpoints depend on (weights hashed, not compared)."""
+                trainer: TrainerConfig | None, trained_on: str) -> str:
+    """A fingerprint of everything the fine-tune's checkpoints depend on (weights hashed, not compared);
+    ``trained_on``: :func:`_trained_on`."""
     weights = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         weights.update(name.encode())
@@ -1148,13 +1286,12 @@ def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, 
     return fingerprint({
         "weights": weights.hexdigest(), "labels": {str(k): v for k, v in sorted(bug_labels.items())},
         "regions": [(r.id, r.source_label, r.predicted_label, r.mean, r.cov) for r in regions.regions],
-        # `scoped` only changes how candidates are judged, not how they are trained: their checkpoints stand.
+        # `scoped` only changes how candidates are judged, not how they are trained: their checkpoints stand. The
+        # review file's answers on training images are in `trained_on`; those on held-out images only re-grade.
         "judge": judge_hash, "data": section_by_content(data.config),
-        "config": {k: v for k, v in section_by_content(config).items() if k != "scoped"}, "tau": tau, "seed": seed,
-        "trainer": trainer_fields, "reviewed": sorted((reviewed or {}).items()),
-        # What the fine-tune trains on and leaves out: the label issues (new witnesses change them, not the inputs).
-        "issues": None if issues is None else hashlib.sha256(issues.to_csv(index=False).encode()).hexdigest(),
-        # Which held-out images are bug images and which guard them (the per-epoch records hold their readings).
-        "pairs": sorted(pairs or ()),
+        "config": {k: v for k, v in section_by_content(config).items() if k not in ("scoped", "reviewed_labels")},
+        "tau": tau, "seed": seed,
+        # What the fine-tune trains on and leaves out (new witnesses or answers change them, not the inputs).
+        "trained_on": trained_on,
         "defuse": defuse_version(),  # a forced re-run after an upgrade must not resume the old version's epochs
     })

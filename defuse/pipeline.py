@@ -161,9 +161,28 @@ def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
     hparams = load_classifier(run.path(CLASSIFIER_CKPT)).hparams if run.path(CLASSIFIER_CKPT).exists() else {}
     # The same image judge the correct stage fits (same seed stream, deterministic), so review and repair agree.
     image_scores = image_witness(hparams, data, config.correct, config.seed, config.trainer, run.root)
-    return issues_for_review(Regions.load(run), LabelBook(run.path(LABELS_FILE)).bug_labels(),
+    import pandas as pd
+
+    todo = issues_for_review(Regions.load(run), LabelBook(run.path(LABELS_FILE)).bug_labels(),
                              load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
                              data, reviewed, image_scores)
+    return pd.concat([todo, moved_for_review(run, set(reviewed or ()) | set(todo["image"].tolist()))],
+                     ignore_index=True)
+
+
+def moved_for_review(run: RunDir, answered: set[int]) -> pd.DataFrame:
+    """The held-out images a finished correct stage found its candidates moving to a person's label under a mistaken
+    label (kind "moved" in label_issues.csv, :func:`defuse.correct.moved_to_person`), less those in ``answered``:
+    the person's answers re-grade the same candidates."""
+    import pandas as pd
+
+    from defuse.correct import LABEL_ISSUE_COLUMNS, MOVED
+
+    path = run.path(LABEL_ISSUES)
+    if not path.exists():
+        return pd.DataFrame(columns=list(LABEL_ISSUE_COLUMNS))
+    table = pd.read_csv(path, dtype={"given_class": str, "person_class": str, "split": str, "kind": str})
+    return table[(table["kind"] == MOVED) & ~table["image"].isin(sorted(answered))].reset_index(drop=True)
 
 
 def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, interactive: bool,
@@ -203,6 +222,8 @@ def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, i
 
 def _witnesses(row) -> str:
     """What the judges give the region's label, as the review prompt shows it (the image judge where it judged)."""
+    if row.judge_validity != row.judge_validity:  # NaN: a held-out image the repair moves (kind "moved")
+        return f"; the repair would read it as {row.person_class!r}"
     said = f"; the judges give {row.person_class!r}: latent {row.judge_validity:.2f}"
     return said + (f", image {row.image_judge:.2f}" if row.image_judge == row.image_judge else "")  # NaN: none
 

@@ -90,7 +90,7 @@ from defuse.identify import Discovery, latent_means, make_evaluate, select_sourc
 from defuse.label import auto_labels
 from defuse.models import inference_copy, load_classifier, load_generator
 from defuse.models.inference import predict_labels, reconstruct
-from defuse.pipeline import label_issues_to_review, run_pipeline, run_stage, stage_named
+from defuse.pipeline import label_issues_to_review, moved_for_review, run_pipeline, run_stage, stage_named
 from defuse.rundir import RunDir
 from defuse.seeding import int_seed, numpy_rng, torch_generator
 
@@ -640,6 +640,29 @@ def simulated_review(run: RunDir, config: RunConfig, reference: torch.nn.Module)
     return path
 
 
+# How many times the simulated person looks at what the repair moves (each look after a correct stage).
+REVIEW_ROUNDS = 3
+
+
+@torch.no_grad()
+def review_moved(run: RunDir, config: RunConfig, reference: torch.nn.Module) -> int:
+    """The person's second look, after a correct stage: the held-out images its candidates move to a person's label
+    under a mistaken label (`defuse review` lists them, :func:`defuse.pipeline.moved_for_review`), answered with what
+    the clean reference reads and appended to the review file. Returns how many (where any, the repair then
+    re-grades the same candidates)."""
+    path = Path(config.correct.reviewed_labels)
+    earlier = pd.read_csv(path)
+    todo = moved_for_review(run, set(earlier["image"].tolist()))
+    if todo.empty:
+        return 0
+    data = ImageDataModule(config.data, config.seed)
+    answers = [pd.DataFrame({"image": rows["image"].to_numpy(), "label": predict_labels(
+                   reference, data.split(name).float_images()[torch.as_tensor(rows["position"].to_numpy())]).numpy()})
+               for name, rows in todo.groupby("split")]
+    pd.concat([earlier, *answers]).to_csv(path, index=False)
+    return len(todo)
+
+
 def review_figures(review: Path, clean_labels: np.ndarray, given_labels: np.ndarray) -> dict:
     """The simulated review against the planted truth: images reviewed, answers that change the given label, of
     them the poisoned ones, and answers that differ from the clean label (the reference's mistakes)."""
@@ -693,6 +716,12 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
             given = np.load(npz)["y"]
             reviewed = review_figures(answers, np.load(folder / "clean.npz")["y"], given)
         run_pipeline(labelled, run)
+        if review:
+            moved = []
+            while len(moved) < REVIEW_ROUNDS and (count := review_moved(run, labelled, reference)):
+                moved.append(count)
+                run_pipeline(labelled, run)
+            reviewed = {**review_figures(answers, np.load(folder / "clean.npz")["y"], given), "moved_reviewed": moved}
         out["repair"] = {"labels": "simulated person (independent clean reference's vote)",
                          "relabel_consent": labelled.correct.relabel, **reviewed,
                          **repair_figures(run, labelled, case, group, poisoned_rows)}
@@ -717,6 +746,14 @@ def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poison
                                   np.load(labelled.data.root)["y"])
     for name in ("label", "correct", "verify"):
         run_stage(stage_named(name), labelled, run, force=True)
+    if review:
+        moved = []
+        while len(moved) < REVIEW_ROUNDS and (count := review_moved(run, labelled, reference)):
+            moved.append(count)
+            for name in ("correct", "verify"):
+                run_stage(stage_named(name), labelled, run, force=True)
+        reviewed = {**review_figures(answers, np.load(run.root.parent / "clean.npz")["y"],
+                                     np.load(labelled.data.root)["y"]), "moved_reviewed": moved}
     test = ImageDataModule(config.data, config.seed).split("test")
     group = subgroup(test, case, info["threshold"]) if case != "clean" else None
     discovery = {}

@@ -379,6 +379,21 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
     assert "--reviewed-labels" in said[-1] and "label_review_todo.csv" in said[-1]
 
 
+def test_review_lists_the_held_out_images_the_repair_moved_under_a_mistaken_label_until_answered(tmp_path):
+    from defuse import pipeline
+    from defuse.correct import LABEL_ISSUE_COLUMNS
+
+    run = RunDir(tmp_path)
+    assert pipeline.moved_for_review(run, set()).empty  # no correct stage yet: nothing it moved
+    rows = pd.DataFrame([{**dict.fromkeys(LABEL_ISSUE_COLUMNS), "split": "val", "position": p, "image": i, "kind": k,
+                          "given_class": "8", "person_class": "3", "judge_validity": np.nan}
+                         for p, i, k in ((0, 50, "moved"), (1, 51, "moved"), (2, 52, "neighbour"))])
+    rows.to_csv(run.path("label_issues.csv"), index=False)
+    todo = pipeline.moved_for_review(run, {51})  # 51 answered: asked once, never again; 52 is not the repair's
+    assert todo["image"].tolist() == [50]
+    assert pipeline._witnesses(next(todo.itertuples(index=False))) == "; the repair would read it as '3'"
+
+
 def test_outputs_an_earlier_defuse_made_are_kept_and_the_warning_says_how_to_remake_them(tmp_path, tiny_overrides,
                                                                                           caplog, monkeypatch):
     import defuse

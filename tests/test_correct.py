@@ -21,9 +21,11 @@ from defuse.correct import (
     image_judge_scores,
     neighbour_shares,
     correct,
+    moved_to_person,
     paired_change,
     sample_regions,
     _inputs_key,
+    _trained_on,
     section_by_content,
 )
 from defuse.data import ImageDataModule
@@ -84,7 +86,7 @@ def test_correct_raises_region_accuracy_and_resumes(tmp_path, digits):
     assert summary["val_region_accuracy_after"] > summary["val_region_accuracy_before"]
     first = json.loads((tmp_path / "lambda_2" / "epochs.json").read_text())
     assert len(first) == 1 and (tmp_path / "lambda_2" / "last.ckpt").exists()
-    assert len(first[0]["guard"]) == len(real.guard) == len(digits.split("val")) + len(digits.split("audit"))
+    assert len(first[0]["held_out"]) == len(real.guard) == len(digits.split("val")) + len(digits.split("audit"))
 
     # A second call with more epochs resumes from last.ckpt: epoch 0 is not trained again.
     longer = CorrectConfig(lambdas=[2.0], epochs=2, lr=3e-3, max_clean_drop=1.0, max_class_drop=1.0, layers=["all"])
@@ -189,6 +191,33 @@ def test_held_out_images_the_original_misreads_as_a_labelled_mistake_are_the_bug
     sevens = sum(int((h.labels == 7).sum()) for h in held_out)
     assert len(real.bugs) == sevens > 0 and (real.bugs.labels == 7).all()
     assert len(real.guard) == sum(len(h) for h in held_out) - sevens and not (real.guard.labels == 7).any()
+
+
+def test_guard_images_a_candidate_moves_to_the_persons_label_await_the_persons_answer(digits):
+    """Where every split carries a labelling bug, a held-out image of the bug keeps its mistaken label and the guard
+    counts its fix as a loss: such moves (mistake -> person's label, for a repaired pair) are what a person settles,
+    each image once; moves to other classes, images the original already misread, and answered images are not."""
+    real = RealImages.gather(digits)
+    labels = real.held_out.labels.numpy()
+    base = labels.copy()
+    ones, twos = np.flatnonzero(labels == 1), np.flatnonzero(labels == 2)
+    first, second = base.copy(), base.copy()
+    first[ones[:2]] = 7       # moved to the person's label: awaits an answer
+    second[ones[1:4]] = 7     # a second candidate moves two more: the union is asked, each once
+    second[ones[4]] = 3       # moved to a class nobody gave: the guard's business
+    second[twos[0]] = 7       # labelled 2, not the pair's mistake
+    base[ones[3]] = 5         # the original misread it already: not the fix's loss
+    unanswered = ~real.reviewed.numpy()
+    moved = moved_to_person(labels, base, [first, second], {(7, 1)}, unanswered)
+    assert np.flatnonzero(moved >= 0).tolist() == sorted(ones[[0, 1, 2]].tolist()) and (moved[moved >= 0] == 7).all()
+    source = np.concatenate([digits.indices(s).numpy() for s in ("val", "audit")])
+    answered = RealImages.gather(digits, reviewed={int(source[ones[0]])})
+    assert answered.reviewed.sum() == 1 and not answered.train_reviewed.any()
+    assert np.flatnonzero(moved_to_person(labels, base, [first, second], {(7, 1)}, ~answered.reviewed.numpy())
+                          >= 0).tolist() == sorted(ones[[1, 2]].tolist())
+    assert (moved_to_person(labels, base, [first, second], set(), unanswered) < 0).all()
+    trained = RealImages.gather(digits, reviewed={int(digits.indices("train")[5])})
+    assert np.flatnonzero(trained.train_reviewed.numpy()).tolist() == [5]
 
 
 def test_paired_change_and_its_bootstrap_interval():
@@ -632,7 +661,7 @@ def test_the_fine_tunes_cache_key_follows_what_the_data_file_holds_not_where_it_
     def inputs_key(root) -> str:  # the key the stage writes to correct/KEY, for data at ``root``
         data = SimpleNamespace(config=DataConfig(source="npz", root=str(root)))
         return _inputs_key(model, {1: 0}, Regions([_region(1)], {}), quadrant_validity(), data,
-                           CorrectConfig(), 0.25, 0, None)
+                           CorrectConfig(), 0.25, 0, None, "trained-on")
 
     stage_key = inputs_key(first)
     assert inputs_key(moved) == stage_key
@@ -640,6 +669,19 @@ def test_the_fine_tunes_cache_key_follows_what_the_data_file_holds_not_where_it_
     assert section_by_content(DataConfig(source="npz", root=str(first))) != key
     assert inputs_key(first) != stage_key
     assert section_by_content(DataConfig()) == asdict(DataConfig())  # no file named: the section as it is
+
+
+def test_answers_on_held_out_images_re_grade_the_same_checkpoints_and_answers_on_training_images_retrain(digits):
+    issues = pd.DataFrame({"split": ["train", "val"], "position": [0, 0], "person_label": [7, 7],
+                           "given_label": [1, 1], "relabelled": [True, True]})
+    real = RealImages.gather(digits)
+    key = _trained_on(issues, real, CorrectConfig())
+    held_out_answer = pd.concat([issues, issues.assign(split="audit", position=3)], ignore_index=True)
+    assert _trained_on(held_out_answer, real, CorrectConfig()) == key
+    train_answer = pd.concat([issues, issues.assign(position=3)], ignore_index=True)
+    assert _trained_on(train_answer, real, CorrectConfig()) != key
+    # With drift augmentation the guard shapes the drift box, so it is part of what the fine-tune reads.
+    assert _trained_on(issues, real, CorrectConfig(drift_augment=True)) != key
 
 
 def test_the_persons_answer_makes_the_other_class_of_its_pair_suspect_within_the_regions_reach():
