@@ -24,10 +24,8 @@ from defuse.correct import (
     moved_to_person,
     paired_change,
     sample_regions,
-    _inputs_key,
-    _trained_on,
-    section_by_content,
 )
+from defuse.correct.stage import _inputs_key, _trained_on, section_by_content
 from defuse.data import ImageDataModule
 from defuse.distill import Region, Regions
 from defuse.models import build_classifier
@@ -424,7 +422,7 @@ def test_each_label_issue_says_what_each_witness_gives_the_persons_label(digits)
 
 
 def test_a_pair_few_of_its_labels_contradict_is_a_boundary_whose_labels_stand(digits, monkeypatch):
-    import defuse.correct as correct_module
+    import defuse.correct.issues as correct_module
 
     # Region 1 (0 -> 1, labelled 0): the judge reads latents at (0, 0) as 0. Two in five training 1s sit there, more
     # than MIN_BUG_IMAGES but (with the share raised to one half) too small a share of the 1s for a labelling bug.
@@ -451,7 +449,7 @@ def test_a_pair_few_of_its_labels_contradict_is_a_boundary_whose_labels_stand(di
 
 
 def test_decoded_samples_give_way_where_relabelled_real_images_show_the_pair():
-    from defuse.correct import MIN_BUG_IMAGES, _without_pairs_shown_by_real_images
+    from defuse.correct.stage import MIN_BUG_IMAGES, _without_pairs_shown_by_real_images
 
     regions = Regions([_region(1), replace(_region(2), source_label=2, pair="2 -> 1")], {})  # 0 -> 1 and 2 -> 1
     samples = sample_regions(regions, {1: 0, 2: 2}, LineGenerator(), per_region=5, tau=1.0,
@@ -544,7 +542,7 @@ def test_ties_on_the_bug_images_go_to_the_surer_reading_then_the_real_guard_chan
 
 
 def test_bug_confidence_is_each_checkpoints_mean_probability_of_the_bug_labels(tmp_path):
-    from defuse.correct import bug_confidence
+    from defuse.correct.candidates import bug_confidence
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
     images = torch.rand(6, 1, 2, 2)
@@ -563,7 +561,7 @@ def test_bug_confidence_is_each_checkpoints_mean_probability_of_the_bug_labels(t
 
 
 def test_decoded_samples_must_read_the_real_bug_images_better_than_real_images_alone_beyond_chance():
-    from defuse.correct import _unless_decoded_samples_help
+    from defuse.correct.candidates import _unless_decoded_samples_help
 
     labels = np.zeros(50, dtype=np.int64)
 
