@@ -135,6 +135,20 @@ def test_a_labelled_region_whose_samples_stay_misread_is_named_not_repaired(fini
     assert f"#{labelled[0]['id']} " in report.data["status_detail"]
     assert "<strong>Not repaired:</strong>" in run.path("report/index.html").read_text()
     assert "**not repaired**" in run.path("report/report.md").read_text()
+    # Why: the fine-tunes that learnt the regions were refused by the guard, with the figures that refused them.
+    chosen = {"layers": "all", "lambda": 0.0, "epoch": 0, "decoded_accuracy": 0.1, "admissible": True,
+              "guard_change_ci95": [0.0, 0.0], "largest_class_drop": 0.0}
+    learnt = [dict(chosen, epoch=i, decoded_accuracy=0.95, admissible=False, guard_change_ci95=[-0.02 - i / 100, 0.0],
+                   largest_class_drop=0.065 - i / 100) for i in range(2)]
+    manifest["stages"]["correct"]["metrics"]["candidates"] = [chosen, *learnt]
+    run.write_manifest(manifest)
+    labelled[1]["accuracy_after"] = 0.5
+    run.path("verify.json").write_text(json.dumps(verify))
+    none = build_report(run).data
+    assert none["status_detail"].startswith("None of the ")
+    assert "the 2 fine-tunes that learnt the labelled regions' decoded samples" in none["status_detail"]
+    assert "at best a 95% lower bound of -2.00 points on held-out accuracy and a largest class drop of 5.5%" in \
+        none["status_detail"]
     # A refused repair repairs no region, whatever the samples read.
     manifest["stages"]["correct"]["metrics"].update(chosen=None, reason="no candidate raised accuracy")
     run.write_manifest(manifest)

@@ -297,8 +297,26 @@ def _region_repaired(is_class: bool, accuracy_after: float | None, repair: dict[
     if accuracy_after >= REGION_REPAIRED:
         return True, None
     return False, (f"the repaired classifier reads {100 * accuracy_after:.1f}% of its fresh samples as {label}, under "
-                   f"{100 * REGION_REPAIRED:.0f}%: the chosen fine-tune did not learn this region (see the candidates "
-                   f"under Repair)")
+                   f"{100 * REGION_REPAIRED:.0f}%: {_why_not_learnt(repair)}")
+
+
+def _why_not_learnt(repair: dict[str, Any] | None) -> str:
+    """Why the chosen fine-tune left a labelled region misread, from the candidates' table: none learnt the regions'
+    decoded samples, or those that did were refused by the guard (with the figures that refused them)."""
+    candidates = (repair or {}).get("candidates") or []
+    learnt = [c for c in candidates if (c.get("decoded_accuracy") or 0.0) >= REGION_REPAIRED]
+    if not learnt:
+        return "no fine-tune learnt the labelled regions' decoded samples (see the candidates under Repair)"
+    refused = [c for c in learnt if not c.get("admissible")]
+    if len(refused) < len(learnt):
+        return ("the fine-tune was chosen on the real held-out images of the labelled bugs, and the ones that learnt "
+                "the decoded samples read those images no better (see the candidates under Repair)")
+    low = max(c["guard_change_ci95"][0] for c in refused)
+    drop = min(c["largest_class_drop"] for c in refused)
+    return (f"the {len(learnt)} fine-tunes that learnt the labelled regions' decoded samples change answers on "
+            f"held-out images the guard holds, and were refused: at best a 95% lower bound of {100 * low:+.2f} "
+            f"points on held-out accuracy and a largest class drop of {100 * drop:.1f}% (correct.max_clean_drop, "
+            f"correct.max_class_drop)")
 
 
 def _status_detail(status: str, label_metrics: dict[str, Any], repair: dict[str, Any] | None, run: RunDir,
@@ -315,8 +333,10 @@ def _status_detail(status: str, label_metrics: dict[str, Any], repair: dict[str,
     if missed:
         named = "; ".join(f"#{r['id']} {r['pair']} labelled {r['label']}: {r['not_repaired_reason']}" for r in missed)
         done = sum(bool(r["repaired"]) for r in regions)
-        return (f"Partly repaired: {done} of {done + len(missed)} regions labelled a bug are repaired. Not repaired: "
-                f"{named}. The figures below compare the repaired classifier with the original on the test split.")
+        opening = (f"Partly repaired: {done} of {done + len(missed)} regions labelled a bug are repaired." if done else
+                   f"None of the {len(missed)} regions labelled a bug is repaired.")
+        return (f"{opening} Not repaired: {named}. The figures below compare the repaired classifier with the "
+                f"original on the test split.")
     return "Repaired: the figures below compare the repaired classifier with the original on the test split."
 
 
