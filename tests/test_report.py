@@ -149,6 +149,11 @@ def test_a_labelled_region_whose_samples_stay_misread_is_named_not_repaired(fini
     assert "the 2 fine-tunes that learnt the labelled regions' decoded samples" in none["status_detail"]
     assert "at best a 95% lower bound of -2.00 points on held-out accuracy and a largest class drop of 5.5%" in \
         none["status_detail"]
+    # Images a candidate moved under a mistaken label: the status says how to settle them.
+    manifest["stages"]["correct"]["metrics"]["moved_for_review"] = 7
+    run.write_manifest(manifest)
+    assert f"7 images labelled as a labelled region's mistake are read as your label by a candidate repair: " \
+           f"`defuse review --run-dir {run.root}`" in build_report(run).data["status_detail"]
     # A refused repair repairs no region, whatever the samples read.
     manifest["stages"]["correct"]["metrics"].update(chosen=None, reason="no candidate raised accuracy")
     run.write_manifest(manifest)

@@ -321,6 +321,17 @@ def _why_not_learnt(repair: dict[str, Any] | None) -> str:
 
 def _status_detail(status: str, label_metrics: dict[str, Any], repair: dict[str, Any] | None, run: RunDir,
                    regions: list[dict[str, Any]] | None = None) -> str:
+    detail = _repair_detail(status, label_metrics, repair, run, regions)
+    moved = (repair or {}).get("moved_for_review") or 0
+    if moved:
+        detail += (f" {moved} images labelled as a labelled region's mistake are read as your label by a candidate "
+                   f"repair: `defuse review --run-dir {run.root}` shows each, and your answers re-grade (or retrain) "
+                   f"the repair when you run again with --reviewed-labels.")
+    return detail
+
+
+def _repair_detail(status: str, label_metrics: dict[str, Any], repair: dict[str, Any] | None, run: RunDir,
+                   regions: list[dict[str, Any]] | None = None) -> str:
     if status == AWAITING_LABELS:
         return (f"{label_metrics.get('pending')} of {label_metrics.get('regions')} regions await a label; nothing "
                 f"was repaired. Label them with `defuse label --run-dir {run.root}` (or --labels FILE, or --labels "
