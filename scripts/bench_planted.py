@@ -851,6 +851,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replay-correct", action="store_true", help="with --keep DIR of an earlier run: re-run "
                         "only correct and verify on its kept runs (the running code, the shipped config) and grade "
                         "them; no discovery figures")
+    parser.add_argument("--without-control", action="store_true", help="with --replay-correct: replay only the "
+                        "named cases, not the clean control's repair (its figures stand from the kept run)")
     parser.add_argument("--review", action="store_true", help="the person also reviews each label issue image by "
                         "image (answered with the reference's reading), as `defuse review` asks")
     parser.add_argument("--set", action="append", default=[], metavar="correct.KEY=VALUE", dest="experiment",
@@ -869,7 +871,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--replay-correct re-runs the repair of kept runs: give --keep DIR (an earlier run's "
                      "directory), and not --no-repair")
     torch.set_num_threads(2)
-    cases = ["clean", *(c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean")]
+    if args.without_control and not args.replay_correct:
+        parser.error("--without-control goes with --replay-correct: a fresh run needs its clean control")
+    cases = [*([] if args.without_control else ["clean"]),
+             *(c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean")]
     unknown = [c for c in cases if c != "clean" and c not in CASES and c not in NATURAL_CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; the cases are {', '.join([*CASES, *NATURAL_CASES])}")

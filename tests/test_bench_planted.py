@@ -107,6 +107,9 @@ def test_replay_correct_needs_a_kept_run_to_replay(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bp.main(["--replay-correct"])  # nothing kept to replay
     assert "--replay-correct re-runs the repair of kept runs: give --keep DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bp.main(["--without-control"])  # a fresh run always grades against its clean control
+    assert "--without-control goes with --replay-correct" in capsys.readouterr().err
     run = bp.RunDir(tmp_path / "seed0" / "short")
     with pytest.raises(SystemExit, match=r"holds no finished run with the simulated person's labels to replay"):
         bp.replay_correct(run, None, "short", {}, None, None, True, False, 0.0)
