@@ -1,14 +1,7 @@
 """Correction: fine-tune the classifier on corrected labels and the labelled regions, keeping clean accuracy on
 images it never saw.
 
-Loss: ``CE(training set, labels as corrected) + lambda * CE(region batch, person's label)
-+ keep * KL(original || fine-tuned)``, starting from the classifier's own weights. The training set is the
-training split less its label issues, plus, when the person consents (``correct.relabel``), the training images
-whose labels the person's answers contradict, under the person's label (``relabelled_repeats`` times each). The
-region batch holds fresh decoded samples of the labelled regions whose bug no real image shows (those the
-validity judge gives the person's label at least ``min_validity``); lambda = 0 trains without them. The KL term
-holds the original model's answers only on images whose label it already gives, so it never pulls a corrected
-image back.
+The loss and how the fine-tune holds the original's answers: :mod:`defuse.correct.finetune`.
 
 Why real images: a fine-tune on decoded samples alone learns the generator's smooth rendering of a bug, not the
 bug (measured on the planted benchmark: 99.8% on decoded validation samples, 0.61 on the real subgroup). And a
