@@ -57,9 +57,10 @@ _DESCRIPTIONS = {
     "far, correct.average), chosen on real held-out val and audit images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
     "correct.max_clean_drop, else the original weights stay. Writes repaired.ckpt and label_issues.csv. An "
     "interrupted fine-tune resumes from its last checkpoint.",
-    "review": "Review the label issues of the labelling bugs your region labels revealed, image by image, before "
+    "review": "Review the label issues your region labels revealed, image by image, before "
     "correct: the training, validation and audit images whose given label is a labelled region's mistake and which "
-    "the judges doubt or contradict (e.g. short 2s labelled 7). At a terminal each image is shown with "
+    "the judges doubt or contradict or the region reaches (e.g. short 2s labelled 7), and after it those a "
+    "candidate repair moved to your label. At a terminal each image is shown with "
     "its given label, the region's label and what the two judges (latent, image) give that label; answer with its class (Enter skips, q stops). Answers go to "
     "<run-dir>/label_review.csv at once (run again to resume); without a terminal the images to review are written "
     "to <run-dir>/label_review_todo.csv, whose label column you fill. Use them with `defuse run --reviewed-labels "

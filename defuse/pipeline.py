@@ -187,7 +187,7 @@ def moved_for_review(run: RunDir, answered: set[int]) -> pd.DataFrame:
 
 def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, interactive: bool,
                    ask: Callable[[str], str] = input, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """``defuse review``: a person's answer on each label issue of a labelling bug (:func:`label_issues_to_review`),
+    """``defuse review``: a person's answer on each label issue of a labelled region (:func:`label_issues_to_review`),
     appended to ``out`` (default <run-dir>/label_review.csv) as it is given (:func:`defuse.label.review_prompt`);
     answers already there are not asked again. Not interactive: the issues go to label_review_todo.csv, with an
     empty label column to fill in. Returns how many were listed and answered, and where they went."""
@@ -201,7 +201,7 @@ def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, i
     use = (f"Use the answers: `defuse run --run-dir {run.root} --reviewed-labels {out}` (each answer decides its "
            f"image's label; images you skip follow the rules).")
     if todo.empty:
-        say(f"Nothing to review: no label issue of a labelling bug awaits an answer (they are found once regions "
+        say(f"Nothing to review: no label issue of a labelled region awaits an answer (they are found once regions "
             f"are labelled with a class: `defuse label --run-dir {run.root}`). {use if out.exists() else ''}")
         return {"to_review": 0, "answered": 0}
     if not interactive:

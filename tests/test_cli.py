@@ -344,7 +344,7 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
                          "person_class": "2", "judge_validity": 0.81, "image_judge": [0.974, np.nan, 0.5]})
     asked_with = []
 
-    def to_review(config, run):  # the label issues of a labelling bug, less those already answered
+    def to_review(config, run):  # the label issues of the labelled regions, less those already answered
         asked_with.append(config.correct.reviewed_labels)
         done = read_reviewed_labels(config.correct.reviewed_labels, data) if config.correct.reviewed_labels else {}
         return todo[~todo["image"].isin(list(done))]

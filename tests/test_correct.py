@@ -731,6 +731,23 @@ def test_images_within_a_labelled_regions_reach_are_listed_for_review_and_relabe
     assert reviewed["relabelled"].sum() == 1  # the person's answer, image by image, is what relabels
 
 
+def test_review_asks_about_every_listed_image_of_a_labelled_region_not_only_a_declared_labelling_bugs(monkeypatch):
+    import defuse.correct.review as review
+
+    # Where every split carries the bug, the judges declare no pair a labelling bug (label_bug false): its
+    # contradicted and doubted images would keep the mistaken label in the clean loss unless a person is asked.
+    table = pd.DataFrame({"split": ["train", "audit", "train", "val", "train"], "position": [4, 0, 2, 1, 9],
+                          "image": [14, 30, 12, 21, 19], "kind": ["doubted", "contradicted", "neighbour", "doubted",
+                                                                 "reviewed"],
+                          "region": [2, 1, 1, 1, 1], "label_bug": False,
+                          "reviewed": [False, False, False, False, True]})
+    monkeypatch.setattr(review, "encode_splits", lambda generator, data: {})
+    monkeypatch.setattr(review, "find_label_issues", lambda *args, **kwargs: table)
+    todo = review.issues_for_review(Regions([], {}), {}, None, None, None)
+    # All four unanswered rows, by region, then split (train, val, audit) and position; the answered one is not.
+    assert todo["image"].tolist() == [12, 21, 30, 14]
+
+
 def test_relabelled_images_add_their_pair_to_what_the_repair_fixes():
     regions = Regions([_region(1), replace(_region(2), source_label=6, predicted_label=1, pair="6 -> 1")], {})
     # Region 1 (0 -> 1) answered 0: a bug; region 2 (6 -> 1) answered 1, the model's reading: no pair of its own.
