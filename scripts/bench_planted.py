@@ -29,7 +29,9 @@ Measured, reading only the run directories' artifacts, and grading only on the t
   reads as the planted class (the ceiling for any latent search);
 * the rank of the first region with the planted pair, its precision (the share of the fresh samples a person is
   shown of it, its misreadings first, that the reference reads as the source class while the poisoned model reads
-  the planted class; ``planted_precision_gaussian``: the same share on plain draws of its Gaussian), its bug score;
+  the planted class; ``planted_precision_gaussian``: the same share on plain draws of its Gaussian; reversed, the
+  share of the real images shown beside it that are mislabelled images of the bug; ``planted_precision_direct``,
+  ``planted_precision_reversed``: each orientation's first region), its bug score;
 * valid failures per 1,000 classifier queries, against random sampling from the prior and against the
   reference search (Beta(50, 50) shift of the mean, 10 samples per source) at equal budget, from the audit split;
 * repair: accuracy on the planted subgroup of the test split before/after, clean accuracy outside it, the largest
@@ -471,7 +473,7 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
     source, planted = case_spec(case)[:2]
     out: dict = {"planted_rank": None, "planted_orientation": None, "planted_rank_direct": None,
                  "planted_rank_reversed": None, "planted_precision": None, "planted_precision_gaussian": None,
-                 "planted_bug_score": None}
+                 "planted_precision_direct": None, "planted_precision_reversed": None, "planted_bug_score": None}
     auto = auto_labels(regions, regions.classes, min_real_misread=config.label.auto_min_real_misread)
     audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split).float_images()
     for region in regions.regions:
@@ -480,8 +482,6 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
         if orientation is None or out[f"planted_rank_{orientation}"] is not None:
             continue
         out[f"planted_rank_{orientation}"] = region.id
-        if out["planted_rank"] is not None:
-            continue
         precision = {"planted_precision_gaussian": None}
         if orientation == "direct":
             for name, classifier in (("planted_precision", model), ("planted_precision_gaussian", None)):
@@ -493,6 +493,11 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
             beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
             precision["planted_precision"] = (round(float((predict_labels(reference, audit[beside]) == source)
                                                           .float().mean()), 4) if len(beside) else None)
+        # Each orientation's first region has its precision (a reversed first region may sit among genuine images
+        # of the planted class while the direct one, a rank below, is the bug itself); the headline is the first.
+        out[f"planted_precision_{orientation}"] = precision["planted_precision"]
+        if out["planted_rank"] is not None:
+            continue
         out.update({"planted_rank": region.id, "planted_orientation": orientation, **precision,
                     "planted_bug_score": region.bug_score,
                     "planted_real_misread": f"{region.real_misread}/{region.real_neighbours}",
@@ -787,8 +792,9 @@ NATURAL_BARS = {"planted_rank": ("max", 5), "subgroup_gain": ("min", 0.15),
 
 def summarise(per_seed: dict[int, dict]) -> dict:
     """Mean and worst of each figure per case over the seeds, and whether each bar holds on the worst seed."""
-    figures = ("visibility", "planted_rank", "planted_precision", "planted_precision_gaussian", "planted_bug_score", "valid_failures_per_1000_queries",
-               "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
+    figures = ("visibility", "planted_rank", "planted_precision", "planted_precision_gaussian",
+               "planted_precision_direct", "planted_precision_reversed", "planted_bug_score",
+               "valid_failures_per_1000_queries", "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
     repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "subgroup_gain", "subgroup_accuracy_clean_model",
               "decoded_accuracy_before", "decoded_accuracy_after",
               "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
