@@ -53,8 +53,7 @@ _DESCRIPTIONS = {
     "correct": "Fine-tune the classifier on its training labels as your region labels correct them (with --relabel, "
     "the training images whose labels your answers contradict, under your label; without it they are left out), "
     "plus fresh samples of the labelled regions that no real image shows; every layer, or the head alone on "
-    "frozen features (correct.layers), each epoch a candidate (the running mean of the epoch-end weights so "
-    "far, correct.average), chosen on real held-out val and audit images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
+    "frozen features (correct.layers), each epoch a candidate, chosen on real held-out val and audit images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
     "correct.max_clean_drop, else the original weights stay. Writes repaired.ckpt and label_issues.csv. An "
     "interrupted fine-tune resumes from its last checkpoint.",
     "review": "Review the label issues your region labels revealed, image by image, before "

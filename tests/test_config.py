@@ -38,6 +38,15 @@ def test_unknown_key_suggests_the_closest_one(tmp_path):
         load_config(path)
 
 
+def test_a_retired_key_says_why_it_went_and_to_delete_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"correct": {"average": True}}))
+    with pytest.raises(ValueError, match=re.escape(f"Config key 'correct.average' in {path} is retired: each epoch's")) \
+            as raised:
+        load_config(path)
+    assert str(raised.value).endswith("Delete it.")
+
+
 def test_wrong_type_names_key_value_and_file(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("classifier:\n  epochs: many\n")

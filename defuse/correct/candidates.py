@@ -12,10 +12,13 @@ of the bug images, then to the better guard change) wins, if it beats the origin
 stay and the summary says why. A winner trained with decoded samples must beat the best candidate trained on real
 images alone beyond chance (:func:`_unless_decoded_samples_help`).
 
-*Weight averaging.* Each epoch's candidate is the running mean of the weights at the end of every epoch so far
-(``correct.average``, stochastic weight averaging), not the last step's weights: one epoch's last steps move
-unrelated test decisions by a few images a class, and the mean moves fewer (measured on the kept planted runs:
-largest class drop on test 2.90 -> 0.52 points for slant seed 0; runs meeting every repair bar 9 -> 12 of 15).
+*No weight averaging.* Each epoch's candidate is that epoch's weights. The running mean of the epochs' weights
+(stochastic weight averaging, ``correct.average`` until 2026-12-05) was measured with a clean audit split and
+before the scope below, when one epoch's last steps moved unrelated test decisions a class; where every split
+carries the bug it held the repair back instead (the mean includes the first epoch's weights, which still read
+the bug), and the scope holds the unrelated moves it was for. Replayed on the kept seed-0 planted runs, every
+split but test poisoned: short's held-out bug images 0.86 -> 0.93, its test subgroup 0.81 -> 0.95; see
+docs/benchmarks.md, *No weight averaging*.
 
 *Scope.* The repaired model moves answers only to the classes a person gave the labelled regions
 (``correct.scoped``, :class:`~defuse.models.classifiers.ScopedRepair`): where the fine-tune answers such a class and
@@ -152,8 +155,7 @@ def correct(
             pl.seed_everything(seed, verbose=False)
             module = CorrectionModule(copy.deepcopy(classifier), lam=lam,
                                       lr=config.lr if layers == "all" else config.head_lr, keep=config.keep,
-                                      drift_box=box, drift_seed=int_seed(seed, "correct.drift"), layers=layers,
-                                      average=config.average)
+                                      drift_box=box, drift_seed=int_seed(seed, "correct.drift"), layers=layers)
             loaders = {"clean": data.images_loader(training_set, shuffle=True, stream="correct.clean_shuffle")}
             if lam > 0:
                 loaders["regions"] = DataLoader(TensorDataset(region_x, region_y), batch_size=data.config.batch_size,

@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.callbacks import Callback
 from torch import nn
-from torch.optim.swa_utils import AveragedModel
 
 from defuse.data import ImageSet
 from defuse.models.classifiers import classifier_head
@@ -60,13 +59,11 @@ class CorrectionModule(pl.LightningModule):
         lr: Adam learning rate.
         keep: weight of KL(original || fine-tuned) on the training images whose label the original gives.
         layers: "all" trains every weight; "head" only :func:`classifier_head`, on frozen features.
-        average: each epoch's candidate is the running mean of the weights at the end of every epoch so far
-            (:meth:`fold_epoch`), not the last step's weights.
     """
 
     def __init__(self, classifier: nn.Module, lam: float = 1.0, lr: float = 5e-4, keep: float = 0.0,
                  drift_box: dict[str, tuple[float, float]] | None = None, drift_seed: int = 0,
-                 layers: str = "all", average: bool = False) -> None:
+                 layers: str = "all") -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["classifier"])
         # Drift-aware repair: the random drifts of each step come from their own generator (stream correct.drift).
@@ -78,19 +75,6 @@ class CorrectionModule(pl.LightningModule):
         self.model = classifier.train().requires_grad_(layers == "all")  # checkpoints load in eval mode, frozen
         if layers == "head":
             classifier_head(self.model).requires_grad_(True)
-        # A submodule, so checkpoints carry it and a resumed fine-tune goes on averaging where it stopped. Buffers
-        # are not averaged: batch norm stays frozen at the original's statistics (on_train_epoch_start).
-        self.averaged = AveragedModel(self.model).requires_grad_(False) if average else None
-
-    @property
-    def candidate(self) -> nn.Module:
-        """The weights this epoch offers as a candidate: the running average, or the current weights."""
-        return self.model if self.averaged is None else self.averaged.module
-
-    def fold_epoch(self) -> None:
-        """Fold the weights at the end of this epoch into the running average (nothing without ``average``)."""
-        if self.averaged is not None:
-            self.averaged.update_parameters(self.model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -154,18 +138,16 @@ class _EpochRecord(Callback):
 
     def on_train_epoch_end(self, trainer, module) -> None:
         # Runs before ModelCheckpoint (Lightning calls checkpoint callbacks last), so the epoch's checkpoint holds
-        # the average this record describes.
-        module.fold_epoch()
+        # the weights this record describes.
         records = json.loads(self.path.read_text()) if self.path.exists() else []
         records = [r for r in records if r["epoch"] != trainer.current_epoch]
         records.append({"epoch": trainer.current_epoch,
-                        **{name: predict_labels(module.candidate, x).tolist() for name, (x, _) in self.sets.items()}})
+                        **{name: predict_labels(module.model, x).tolist() for name, (x, _) in self.sets.items()}})
         atomic_write_json(self.path, sorted(records, key=lambda r: r["epoch"]))
 
 
 def candidate_weights(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The classifier weights a candidate checkpoint offers: the running average where the fine-tune kept one
-    (``correct.average``), else the fine-tuned weights."""
+    """The classifier weights a candidate checkpoint holds (the fine-tuned model's, without the module's prefix)."""
     state = checkpoint["state_dict"]
-    prefix = "averaged.module." if any(k.startswith("averaged.module.") for k in state) else "model."
+    prefix = "model."
     return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
