@@ -1,4 +1,4 @@
-"""The names of the run directory's artifacts, in one place (see the README's run-directory table).
+"""The names of the run directory's artifacts, in one place (see ../shared/DESIGN.md's run-directory table).
 
 Stage modules, the pipeline, the benchmarks and the report read these names from here, so renaming an artifact is
 one edit. This module imports nothing, so the CLI can know the pipeline's shape without loading torch.
@@ -27,5 +27,5 @@ CHECK_AFTER = "checks/after.json"  # check-after
 DRIFT_TOLERANCE = "checks/drift_tolerance.json"  # check-after: the tolerated drift before and after the repair
 REPORT_DIR = "report"  # report
 REPORT_HTML = "report/index.html"  # report: self-contained (images embedded)
-REPORT_JSON = "report/report.json"  # report: every figure, under the keys the README documents
+REPORT_JSON = "report/report.json"  # report: every figure, under the keys docs/report.md documents
 REPORT_MD = "report/report.md"  # report: short, for a pull request

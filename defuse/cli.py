@@ -71,7 +71,7 @@ _DESCRIPTIONS = {
     "check-before), after (the repaired, check-after, paired image by image with before: an EI drop beyond 0.01 "
     "whose interval excludes 0 is a regression) or a checkpoint file. Writes checks/<name>.json, .npy and .png.",
     "report": "Render what the stages wrote as a before/after report in <run-dir>/report/: index.html "
-    "(self-contained, opens offline), report.json (every figure, keys documented in the README) and report.md (for a "
+    "(self-contained, opens offline), report.json (every figure, keys documented in docs/report.md) and report.md (for a "
     "pull request). Computes nothing from a model; `defuse run` writes it last, and also when it stops for labels.",
     "drift": "Physical drift of a classifier (after raw2logit): the test images are unprocessed to linear light and "
     "re-acquired under physically named parameters (exposure, black level, gamma, optical blur, sharpening, shot and "

@@ -4,7 +4,7 @@ The report only renders what the stages wrote (regions.json and its pictures, la
 checks/*.json and their heat maps, manifest.json): it computes no model output, so this module never imports torch
 (a test holds it to that) and a report can be rebuilt from a copied run directory anywhere.
 
-``report.json`` holds every figure under the keys the README documents (DESIGN.md's stable keys plus a few more);
+``report.json`` holds every figure under the keys docs/report.md documents (DESIGN.md's stable keys plus a few more);
 its content depends only on the run's artifacts, so two runs with one seed give the same file apart from
 ``timings`` and ``metadata.run_dir``/``metadata.created``. ``index.html`` embeds its images (data: URLs) and
 loads nothing from outside, so it opens offline from a file: URL; ``report.md`` is the short form for a pull
