@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -117,6 +116,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override one config key, e.g. --set classifier.epochs=5 (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="shortcut for --set seed=N")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show what the libraries say (Lightning's device banners and tips, umap-learn's "
+                             "warnings), which defuse hides by default (trainer.verbose=true)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,44 +191,95 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, RunDir]:
         overrides.append(f"report.fail_on={args.fail_on}")
     if args.no_progress or not sys.stderr.isatty():
         overrides.append("trainer.progress_bar=false")
+    if args.verbose:
+        overrides.append("trainer.verbose=true")
     recorded = RunDir(args.run_dir).manifest().get("config") if args.run_dir and args.config is None else None
     if recorded:  # `defuse label --run-dir DIR` continues DIR's run with the config it was made with
         # ... but where labels come from is asked each time: a run never remembers "auto" on the user's behalf.
         # So is the CI gate: --fail-on holds for the command it is given to.
         recorded = {**recorded, "label": {**recorded.get("label", {}), "mode": "prompt"},
-                    "report": {**recorded.get("report", {}), "fail_on": "never"}}
+                    "report": {**recorded.get("report", {}), "fail_on": "never"},
+                    "trainer": {**recorded.get("trainer", {}), "verbose": False}}
         config = config_from_mapping(recorded, overrides, origin=str(RunDir(args.run_dir).manifest_path))
     else:
         config = load_config(args.config, overrides)
     return config, RunDir(args.run_dir or os.path.join("runs", config.name))
 
 
-def _print_results(console: Console, run: RunDir, results: list[StageResult]) -> None:
-    table = Table(title=f"defuse: {run.root}", title_justify="left")
-    table.add_column("stage")
-    table.add_column("status")
-    table.add_column("time", justify="right")
-    table.add_column("key figures")
-    for result in results:
-        figures = ", ".join(f"{k}={v}" for k, v in result.metrics.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool))
-        table.add_row(result.name, result.status, f"{result.seconds:.1f}s", escape(figures))
-    console.print(table)
-    for result in results:
-        file = str(result.metrics.get("file", ""))
-        if file.startswith("checks/drift_") and run.path(file).exists():
-            _print_drift(console, json.loads(run.path(file).read_text()), file)
-        elif file.startswith("checks/") and run.path(file).exists():
-            _print_check(console, json.loads(run.path(file).read_text()), file)
-    sizes = next((r.metrics.get("split_sizes") for r in results if r.name == "fit-classifier"), None)
-    if sizes:
-        console.print("splits: " + ", ".join(f"{name} {n:,}" for name, n in sizes.items()), soft_wrap=True)
-    if any(r.status == AWAITING_LABELS for r in results):
+def _print_results(console: Console, run: RunDir, results: list[StageResult], *, verbose: bool,
+                   whole_run: bool) -> None:
+    """What the command did. A whole run has already printed a line per stage as it went (``_StageProgress``);
+    a single stage prints its line here. ``--verbose`` adds every stage's figures and, for a run, the checks'
+    tables; `defuse check` and `defuse drift` always print theirs (they are what the command is for)."""
+    if not whole_run:
+        for result in results:
+            console.print(stage_line(result), highlight=False, markup=False, soft_wrap=True)
+    if verbose:
+        table = Table(title=f"defuse: {run.root}", title_justify="left")
+        table.add_column("stage")
+        table.add_column("status")
+        table.add_column("time", justify="right")
+        table.add_column("figures")
+        for result in results:
+            figures = ", ".join(f"{k}={v}" for k, v in result.metrics.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool))
+            table.add_row(result.name, result.status, f"{result.seconds:.1f}s", escape(figures))
+        console.print(table)
+    if verbose or not whole_run:
+        for result in results:
+            file = str(result.metrics.get("file", ""))
+            if file.startswith("checks/drift_") and run.path(file).exists():
+                _print_drift(console, json.loads(run.path(file).read_text()), file)
+            elif file.startswith("checks/") and run.path(file).exists():
+                _print_check(console, json.loads(run.path(file).read_text()), file)
+    if not whole_run and any(r.status == AWAITING_LABELS for r in results):
         label = next(r for r in results if r.name == "label")
         console.print(f"[yellow]Stopped before correct:[/] {label.metrics.get('pending')} of "
                       f"{label.metrics.get('regions')} regions await a label; nothing was repaired. "
                       f"Label them with `defuse label --run-dir {escape(str(run.root))}` (or --labels FILE, or "
                       f"--labels auto), then run the same command again.", soft_wrap=True)
+
+
+def stage_line(result: StageResult, index: int | None = None) -> str:
+    """One line per stage: where it is in the run, its status and time, and its key figure."""
+    where = f"[{index + 1}/{len(STAGES)}] " if index is not None else ""
+    figure = key_figure(result) if result.status != AWAITING_LABELS else ""
+    return f"{where}{result.name}: {result.status} ({result.seconds:.1f}s)" + (f"  {figure}" if figure else "")
+
+
+def key_figure(result: StageResult) -> str:
+    """The one figure a person wants from each stage (the rest: --verbose, manifest.json and the report)."""
+    m = result.metrics
+    try:
+        if result.name == "fit-classifier":
+            sizes = m.get("split_sizes") or {}
+            return f"test accuracy {m['test_accuracy']:.4f}" + (
+                f" (images: {', '.join(f'{name} {n:,}' for name, n in sizes.items())})" if sizes else "")
+        if result.name == "fit-generator":
+            return f"reconstruction MSE {m['reconstruction_mse']:.4f}"
+        if result.name == "identify":
+            return (f"{m['valid_failures']:,} valid failures around {m['sources_with_failure']:,} of "
+                    f"{m['sources']:,} audit images ({m['queries']:,} classifier queries)")
+        if result.name == "distill":
+            return f"{m['regions']} regions in {m['pairs']} confusion pairs"
+        if result.name.startswith("check"):
+            ei = {k.removeprefix("ei."): v for k, v in m.items() if k.startswith("ei.") and isinstance(v, float)}
+            return "EI " + ", ".join(f"{name} {value:.2f}" for name, value in ei.items()) if ei else ""
+        if result.name == "label":
+            if m.get("pending"):
+                return f"{m['pending']} of {m['regions']} regions await a label"
+            return f"{m['bugs']} of {m['regions']} regions labelled a bug, {m['not_a_bug']} not a bug"
+        if result.name == "correct":
+            chosen = m.get("chosen")
+            if chosen:
+                return (f"repaired: {chosen['layers']} layers, lambda {chosen['lambda']}, epoch {chosen['epoch']}"
+                        if isinstance(chosen, dict) else f"repaired: {chosen}")
+            return f"original kept: {m.get('reason')}"
+        if result.name == "verify":
+            return f"clean test accuracy {m['clean_accuracy_before']:.4f} -> {m['clean_accuracy_after']:.4f}"
+    except (KeyError, TypeError, ValueError):
+        return ""
+    return ""
 
 
 def _print_check(console: Console, checked: dict, path: str) -> None:
@@ -298,8 +351,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     errors = Console(stderr=True, soft_wrap=True)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*treespec.*")  # Lightning's own use of a torch API
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     with ctrl_c_latch():
         return _main(args, console, errors)
@@ -309,7 +360,7 @@ def _main(args: argparse.Namespace, console: Console, errors: Console) -> int:
     try:
         config, run = _resolve(args)
         if args.command == "run":
-            with _StageProgress(errors, enabled=config.trainer.progress_bar) as progress:
+            with _StageProgress(console, errors, enabled=config.trainer.progress_bar) as progress:
                 results = run_pipeline(config, run, force=tuple(args.force), on_stage=progress.update)
         elif args.command == "review":
             return _review(args, config, run, console)
@@ -334,7 +385,7 @@ def _main(args: argparse.Namespace, console: Console, errors: Console) -> int:
     except (KeyboardInterrupt, SystemExit):  # Lightning answers Ctrl-C inside a Trainer with SystemExit(1)
         errors.print("[yellow]interrupted:[/] finished stages are kept; run the same command again to resume.")
         return 130
-    _print_results(console, run, results)
+    _print_results(console, run, results, verbose=config.trainer.verbose, whole_run=args.command == "run")
     if args.command == "run":
         _print_summary(console, run)
         if NOT_BUILT_YET:
@@ -354,13 +405,14 @@ def _review(args: argparse.Namespace, config: RunConfig, run: RunDir, console: C
 
 
 class _StageProgress:
-    """One progress display across the pipeline's stages: a rich bar in a terminal (on stderr; Lightning's own
-    bars draw below it, on stdout), one line per stage otherwise, so a log shows where a long run is. Sharing
-    Lightning's console instead breaks rich 15's stack of live displays when Lightning stops its bar."""
+    """The pipeline's progress: a line per stage on stdout as each finishes (status, time, key figure), and in a
+    terminal a rich bar across the stages on stderr below them (Lightning's own bars draw below it, on stdout).
+    Sharing Lightning's console instead breaks rich 15's stack of live displays when Lightning stops its bar."""
 
-    def __init__(self, console: Console, enabled: bool) -> None:
+    def __init__(self, console: Console, bar_console: Console, enabled: bool) -> None:
         self.console = console
-        self.live = enabled and console.is_terminal
+        self.bar_console = bar_console
+        self.live = enabled and bar_console.is_terminal
         self.progress = None
 
     def __enter__(self) -> "_StageProgress":
@@ -368,7 +420,8 @@ class _StageProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self.progress = Progress(TextColumn("[bold]defuse run[/]"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.description}"), TimeElapsedColumn(), console=self.console)
+                                     TextColumn("{task.description}"), TimeElapsedColumn(),
+                                     console=self.bar_console)
             self.progress.start()
             self.task = self.progress.add_task("", total=len(STAGES))
         return self
@@ -377,9 +430,8 @@ class _StageProgress:
         if self.progress is not None:
             self.progress.update(self.task, completed=index + (result is not None),
                                  description=stage.name if result is None else f"{stage.name}: {result.status}")
-        elif result is not None:
-            self.console.print(f"[{index + 1}/{len(STAGES)}] {stage.name}: {result.status} ({result.seconds:.1f}s)",
-                               highlight=False, markup=False)
+        if result is not None:
+            self.console.print(stage_line(result, index), highlight=False, markup=False, soft_wrap=True)
 
     def __exit__(self, *exc) -> None:
         if self.progress is not None:

@@ -402,6 +402,9 @@ class TrainerConfig:
     accelerator: str = "cpu"  # "auto" uses a GPU when there is one; cpu keeps runs reproducible
     devices: str = "auto"
     progress_bar: bool = field(default=True, metadata=PRESENTATION)  # how a run looks, not what it computes
+    # Show what the libraries say while a stage runs (Lightning's device banners and tips, umap-learn's warnings
+    # about defuse's own choices); off, defuse.quiet hides exactly those.
+    verbose: bool = field(default=False, metadata=PRESENTATION)
     deterministic: bool = True
 
     def validate(self) -> None:

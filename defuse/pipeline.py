@@ -42,6 +42,7 @@ from defuse.artifacts import (
     VERIFY_JSON,
 )
 from defuse.config import RunConfig, config_from_mapping, path_fields
+from defuse.quiet import quiet_libraries
 from defuse.rundir import RunDir, defuse_version, fingerprint, path_digest
 
 if TYPE_CHECKING:
@@ -166,8 +167,9 @@ def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
     todo = issues_for_review(Regions.load(run), LabelBook(run.path(LABELS_FILE)).bug_labels(),
                              load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
                              data, reviewed, image_scores)
-    return pd.concat([todo, moved_for_review(run, set(reviewed or ()) | set(todo["image"].tolist()))],
-                     ignore_index=True)
+    moved = moved_for_review(run, set(reviewed or ()) | set(todo["image"].tolist()))
+    # An empty table has no dtypes to keep: concatenated, it would turn every column to object (pandas 3).
+    return pd.concat([todo, moved], ignore_index=True) if len(moved) else todo
 
 
 def moved_for_review(run: RunDir, answered: set[int]) -> pd.DataFrame:
@@ -391,7 +393,8 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
         return StageResult(stage.name, True, 0.0, run.metrics(stage.name), CURRENT)
     start = time.perf_counter()
     with run.running(stage.name, config.to_dict(), config.seed, digest) as record:
-        record.metrics = stage.run(config, run)
+        with quiet_libraries(enabled=not config.trainer.verbose):
+            record.metrics = stage.run(config, run)
         record.outputs = {name: "" for name in _expand(run, stage.outputs)}
     return StageResult(stage.name, False, time.perf_counter() - start, record.metrics)
 

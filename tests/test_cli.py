@@ -32,11 +32,13 @@ def _args(tiny_overrides, run_dir, *extra):
 def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, tiny_overrides, capsys, caplog):
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0  # pytest's stdin is no terminal: nobody to ask
     out = capsys.readouterr().out
-    assert "Stopped before correct" in out and f"defuse label --run-dir {tmp_path}" in out
+    assert "regions await a label; nothing was repaired" in out and f"defuse label --run-dir {tmp_path}" in out
     assert f"`defuse run --run-dir {tmp_path} --labels auto`" in caplog.text
-    assert "splits: train 943, val 135, audit 270, test 449" in out
-    assert "invariance of before (64 test images; checks/before.json)" in out  # the original's checks, unasked
-    assert "variance rotation: matrix mean" in out
+    lines = out.splitlines()  # one line per stage, with its key figure; the detail only with --verbose
+    assert lines[0].startswith("[1/10] fit-classifier: done (") and \
+        lines[0].endswith("(images: train 943, val 135, audit 270, test 449)")
+    assert re.search(r"^\[5/10\] check-before: done \(.*\)  EI rotation 0\.\d\d, rotation15 ", out, re.M)
+    assert "invariance of before" not in out and "GPU available" not in out and "Tip:" not in out
     assert not (tmp_path / "repaired.ckpt").exists() and not (tmp_path / "verify.json").exists()
     assert (tmp_path / "labels.jsonl").read_text() == ""  # nobody answered, nothing answered for them
     manifest = json.loads((tmp_path / "manifest.json").read_text())
@@ -73,9 +75,20 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     assert out.count("skipped (current)") == 5 and out.count("awaiting labels") == 3 + 1  # 3 stages, the summary
     again = json.loads((tmp_path / "manifest.json").read_text())["stages"]
     assert {k: v.get("finished") for k, v in again.items() if k not in ("label", "report")} == first
+    assert main(["run", *_args(tiny_overrides, tmp_path), "--verbose"]) == 0  # the detail, asked for
+    out = capsys.readouterr().out
+    assert "invariance of before (64 test images; checks/before.json)" in out  # the original's checks, unasked
+    assert "variance rotation: matrix mean" in out and "valid_failures_per_1000_queries" in out
 
     labels = tmp_path / "answers.yaml"  # a person's answers: every region is a bug of its source class
     labels.write_text("".join(f"{r['id']}: {r['source_label']}\n" for r in regions["regions"]))
+    assert main(["label", *_args(tiny_overrides, tmp_path), "--labels", str(labels)]) == 0
+    from defuse import pipeline
+    from defuse.config import config_from_mapping
+
+    todo = pipeline.label_issues_to_review(config_from_mapping(RunDir(tmp_path).manifest()["config"], []),
+                                           RunDir(tmp_path))  # before any correct: nothing moved yet
+    assert len(todo) and pd.api.types.is_integer_dtype(todo["position"])  # positions index images (pandas 3)
     assert main(["run", *_args(tiny_overrides, tmp_path), "--labels", str(labels)]) == 0
     stages = RunDir(tmp_path).manifest()["stages"]
     assert stages["correct"]["status"] == stages["verify"]["status"] == stages["check-after"]["status"] == "done"

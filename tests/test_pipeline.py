@@ -180,6 +180,6 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_reports_what_an_uninter
                              capture_output=True, text=True, env=env)
     for name in finished_first:  # not redone (label and report always run: they cost nothing)
         expected_status = "done" if name == "label" else "skipped (current)"
-        assert f"] {name}: {expected_status} (" in resumed.stderr, (name, resumed.stderr)
-    assert f"] {interrupted}: done (" in resumed.stderr
+        assert f"] {name}: {expected_status} (" in resumed.stdout, (name, resumed.stdout)
+    assert f"] {interrupted}: done (" in resumed.stdout
     assert _comparable(json.loads(broken.path("report/report.json").read_text())) == _comparable(expected)
