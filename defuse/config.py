@@ -87,7 +87,7 @@ class ClassifierConfig:
     augment_brightness: float = 0.0
     # Bring your own (instead of training): a TorchScript file, or factory + weights.
     torchscript: str | None = field(default=None, metadata=PATH)  # a TorchScript classifier: [0,1] images -> logits
-    factory: str | None = None  # "package.module:function" returning an nn.Module
+    factory: str | None = None  # "package.module:function" or "path/to/file.py:function" returning an nn.Module
     weights: str | None = field(default=None, metadata=PATH)  # .safetensors or a state-dict file for `factory`
 
     def validate(self) -> None:
@@ -108,7 +108,8 @@ class ClassifierConfig:
             )
         if self.factory and ":" not in self.factory:
             raise ValueError(
-                f"`classifier.factory` must look like 'package.module:function', got {self.factory!r} instead."
+                "`classifier.factory` must look like 'package.module:function' or 'path/to/file.py:function', "
+                f"got {self.factory!r} instead."
             )
         if self.weights and not self.factory:
             raise ValueError(

@@ -126,6 +126,10 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
     loaded = load_classifier(run.path(CLASSIFIER_CKPT))  # evaluate exactly what was saved
     test = data.split("test")
     report = accuracy_report(predict_labels(loaded.model, test.float_images()), test.labels, data.classes)
+    if c.factory and not c.weights:
+        log.warning("classifier.factory %r was given no classifier.weights: its module is used as the factory "
+                    "returns it (test accuracy %.4f). If its trained weights are in a file, set classifier.weights "
+                    "(a .safetensors or state-dict file).", c.factory, report["accuracy"])
     return {"test_accuracy": report["accuracy"], "test_n": report["n"], "per_class_accuracy": report["per_class"],
             "split_sizes": data.sizes(), "train_seconds": round(seconds, 2)}
 

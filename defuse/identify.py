@@ -43,7 +43,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from defuse.artifacts import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL
 from defuse.config import IdentifyConfig, TrainerConfig
-from defuse.models.inference import BATCH, as_input, inference_copy, is_channels_last, predict_labels, reconstruct
+from defuse.models.inference import (
+    BATCH,
+    as_input,
+    inference_copy,
+    is_channels_last,
+    predict_labels,
+    reconstruct,
+    set_requires_grad,
+)
 from defuse.data import ImageSet
 from defuse.rundir import RunDir, atomic_write_bytes
 from defuse.seeding import int_seed, torch_generator
@@ -452,8 +460,8 @@ class SearchModule(pl.LightningModule):
     def __init__(self, classifier: nn.Module, generator: nn.Module, config: IdentifyConfig, seed: int,
                  judge: LatentJudge | None = None) -> None:
         super().__init__()
-        self.classifier = classifier.eval().requires_grad_(False)
-        self.generator = generator.eval().requires_grad_(False)
+        self.classifier = set_requires_grad(classifier.eval(), False)
+        self.generator = set_requires_grad(generator.eval(), False)
         self.judge = judge.eval() if judge is not None else None
         self.config = config
         self.seed = seed

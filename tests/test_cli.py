@@ -272,6 +272,79 @@ def test_user_torchscript_classifier_is_adopted_not_trained(tmp_path, tiny_overr
     assert RunDir(run_dir).metrics("fit-classifier")["test_accuracy"] < 0.5  # an untrained model stays untrained
 
 
+USER_MODEL = """
+import torch
+from torch import nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(4),
+                         nn.Flatten(), nn.Linear(128, 10))
+"""
+
+
+@pytest.mark.parametrize("kind", ["torchscript"])  # the factory's save and load: tests/test_loading.py
+def test_a_classifier_you_bring_is_searched_repaired_and_saved_as_what_it_is(tmp_path, tiny_overrides, kind):
+    """TorchScript (which refuses `requires_grad_`) and a factory given as a file: every stage runs, and the repair
+    is saved as the user's module plus fine-tuned weights, batch-norm statistics as trained."""
+    from safetensors.torch import save_file
+
+    from defuse.models import safe_load
+    from defuse.models.loading import load_factory
+
+    (tmp_path / "user_model.py").write_text(USER_MODEL)
+    original = load_factory(f"{tmp_path / 'user_model.py'}:build", None)
+    from defuse.config import load_config
+    from defuse.data import ImageDataModule
+
+    train = ImageDataModule(load_config(None, tiny_overrides).data, 0).split("train")  # the user trained it
+    images, targets = train.float_images(), train.labels
+    optimiser = torch.optim.Adam(original.parameters(), lr=0.01)
+    for _ in range(60):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(original(images), targets).backward()
+        optimiser.step()
+    original.eval()
+    if kind == "torchscript":
+        torch.jit.script(original).save(str(tmp_path / "user.pt"))
+        brought = ["--set", f"classifier.torchscript={tmp_path / 'user.pt'}"]
+    else:
+        save_file(original.state_dict(), str(tmp_path / "user.safetensors"))
+        brought = ["--set", f"classifier.factory={tmp_path / 'user_model.py'}:build",
+                   "--set", f"classifier.weights={tmp_path / 'user.safetensors'}"]
+    run_dir = tmp_path / "run"
+    assert main(["run", *_args(tiny_overrides, run_dir), *brought]) == 0  # stops for labels
+    regions = regions_of(run_dir)
+    assert regions, "an untrained model has failures around the images it happens to read right"
+    labels = tmp_path / "answers.yaml"
+    labels.write_text("".join(f"{r['id']}: {r['source_label']}\n" for r in regions))
+    # Every decoded sample counts, so the tiny run's weak judge leaves the fine-tune something to train on, and
+    # the guard lets a candidate through: what is tested here is that the user's module trains and saves.
+    assert main(["run", *_args(tiny_overrides, run_dir), *brought, "--labels", str(labels),
+                 "--set", "correct.min_validity=0", "--set", "correct.max_clean_drop=0.9",
+                 "--set", "correct.max_class_drop=1"]) == 0  # and a guard that lets a candidate through
+    stages = RunDir(run_dir).manifest()["stages"]
+    assert stages["correct"]["metrics"]["region_samples_trained"] > 0  # the user's module was fine-tuned
+    assert {stages[name]["status"] for name in ("correct", "verify", "check-after", "report")} == {"done"}
+    payload = safe_load(run_dir / "repaired.ckpt")
+    assert payload["kind"] == kind and "state_dict" in payload
+    repaired = load_classifier(run_dir / "repaired.ckpt").model
+    x = torch.rand(8, 1, 28, 28)
+    assert stages["correct"]["metrics"]["chosen"]["layers"] == "all"  # TorchScript has no head to train alone
+    assert not torch.equal(repaired.repaired(x), original(x))  # a scoped repair: the original and the fine-tuned
+    assert torch.equal(repaired.original(x), original(x))
+    kept = dict(repaired.repaired.named_buffers())["1.running_mean"]
+    assert torch.equal(kept, original[1].running_mean)  # batch-norm statistics as the user trained them
+
+
+def test_a_factory_without_weights_is_adopted_with_a_warning_that_names_the_key(tmp_path, tiny_overrides, caplog):
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path), "--set",
+                 "classifier.factory=test_loading:tiny_factory"]) == 0
+    assert "'test_loading:tiny_factory' was given no classifier.weights" in caplog.text
+    assert "set classifier.weights" in caplog.text
+
+
 def test_labels_file_through_the_cli_and_new_regions_move_old_answers_aside(tmp_path, tiny_overrides, capsys):
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0
     regions = regions_of(tmp_path)

@@ -92,6 +92,37 @@ def test_factory_errors(tmp_path):
         load_factory("test_loading:tiny_factory", tmp_path / "w.pt")
 
 
+def test_a_factory_given_as_a_file_builds_and_one_off_the_path_says_how_to_reach_it(tmp_path):
+    (tmp_path / "user_model.py").write_text("from torch import nn\n\n\ndef build():\n    return nn.Linear(2, 3)\n")
+    assert isinstance(load_factory(f"{tmp_path / 'user_model.py'}:build", None), nn.Linear)
+    with pytest.raises(ValueError, match="add that folder to PYTHONPATH.*path/to/file.py:function"):
+        load_factory("user_model:build", None)  # the same module, not importable from here
+    with pytest.raises(ValueError, match="Cannot import classifier factory .*missing.py:build"):
+        load_factory(f"{tmp_path / 'missing.py'}:build", None)
+
+
+def test_a_repair_of_a_factory_classifier_is_saved_as_its_factory_and_the_fine_tuned_weights(tmp_path):
+    from defuse.models.classifiers import ScopedRepair
+    from defuse.models.inference import copy_model
+    from defuse.models.loading import save_classifier_pointer
+
+    save_file(tiny_factory().state_dict(), str(tmp_path / "w.safetensors"))
+    source = {"factory": "test_loading:tiny_factory", "weights": str(tmp_path / "w.safetensors")}
+    save_classifier_pointer(tmp_path / "classifier.ckpt", "factory", source, ("a", "b", "c"))
+    brought = load_classifier(tmp_path / "classifier.ckpt")
+    fine_tuned = copy_model(brought.model)
+    with torch.no_grad():
+        fine_tuned[1].bias[2] += 5.0  # reads everything as 2, one of the classes a person gave
+    scoped = ScopedRepair(brought.model, fine_tuned, [0, 2]).eval()
+    save_classifier(tmp_path / "repaired.ckpt", scoped, {**brought.hparams, "scoped_classes": [0, 2]})
+    payload = safe_load(tmp_path / "repaired.ckpt")
+    assert payload["kind"] == "factory" and payload["source"] == source and "brought" not in payload["hparams"]
+    repaired = load_classifier(tmp_path / "repaired.ckpt")
+    x = torch.rand(64, 1, 28, 28)
+    assert isinstance(repaired.model, ScopedRepair) and torch.equal(repaired.model(x), scoped(x))
+    assert not torch.equal(repaired.model(x), brought.model(x))  # the fine-tuned weights, not the file's
+
+
 def test_a_scoped_repair_moves_answers_only_to_the_persons_classes_and_round_trips(tmp_path):
     from defuse.models.classifiers import ScopedRepair
 

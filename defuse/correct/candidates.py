@@ -36,7 +36,6 @@ one (loaded weights-only), and finished lambdas are not trained again.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -63,8 +62,8 @@ from defuse.correct.issues import MIN_BUG_IMAGES
 from defuse.correct.review import moved_to_person
 from defuse.data import ImageDataModule
 from defuse.fit import make_trainer
-from defuse.models.classifiers import ScopedRepair, scoped_changes
-from defuse.models.inference import predict_labels, predict_logits
+from defuse.models.classifiers import ScopedRepair, classifier_head, scoped_changes
+from defuse.models.inference import copy_model, predict_labels, predict_logits
 from defuse.seeding import int_seed, numpy_rng, torch_generator
 
 log = logging.getLogger(__name__)
@@ -144,7 +143,11 @@ def correct(
     # what it is for (a small move on real evidence).
     families = [("all", lam) for lam in lambdas if "all" in config.layers]
     if "head" in config.layers:
-        families.append(("head", 0.0))
+        if _has_head(classifier) or "all" not in config.layers:  # asked for alone: classifier_head says what is wrong
+            families.append(("head", 0.0))
+        else:
+            log.info("The classifier has no `head` or `fc` block (a module you brought): only the all-layers "
+                     "fine-tunes are candidates.")
     candidates = []
     for layers, lam in families:
         folder = workdir / (f"lambda_{lam:g}" if layers == "all" else f"head_lambda_{lam:g}")
@@ -153,7 +156,7 @@ def correct(
         done = json.loads(record.read_text()) if record.exists() else []
         if len(done) < config.epochs:
             pl.seed_everything(seed, verbose=False)
-            module = CorrectionModule(copy.deepcopy(classifier), lam=lam,
+            module = CorrectionModule(copy_model(classifier), lam=lam,
                                       lr=config.lr if layers == "all" else config.head_lr, keep=config.keep,
                                       drift_box=box, drift_seed=int_seed(seed, "correct.drift"), layers=layers)
             loaders = {"clean": data.images_loader(training_set, shuffle=True, stream="correct.clean_shuffle")}
@@ -234,7 +237,7 @@ def correct(
         **({"scoped_classes": sorted(scoped_classes)} if scoped_classes else {}),
         **({"decoded_samples_gain": decoded_gain} if decoded_gain is not None else {}),
     }
-    repaired = copy.deepcopy(classifier)
+    repaired = copy_model(classifier)
     if chosen is None or chosen[key] is None or before[key] is None or chosen[key] <= before[key]:
         reason = ("no candidate raised accuracy on the " + ("real bug images" if use_bugs else "decoded region samples")
                   + " while the guard's 95% lower bound stayed within correct.max_clean_drop and no class lost more "
@@ -248,7 +251,7 @@ def correct(
         return repaired.eval(), summary
     repaired.load_state_dict(candidate_weights(torch.load(chosen["path"], map_location="cpu", weights_only=True)))
     if scoped_classes:
-        repaired = ScopedRepair(copy.deepcopy(classifier), repaired, sorted(scoped_classes))
+        repaired = ScopedRepair(copy_model(classifier), repaired, sorted(scoped_classes))
     summary.update({"chosen": {"layers": chosen["layers"], "lambda": chosen["lambda"], "epoch": chosen["epoch"]},
                     "guard": {k: chosen[k] for k in ("guard_change", "guard_change_ci95", "largest_class_drop")},
                     "real_bug_accuracy_after": chosen["bug_accuracy"],
@@ -280,7 +283,7 @@ def bug_confidence(classifier: nn.Module, candidates: list[dict[str, Any]], imag
     original's it says how near the fine-tune came."""
     if len(labels) == 0:
         return [None] * len(candidates)
-    model = copy.deepcopy(classifier)
+    model = copy_model(classifier)
     confidences = []
     for c in candidates:
         model.load_state_dict(candidate_weights(torch.load(c["path"], map_location="cpu", weights_only=True)))
@@ -317,3 +320,11 @@ def _unless_decoded_samples_help(chosen: dict[str, Any], table: list[dict[str, A
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 4)
+
+
+def _has_head(classifier: nn.Module) -> bool:
+    try:
+        classifier_head(classifier)
+    except ValueError:
+        return False
+    return True

@@ -13,7 +13,6 @@ image back.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -26,8 +25,8 @@ from pytorch_lightning.callbacks import Callback
 from torch import nn
 
 from defuse.data import ImageSet
-from defuse.models.classifiers import classifier_head
-from defuse.models.inference import predict_labels
+from defuse.models.classifiers import classifier_head, is_batch_norm
+from defuse.models.inference import copy_model, predict_labels, set_requires_grad
 from defuse.rundir import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -71,10 +70,11 @@ class CorrectionModule(pl.LightningModule):
         # The original model, frozen: on clean batches the fine-tuned one is held to its predictions (weight
         # ``keep``), so fixing the regions reshuffles fewer unrelated decisions. Kept in a list, not as a
         # submodule: it is fixed, so it stays out of checkpoints, optimisers and Lightning's train/eval switches.
-        self._teacher = [copy.deepcopy(classifier).eval().requires_grad_(False)] if keep > 0 else []
-        self.model = classifier.train().requires_grad_(layers == "all")  # checkpoints load in eval mode, frozen
+        self._teacher = [set_requires_grad(copy_model(classifier).eval(), False)] if keep > 0 else []
+        # Checkpoints load in eval mode, frozen.
+        self.model = set_requires_grad(classifier.train(), layers == "all")
         if layers == "head":
-            classifier_head(self.model).requires_grad_(True)
+            set_requires_grad(classifier_head(self.model), True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -83,7 +83,7 @@ class CorrectionModule(pl.LightningModule):
         # Keep batch-norm statistics as trained: region batches are decoded (smoother) images, and letting them
         # move the running means shifts every clean input too (measured: -1.8 points of clean accuracy).
         for module in self.model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if is_batch_norm(module):
                 module.eval()
 
     def training_step(self, batch, batch_idx):
@@ -95,7 +95,7 @@ class CorrectionModule(pl.LightningModule):
             x_region, y_region = batch["regions"]
             region = F.cross_entropy(self(x_region), y_region)
             loss = loss + self.hparams.lam * region
-            self.log("region_loss", region, on_epoch=True, on_step=False)
+            self.log("region_loss", region, on_epoch=True, on_step=False, batch_size=len(y_region))
         if self._teacher:
             teacher = self._teacher[0].to(x_clean.device)
             with torch.no_grad():
@@ -105,12 +105,12 @@ class CorrectionModule(pl.LightningModule):
             kl = F.kl_div(F.log_softmax(logits, dim=1), target, log_target=True, reduction="none").sum(dim=1)
             drift = (kl * agrees).sum() / len(y_clean)
             loss = loss + self.hparams.keep * drift
-            self.log("drift_loss", drift, on_epoch=True, on_step=False)
+            self.log("drift_loss", drift, on_epoch=True, on_step=False, batch_size=len(y_clean))
         if self._drift_generator is not None:
             drifted = F.cross_entropy(self(self._drifted(x_clean)), y_clean)
             loss = loss + drifted
-            self.log("drifted_loss", drifted, on_epoch=True, on_step=False)
-        self.log("clean_loss", clean, on_epoch=True, on_step=False)
+            self.log("drifted_loss", drifted, on_epoch=True, on_step=False, batch_size=len(y_clean))
+        self.log("clean_loss", clean, on_epoch=True, on_step=False, batch_size=len(y_clean))
         return loss
 
     def _drifted(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import logging
 import shutil
@@ -33,6 +32,7 @@ from defuse.correct.review import _moved_rows, image_witness, repaired_pairs
 from defuse.data import ImageDataModule
 from defuse.distill import Regions
 from defuse.models.classifiers import ScopedRepair
+from defuse.models.inference import copy_model
 from defuse.models.loading import LoadedClassifier, save_classifier
 from defuse.rundir import defuse_version, fingerprint, path_digest
 from defuse.seeding import numpy_rng
@@ -93,7 +93,7 @@ def repair(
     (``config.min_validity``), the original weights are kept and the summary says why.
 
     Args:
-        classifier: the classifier under test as loaded from classifier.ckpt (a model defuse trained).
+        classifier: the classifier under test as loaded from classifier.ckpt (one defuse trained, or a TorchScript or factory module a user brought: its repair is saved the same way).
         bug_labels: region id -> the class a person (or ``--labels auto``, on request) says its images are.
         regions: the run's regions.
         generator: decodes region samples and encodes images for the judge.
@@ -109,10 +109,7 @@ def repair(
         reviewed: source image -> the label a person gave it on review (:func:`read_reviewed_labels`); each
             answer decides that image's label, see :func:`find_label_issues`.
     """
-    if "arch" not in classifier.hparams:
-        raise ValueError("Correcting a classifier you brought (TorchScript or factory) is not supported yet: "
-                         "defuse can only fine-tune the classifiers it trains.")
-    original = Repair(copy.deepcopy(classifier.model).eval(), classifier.hparams)
+    original = Repair(copy_model(classifier.model).eval(), classifier.hparams)
     if not bug_labels:  # nothing to learn: the repaired model is the original, and the summary says why
         log.warning("No region is labelled with a class (all are not-a-bug, skipped or unanswered): "
                     "repaired.ckpt keeps the original weights.")

@@ -75,6 +75,12 @@ def build_classifier(
     return nn.Sequential(Normalize(mean, std), body)
 
 
+def is_batch_norm(module: nn.Module) -> bool:
+    """A batch-norm layer, ours or inside a TorchScript module (whose submodules only keep the class's name)."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or getattr(module, "original_name", None) in (
+        "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm")
+
+
 def classifier_head(model: nn.Module) -> nn.Module:
     """The last block of a classifier :func:`build_classifier` builds (SmallCNN's ``head``, ResNet's ``fc``): what a
     head-only fine-tune trains on frozen features."""

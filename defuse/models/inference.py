@@ -18,12 +18,32 @@ from torch import nn
 BATCH = 256  # images per forward pass: see the module docstring
 
 
+def set_requires_grad(module: nn.Module, flag: bool) -> nn.Module:
+    """``module.requires_grad_(flag)`` for every module, TorchScript ones included (which refuse that call, though
+    their parameters take it): a classifier a user brought as TorchScript is searched and fine-tuned like ours."""
+    for parameter in module.parameters():
+        parameter.requires_grad_(flag)
+    return module
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` whose parameters are leaves with the model's ``requires_grad`` flags. TorchScript's
+    deepcopy clones parameters through autograd, and an optimiser (or ``requires_grad_``) refuses such non-leaf
+    tensors; cloned under ``no_grad`` they are plain leaves."""
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    with torch.no_grad():
+        out = copy.deepcopy(model)
+    for parameter, flag in zip(out.parameters(), flags):
+        parameter.requires_grad_(flag)
+    return out
+
+
 def inference_copy(model: nn.Module) -> nn.Module:
     """A frozen copy of ``model`` in eval mode and, where its layers allow it, channels-last memory format.
 
     The caller's model is left as it was (mode, format, gradients). Outputs are the same numbers.
     """
-    out = copy.deepcopy(model).eval().requires_grad_(False)
+    out = set_requires_grad(copy_model(model).eval(), False)
     try:
         out = out.to(memory_format=torch.channels_last)
     except (RuntimeError, TypeError, AttributeError):  # a TorchScript or custom module that cannot: as it is

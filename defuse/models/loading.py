@@ -57,11 +57,21 @@ class LoadedClassifier:
 
 
 def save_classifier(path: str | Path, model: nn.Module, hparams: dict[str, Any]) -> None:
-    """Save a defuse-built classifier (``build_classifier`` output) with the hparams that rebuild it."""
-    atomic_torch_save(
-        Path(path),
-        {"format": CLASSIFIER_FORMAT, "kind": "builtin", "hparams": _plain(hparams), "state_dict": model.state_dict()},
-    )
+    """Save a classifier's weights with what rebuilds it: the hparams of a defuse-built one (``build_classifier``),
+    or, for one a user brought (``hparams["brought"]``, set by :func:`load_classifier`), where its module comes
+    from (the TorchScript file or the factory), whose weights these replace (a fine-tuned or scoped repair)."""
+    brought = hparams.get("brought")
+    if brought:
+        source = dict(brought["source"])
+        hashes = {key: sha256_file(Path(value)) for key, value in source.items()
+                  if key in ("torchscript", "weights") and value and Path(value).is_file()}
+        payload = {"format": CLASSIFIER_FORMAT, "kind": brought["kind"], "source": source, "sha256": hashes,
+                   "hparams": _plain({k: v for k, v in hparams.items() if k != "brought"}),
+                   "state_dict": model.state_dict()}
+    else:
+        payload = {"format": CLASSIFIER_FORMAT, "kind": "builtin", "hparams": _plain(hparams),
+                   "state_dict": model.state_dict()}
+    atomic_torch_save(Path(path), payload)
 
 
 def save_classifier_pointer(path: str | Path, kind: str, source: dict[str, str], classes: tuple[str, ...]) -> None:
@@ -88,10 +98,19 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
         # A scoped repair (the correct stage's repaired.ckpt) holds the original and the fine-tuned weights.
         model = ScopedRepair(build(), build(), hparams["scoped_classes"]) if hparams.get("scoped_classes") else build()
         model.load_state_dict(payload["state_dict"])
-    elif kind == "torchscript":
-        model = load_torchscript(payload["source"]["torchscript"])
-    elif kind == "factory":
-        model = load_factory(payload["source"]["factory"], payload["source"].get("weights"))
+    elif kind in ("torchscript", "factory"):
+        source = payload["source"]
+
+        def build() -> nn.Module:
+            if kind == "torchscript":
+                return load_torchscript(source["torchscript"])
+            return load_factory(source["factory"], source.get("weights") or None)
+
+        model = ScopedRepair(build(), build(), hparams["scoped_classes"]) if hparams.get("scoped_classes") else build()
+        if "state_dict" in payload:  # a repair of the user's model: its fine-tuned weights
+            model.load_state_dict(payload["state_dict"])
+        # Where the module comes from travels with it, so a repair of it is saved the same way (save_classifier).
+        hparams = {**hparams, "brought": {"kind": kind, "source": dict(source)}}
     else:
         raise ValueError(f"{path}: unknown classifier kind {kind!r}; it was written by a newer defuse?")
     return LoadedClassifier(model.eval(), classes, dict(hparams))
@@ -110,13 +129,19 @@ def load_torchscript(path: str | Path) -> nn.Module:
 
 
 def load_factory(factory: str, weights: str | Path | None) -> nn.Module:
-    """Build ``package.module:function()`` and load a safetensors or state-dict file into it."""
-    module_name, _, attr = factory.partition(":")
+    """Build ``package.module:function()`` (or ``path/to/file.py:function()``) and load a safetensors or state-dict
+    file into it. The factory is the user's own code, run as it is; only the weights file is data."""
+    module_name, _, attr = factory.rpartition(":")
     try:
-        builder = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"Cannot import classifier factory {factory!r} ({err}). "
-                         f"It must be importable as package.module:function.") from None
+        if module_name.endswith(".py"):
+            builder = getattr(_module_from_file(Path(module_name)), attr)
+        else:
+            builder = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, FileNotFoundError) as err:
+        raise ValueError(
+            f"Cannot import classifier factory {factory!r} ({type(err).__name__}: {err}). Give it as "
+            f"package.module:function importable from here (run from the folder that holds it, or add that folder "
+            f"to PYTHONPATH), or as a file: path/to/file.py:function.") from None
     model = builder()
     if not isinstance(model, nn.Module):
         raise TypeError(f"Classifier factory {factory!r} must return an nn.Module, got {type(model).__name__} instead.")
@@ -127,6 +152,23 @@ def load_factory(factory: str, weights: str | Path | None) -> nn.Module:
         except RuntimeError as err:
             raise ValueError(f"{weights} does not fit the module built by {factory!r}: {str(err).splitlines()[0]}") from None
     return model
+
+
+def _module_from_file(path: Path):
+    """Import a Python file as a module (``classifier.factory: path/to/file.py:function``)."""
+    import importlib.util
+    import sys
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    name = f"defuse_user_factory_{sha256_file(path)[:12]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # before running it, as `import` does (dataclasses and pickling look it up)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
