@@ -3,11 +3,16 @@
 :class:`InvarianceMonitor` logs Effective Invariance (Deng et al. 2022) per transform at the end of every
 validation epoch, on the validation images the Trainer already feeds the model: add it to a Trainer to watch a
 model's invariances move while it trains (``scripts/example_invariance_monitor.py`` shows it).
+
+:class:`DefuseCallback` runs discovery (:func:`defuse.scan`) on the trained model at the end of ``trainer.fit`` and
+logs the regions it found and where the report is to the Trainer's logger (``examples/train_with_defuse.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -63,3 +68,47 @@ class InvarianceMonitor(pl.Callback):
             if scores is not None:
                 pl_module.log(f"{self.prefix}{transform}", float(scores.ei.mean()), on_epoch=True, prog_bar=False)
         self._images = []
+
+
+class DefuseCallback(pl.Callback):
+    """At the end of ``trainer.fit``, scan the trained model for bugs (:func:`defuse.scan`) on the Trainer's data
+    module, and log what was found: ``defuse/regions`` and ``defuse/top_bug_score`` as metrics, the report's path as a
+    hyperparameter (``defuse/report``). The result is kept in :attr:`result`.
+
+    Nothing is repaired during training: by default (``labels="later"``) the regions await a person's labels, given
+    afterwards with ``defuse label --run-dir RUN_DIR`` and applied by calling :func:`defuse.scan` again (or
+    ``defuse run --run-dir RUN_DIR``).
+
+    Args:
+        run_dir: the scan's run directory.
+        labels: as :func:`defuse.scan` takes them.
+        config, overrides: as :func:`defuse.scan` takes them (e.g. ``["generator.epochs=30"]``).
+    """
+
+    def __init__(self, run_dir: str | Path = "runs/scan", labels: str | Path = "later", config: str | Path | None = None,
+                 overrides: Sequence[str] = ()) -> None:
+        self.run_dir = Path(run_dir)
+        self.labels = labels
+        self.config = config
+        self.overrides = tuple(overrides)
+        self.result: Any = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        from defuse.scanner import scan
+
+        data = getattr(trainer, "datamodule", None)
+        if data is None:
+            raise ValueError("DefuseCallback reads the Trainer's LightningDataModule (trainer.fit(model, datamodule=...))"
+                             "; with plain dataloaders, call defuse.scan(model, {'train': ..., 'val': ..., 'test': ...})"
+                             " after fit instead.")
+        was_training = pl_module.training
+        self.result = scan(pl_module, data, run_dir=self.run_dir, labels=self.labels, config=self.config,
+                           overrides=self.overrides)
+        pl_module.train(was_training)
+        top = max((float(region.get("bug_score") or 0.0) for region in self.result.regions), default=0.0)
+        for logger in trainer.loggers:
+            logger.log_metrics({"defuse/regions": float(len(self.result.regions)), "defuse/top_bug_score": top},
+                               step=trainer.global_step)
+            logger.log_hyperparams({"defuse/report": str(self.result.report)})

@@ -240,7 +240,8 @@ class LabelConfig:
     """Where each region's label comes from (see defuse.label)."""
 
     # prompt: a person, in the terminal (with no terminal, `defuse run` stops before correct and says how to label);
-    # auto: the conservative suggestions, only when asked for; or a JSON/YAML file mapping region id -> label.
+    # auto: the conservative suggestions, only when asked for; later: nobody is asked now (a training callback), the
+    # run stops before correct; or a JSON/YAML file mapping region id -> label.
     mode: str = "prompt"
     # auto labels a region a bug only when at least this many of its nearest real audit images of the source class
     # are misread the same way (distill.real_neighbours of them) and the validity judge reads its samples as that

@@ -89,7 +89,7 @@ def load_source(config: DataConfig) -> LoadedSource:
     elif source == "folder":
         loaded = LoadedSource(_load_folder(Path(config.root)))
     elif source == "npz":
-        loaded = LoadedSource(_load_npz(Path(config.root)))
+        loaded = _load_npz(Path(config.root))
     else:  # validated in DataConfig; kept so a new source cannot be half-added
         raise ValueError(f"`data.source` {source!r} is not supported.")
     pool = _resize(loaded.pool, config.image_size)
@@ -283,7 +283,9 @@ def _load_folder(root: Path) -> ImageSet:
     return _checked(images, label_tensor, tuple(p.name for p in class_dirs), str(root))
 
 
-def _load_npz(path: Path) -> ImageSet:
+def _load_npz(path: Path) -> LoadedSource:
+    """Arrays ``x`` and ``y`` (the pool train, val and audit come from), ``classes`` if named, and ``x_test`` and
+    ``y_test`` if the data come with their own test split (``defuse.scan`` writes one for a user's datasets)."""
     if not path.is_file():
         raise FileNotFoundError(f"npz file {path} does not exist. Point --set data.root=FILE.npz at arrays x and y.")
     try:
@@ -293,16 +295,30 @@ def _load_npz(path: Path) -> ImageSet:
     missing = [key for key in ("x", "y") if key not in arrays.files]
     if missing:
         raise ValueError(f"{path} must hold arrays 'x' and 'y', missing {missing}; found {arrays.files}.")
+    if ("x_test" in arrays.files) != ("y_test" in arrays.files):
+        raise ValueError(f"{path}: a test split needs both 'x_test' and 'y_test'; found {arrays.files}.")
+    classes = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays.files else None
+    pool = _npz_images(arrays, "x", "y", path, classes)
+    if "x_test" not in arrays.files:
+        return LoadedSource(pool)
+    test = _npz_images(arrays, "x_test", "y_test", path, pool.classes)
+    if test.images.shape[1:] != pool.images.shape[1:]:
+        raise ValueError(f"{path}: x_test images are {tuple(test.images.shape[1:])}, x images "
+                         f"{tuple(pool.images.shape[1:])}; they must match.")
+    return LoadedSource(pool, test)
+
+
+def _npz_images(arrays, x_key: str, y_key: str, path: Path, classes: tuple[str, ...] | None) -> ImageSet:
     try:
-        x, y = arrays["x"], arrays["y"]
+        x, y = arrays[x_key], arrays[y_key]
     except ValueError as err:  # object arrays need unpickling, which we never do
         raise ValueError(f"{path} is not a readable .npz file without pickled objects ({err}).") from None
     if x.ndim == 4 and x.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: x must be (N, H, W) or (N, H, W, C) with C in (1, 3), got {x.shape} instead.")
+        raise ValueError(f"{path}: {x_key} must be (N, H, W) or (N, H, W, C) with C in (1, 3), got {x.shape} instead.")
     if x.ndim not in (3, 4):
-        raise ValueError(f"{path}: x must be (N, H, W) or (N, H, W, C), got shape {x.shape} instead.")
+        raise ValueError(f"{path}: {x_key} must be (N, H, W) or (N, H, W, C), got shape {x.shape} instead.")
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(f"{path}: y must be (N,) = ({x.shape[0]},) to match x, got {y.shape} instead.")
+        raise ValueError(f"{path}: {y_key} must be (N,) = ({x.shape[0]},) to match x, got {y.shape} instead.")
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"{path}: y must hold integer class indices, got dtype {y.dtype} instead.")
     if x.dtype == np.uint8:
@@ -315,12 +331,12 @@ def _load_npz(path: Path) -> ImageSet:
             )
         images = np.rint(x * 255).astype(np.uint8)
     else:
-        raise ValueError(f"{path}: x must be uint8 or float in [0, 1], got dtype {x.dtype} instead.")
+        raise ValueError(f"{path}: {x_key} must be uint8 or float in [0, 1], got dtype {x.dtype} instead.")
     images = images[:, None] if images.ndim == 3 else images.transpose(0, 3, 1, 2)
     labels = torch.from_numpy(y.astype(np.int64))
     k = int(labels.max()) + 1 if len(labels) else 0
-    classes = tuple(str(c) for c in arrays["classes"]) if "classes" in arrays.files else tuple(map(str, range(k)))
-    return _checked(torch.from_numpy(np.ascontiguousarray(images)), labels, classes, str(path))
+    classes = classes if classes is not None else tuple(map(str, range(k)))
+    return _checked(torch.from_numpy(np.ascontiguousarray(images)), labels, classes, f"{path} ({x_key}, {y_key})")
 
 
 def _checked(images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...], origin: str) -> ImageSet:

@@ -563,6 +563,8 @@ def label_stage(
       and a warning says how many regions await a label and how to give them. Nothing is ever
       labelled on a person's behalf unasked.
     * ``"auto"``: the conservative suggestions (:func:`auto_labels`) for every region without an answer.
+    * ``"later"``: nobody is asked now, even at a terminal (a training script's callback, a notebook): the answers
+      already given stand, and the run stops before correct while any region awaits one.
     * anything else: a JSON/YAML labels file (:func:`file_labels`). A file is explicit: its entries
       replace earlier answers (only changed ones are appended, so re-running it appends nothing).
 
@@ -605,6 +607,8 @@ def label_stage(
                                terminal_columns=terminal_columns,
                                suggestions=auto_labels(region_list, classes, min_real_misread=min_real_misread),
                                real_grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}_real.png")))
+    elif kind == "later":
+        pass
     elif kind == "auto":
         answered = book.answers()
         added = [a for a in auto_labels(region_list, classes, min_real_misread=min_real_misread).values()
@@ -670,11 +674,11 @@ def _metrics(region_list: list[Region], answers: dict[int, Answer], kind: str) -
 def _mode_kind(mode: str | Path | None) -> str:
     if mode is None or mode == "prompt":
         return "prompt"
-    if mode == "auto":
-        return "auto"
+    if mode in ("auto", "later"):
+        return str(mode)
     if isinstance(mode, (str, Path)) and str(mode):
         return "file"
-    raise ValueError(f"`mode` must be prompt, auto or a labels file path, got {mode!r} instead.")
+    raise ValueError(f"`mode` must be prompt, auto, later or a labels file path, got {mode!r} instead.")
 
 
 def preview_columns(images: torch.Tensor, terminal_columns: int, max_side: int = 16) -> int:
