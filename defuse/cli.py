@@ -136,10 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _common(p)
         if name in ("run", "label"):
-            p.add_argument("--labels", default=None, metavar="prompt|auto|FILE",
+            p.add_argument("--labels", default=None, metavar="prompt|auto|later|FILE",
                            help="where labels come from: a person at the prompt (default; with no terminal nothing is "
                                 "labelled and run stops before correct), auto (a bug only where real audit images are "
-                                "misread the same way; asked for each time), or a JSON/YAML file mapping region id -> "
+                                "misread the same way; asked for each time), later (nobody is asked now, even at a "
+                                "terminal: run stops before correct), or a JSON/YAML file mapping region id -> "
                                 "class, not-a-bug or skip")
         if name in ("run", "correct"):
             p.add_argument("--reviewed-labels", default=None, metavar="FILE", dest="reviewed_labels",

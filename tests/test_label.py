@@ -416,6 +416,17 @@ def test_without_a_terminal_nothing_is_labelled_and_the_notice_says_how(tmp_path
     assert f"`defuse run --run-dir {tmp_path} --labels auto`" in caplog.text
 
 
+def test_later_asks_nobody_even_at_a_terminal_and_keeps_the_answers_given(tmp_path):
+    run = RunDir(tmp_path)
+    LabelBook(run.path("labels.jsonl")).record(2, 4, "prompt")
+
+    def never(prompt: str) -> str:
+        raise AssertionError("later asks nobody")
+
+    metrics = label_stage(run, make_regions(), DIGITS, "later", ask=never, out=lambda text: None, stdin_is_tty=True)
+    assert metrics["mode"] == "later" and metrics["answered"] == 1 and metrics["pending"] == 3
+
+
 def test_auto_keeps_given_answers_records_reasons_and_a_prompt_asks_auto_answered_regions_again(tmp_path):
     run = RunDir(tmp_path)
     book = LabelBook(run.path("labels.jsonl"))
