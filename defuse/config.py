@@ -459,9 +459,15 @@ def outcome_fields(section: Any) -> dict[str, Any]:
 
 
 def path_fields(section: Any) -> dict[str, str]:
-    """The keys of a config section that name a file or folder, and the paths they name (set ones only)."""
-    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-            if f.metadata.get("path") and getattr(section, f.name)}
+    """The keys of a config section that name a file or folder, and the paths they name (set ones only). A factory
+    given as a file (``classifier.factory: path/to/file.py:build``) names that file: editing it re-runs what it
+    built."""
+    paths = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+             if f.metadata.get("path") and getattr(section, f.name)}
+    factory = getattr(section, "factory", None)
+    if isinstance(factory, str) and factory.rpartition(":")[0].endswith(".py"):
+        paths["factory"] = factory.rpartition(":")[0]
+    return paths
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -100,3 +100,11 @@ def test_presentation_keys_stay_out_of_fingerprinted_sections():
     assert on.section("trainer") == off.section("trainer")
     assert "progress_bar" not in on.section("trainer")["trainer"] and "deterministic" in on.section("trainer")["trainer"]
     assert on.to_dict()["trainer"]["progress_bar"] is True  # the manifest still records it
+
+
+def test_a_factory_given_as_a_file_is_fingerprinted_by_that_file(tmp_path):
+    from defuse.config import path_fields
+
+    config = load_config(None, [f"classifier.factory={tmp_path / 'model.py'}:build"])
+    assert path_fields(config.classifier) == {"factory": str(tmp_path / "model.py")}
+    assert path_fields(load_config(None, ["classifier.factory=pkg.models:build"]).classifier) == {}
