@@ -54,7 +54,9 @@ def test_scan_stops_for_labels_then_resumes_with_them_and_repairs_the_users_mode
         {"skipped (current)"}  # the same model and data: resumed, not redone
     assert {name: (run_dir / name).stat().st_mtime_ns for name in written} == written
     assert safe_load(run_dir / "repaired.ckpt")["kind"] == "torchscript"
-    assert second.summary["clean_accuracy"]["after"] is not None
+    verified = json.loads((run_dir / "verify.json").read_text())["clean_accuracy"]  # what the result reports
+    assert (second.summary["clean_accuracy"]["before"], second.summary["clean_accuracy"]["after"]) == \
+        (verified["before"], verified["after"])
 
 
 def test_scan_refuses_normalised_images_and_says_where_normalisation_belongs(tmp_path):
