@@ -288,6 +288,11 @@ def _load_npz(path: Path) -> LoadedSource:
     ``y_test`` if the data come with their own test split (``defuse.scan`` writes one for a user's datasets)."""
     if not path.is_file():
         raise FileNotFoundError(f"npz file {path} does not exist. Point --set data.root=FILE.npz at arrays x and y.")
+    with path.open("rb") as file:
+        head = file.read(4)
+    if head != b"PK\x03\x04":  # an .npz is a zip archive; anything else would reach numpy's pickle refusal
+        raise ValueError(f"{path} is not an .npz archive (it begins {head!r}; an .npz, a zip of arrays, begins "
+                         f"b'PK\\x03\\x04'). Write one with numpy.savez({path.name!r}, x=images, y=labels).")
     try:
         arrays = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as err:
@@ -399,6 +404,9 @@ def _count(size: float, total: int) -> int:
     return int(round(size * total)) if size < 1 else int(size)
 
 
+MIN_IMAGES_PER_CLASS = 10  # below this, a class's test and audit shares are a few images or none
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Loads one source and owns its four seeded, disjoint splits.
 
@@ -472,6 +480,20 @@ class ImageDataModule(pl.LightningDataModule):
     def sizes(self) -> dict[str, int]:
         """Images per split, for manifests and run summaries."""
         return {name: len(self.split(name)) for name in SPLITS}
+
+    def require_enough_images(self) -> None:
+        """Stop a run whose data are too few to train on, search and grade: below :data:`MIN_IMAGES_PER_CLASS`
+        labelled images of a class, each split it is carved into holds a handful or none of it, and the checks
+        would give verdicts over no images at all."""
+        counts = torch.bincount(torch.cat([self.split(name).labels for name in SPLITS]), minlength=self.num_classes)
+        short = [(name, int(count)) for name, count in zip(self.classes, counts) if count < MIN_IMAGES_PER_CLASS]
+        if short:
+            listed = ", ".join(f"{name!r} {count}" for name, count in short[:5]) + (" ..." if len(short) > 5 else "")
+            raise ValueError(
+                f"{self.config.root or self.config.source}: {int(counts.sum())} images, too few of class {listed}. "
+                f"defuse needs at least {MIN_IMAGES_PER_CLASS} labelled images of every class to train a classifier, "
+                f"search its bugs and grade them (train, val, audit and test are carved from them): add images, or "
+                f"leave out the classes that have too few.")
 
     # ---- facts other stages need
     @property

@@ -484,9 +484,45 @@ def save_grid_png(path, images: torch.Tensor, scale: int = 3) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def embed_2d(points: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """(N, 2) map coordinates of ``points`` (N, D): t-SNE or UMAP, seeded on stream ``distill.umap``.
+
+    t-SNE is the default because umap-learn's numba code is compiled in every new process (about 15 s, not
+    cached), which on a small map costs ten times the layout itself; scikit-learn's t-SNE is compiled ahead of
+    time. Both keep neighbourhoods, which is what the map is read for (which failures sit among which images)."""
+    random_state = int_seed(seed, "distill.umap")
+    if method == "umap":
+        import umap
+        from sklearn.metrics import pairwise_distances
+
+        # Precomputed distances: below 4,096 points umap-learn otherwise calls its metric once per pair from
+        # Python (16 million calls for 4,000 failures: 9 s of a 12 s fit); 200 layout epochs, its own default for
+        # large data.
+        return umap.UMAP(n_components=2, n_neighbors=min(15, max(2, len(points) - 1)), metric="precomputed",
+                         n_epochs=200, random_state=random_state).fit_transform(pairwise_distances(points))
+    from sklearn.manifold import TSNE
+
+    # Perplexity must stay below the number of points; PCA initialisation keeps the global layout stable; 500
+    # iterations (half the default) settle a map of a few thousand points: 0.8 s against 1.6 s for the digits run.
+    perplexity = float(min(30.0, max(1.0, (len(points) - 1) / 3)))
+    return TSNE(n_components=2, perplexity=perplexity, init="pca", max_iter=500, random_state=random_state
+                ).fit_transform(points.astype(np.float32))
+
+
+def region_colours(count: int) -> list:
+    """``count`` distinct colours for regions 1..count: tab20, then tab20b and tab20c (60 before any repeats)."""
+    import matplotlib.pyplot as plt
+
+    palette = [plt.get_cmap(name)(i) for name in ("tab20", "tab20b", "tab20c") for i in range(20)]
+    return [palette[i % len(palette)] for i in range(count)]
+
+
 def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points: int = 4000,
-              real: RealEvidence | None = None, max_real: int = 1000, thumbnails: int = 60) -> None:
-    """2-D UMAP of failure latents, coloured by the region each failure was assigned to (grey: none).
+              real: RealEvidence | None = None, max_real: int = 1000, thumbnails: int = 60,
+              method: str = "tsne") -> list[str]:
+    """The failure map (umap.png): a 2-D map (t-SNE or UMAP, :func:`embed_2d`) of failure latents, coloured by
+    the region each failure was assigned to (grey: none), every region in the legend. Returns the legend's
+    entries.
 
     With ``real`` (the held-out images distill read as evidence), up to ``max_real`` of their latents are embedded
     with the failures and drawn underneath as faint dots, with ``thumbnails`` of the images themselves at their
@@ -495,9 +531,7 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import umap
     from matplotlib.offsetbox import AnnotationBbox, OffsetImage
-    from sklearn.metrics import pairwise_distances
 
     z = failures.z
     rng = numpy_rng(seed, "distill.umap")
@@ -516,11 +550,7 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
     if real is not None and len(real.z):
         real_keep = np.sort(rng.choice(len(real.z), size=min(len(real.z), max_real), replace=False))
     points = np.concatenate([z, real.z[real_keep]]) if len(real_keep) else z
-    # Precomputed distances: below 4,096 points umap-learn otherwise calls its metric once per pair from Python
-    # (16 million calls for 4,000 failures: 9 s of a 12 s fit); 200 layout epochs, its own default for large data.
-    embedding = umap.UMAP(n_components=2, n_neighbors=min(15, max(2, len(points) - 1)), metric="precomputed",
-                          n_epochs=200, random_state=int_seed(seed, "distill.umap")
-                          ).fit_transform(pairwise_distances(points))
+    embedding = embed_2d(points, method, seed)
     failure_xy, real_xy = embedding[: len(z)], embedding[len(z):]
     fig, ax = plt.subplots(figsize=(8, 6.5), dpi=110)
     if len(real_keep):
@@ -532,20 +562,25 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
                                   if image.shape[2] == 1 else None, alpha=0.45)
                 ax.add_artist(AnnotationBbox(box, real_xy[i], frameon=False, zorder=1))
     ax.scatter(*failure_xy[assignment < 0].T, s=4, c="#9a9a9a", label="failure, no region", zorder=2)
-    cmap = plt.get_cmap("tab20")
-    for region in regions.regions[:20]:
+    colours = region_colours(max((r.id for r in regions.regions), default=0))
+    shown = 0
+    for region in regions.regions:
         mask = assignment == region.id
         if mask.any():
-            ax.scatter(*failure_xy[mask].T, s=6, color=cmap((region.id - 1) % 20), label=f"#{region.id} {region.pair}",
+            ax.scatter(*failure_xy[mask].T, s=6, color=colours[region.id - 1], label=f"#{region.id} {region.pair}",
                        zorder=3)
-    ax.set_title("Failures in latent space (UMAP) among real images, coloured by region")
+            shown += 1
+    ax.set_title(f"Failures in latent space ({'UMAP' if method == 'umap' else 't-SNE'}) among real images, "
+                 "coloured by region")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5), ncol=1)
+    legend = ax.legend(fontsize=6, markerscale=2, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                       ncol=1 if shown <= 20 else 2)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+    return [text.get_text() for text in legend.get_texts()]
 
 
 def save_pictures(run: RunDir, regions: Regions, failures: Failures, generator: nn.Module, config: DistillConfig,
@@ -565,4 +600,4 @@ def save_pictures(run: RunDir, regions: Regions, failures: Failures, generator: 
                               real.images[region.real_nearest])
     run.path(UMAP_PNG).unlink(missing_ok=True)
     if config.umap and len(failures) >= 10:
-        save_umap(run.path(UMAP_PNG), failures, regions, seed, real=real)
+        save_umap(run.path(UMAP_PNG), failures, regions, seed, real=real, method=config.map_method)

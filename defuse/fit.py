@@ -87,8 +87,11 @@ def train_classifier(
         arch=config.arch, width=config.width, in_channels=data.channels, num_classes=data.num_classes,
         mean=mean, std=std, lr=config.lr, weight_decay=config.weight_decay, classes=list(data.classes), **augment,
     )
+    # Channels-last convolutions train 20-40% faster on CPU (SmallCNN, batch 128: 40-53 ms a step against 66-79);
+    # the trained weights go back to the standard format, so what is saved and loaded is as before.
+    module.model.to(memory_format=torch.channels_last)
     make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)
-    return module.model.eval(), dict(module.hparams)
+    return module.model.to(memory_format=torch.contiguous_format).eval(), dict(module.hparams)
 
 
 def train_vae(
@@ -99,8 +102,9 @@ def train_vae(
         in_channels=data.channels, image_size=int(data.split("train").images.shape[-1]),
         latent_dim=config.latent_dim, width=config.width, beta=config.beta, lr=config.lr,
     )
+    module.vae.to(memory_format=torch.channels_last)  # 43 ms a step against 49 (batch 128, 28 px); as the classifier
     make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)
-    return module.vae.eval(), dict(module.hparams)
+    return module.vae.to(memory_format=torch.contiguous_format).eval(), dict(module.hparams)
 
 
 def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
@@ -112,6 +116,7 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
     pl.seed_everything(config.seed, workers=True, verbose=False)
     data = ImageDataModule(config.data, config.seed)
     data.setup()
+    data.require_enough_images()
     c = config.classifier
     start = time.perf_counter()
     if c.user_supplied:
@@ -145,6 +150,7 @@ def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
     pl.seed_everything(config.seed, workers=True, verbose=False)
     data = ImageDataModule(config.data, config.seed)
     data.setup()
+    data.require_enough_images()
     g = config.generator
     start = time.perf_counter()
     if g.checkpoint:

@@ -334,6 +334,7 @@ def interactive_labels(
     terminal_columns: int | None = None,
     suggestions: Mapping[int, Answer] | None = None,
     real_grid_path: Callable[[int], str | Path | None] | None = None,
+    terminal_lines: int | None = None,
 ) -> dict[int, Answer]:
     """Ask a person for one label per region, in rank order, resuming where the book stops.
 
@@ -351,6 +352,8 @@ def interactive_labels(
         grid_path: region id -> the region's PNG grid (shown as a path), or None.
         terminal_columns: the terminal's width; the previews fill as many per row as fit
             (default ``shutil.get_terminal_size()``).
+        terminal_lines: the terminal's height; only as many rows of previews are drawn as leave the region's
+            header, its paths and the prompt on the screen (default ``shutil.get_terminal_size()``).
         suggestions: what Enter takes, with the reason shown; default the conservative :func:`auto_labels`, so a
             person who only presses Enter repairs no more than ``--labels auto`` would.
         real_grid_path: region id -> the PNG of the real images nearest it that carry its source label, or None:
@@ -373,7 +376,7 @@ def interactive_labels(
     while current is not None:
         if show:
             _show_region(current, region_list, classes, out, previews, grid_path, terminal_columns,
-                         suggestions.get(current.id), real_grid_path)
+                         suggestions.get(current.id), real_grid_path, terminal_lines)
         show = True
         command, label = _read_answer(current, classes, ask, out, suggestions.get(current.id))
         if command == "quit":
@@ -691,18 +694,36 @@ def preview_columns(images: torch.Tensor, terminal_columns: int, max_side: int =
     return max(1, (int(terminal_columns) + 1) // (drawn + 1))
 
 
+def preview_rows(images: torch.Tensor, lines: int, max_side: int = 16) -> int:
+    """How many rows of previews of ``images`` fit in ``lines`` terminal lines (at least 1): each row is half its
+    drawn height in lines (two pixels a character), with a blank line between two rows."""
+    height, width = int(images.shape[-2]), int(images.shape[-1])
+    drawn = height if max(height, width) <= max_side else max(1, round(height * max_side / max(height, width)))
+    return max(1, (int(lines) + 1) // (-(-drawn // 2) + 1))
+
+
+# Lines a region shows besides its previews, at 80 columns: a blank line, the header, the samples' path and the
+# real images' path (up to two lines each), the suggestion, the prompt and the answer to the region before.
+REGION_TEXT_LINES = 10
+
+
 def _show_region(region: Region, region_list: list[Region], classes: Sequence[str], out: Callable,
                  previews: Mapping[int, Any] | None, grid_path: Callable | None,
                  terminal_columns: int | None = None, suggestion: Answer | None = None,
-                 real_grid_path: Callable | None = None) -> None:
+                 real_grid_path: Callable | None = None, terminal_lines: int | None = None) -> None:
     position = region_list.index(region) + 1
     out("")
     out(f"Region #{region.id} ({position} of {len(region_list)}): {region.pair} | {region.n_failures} failures | "
         f"error rate {region.error_rate:.2f} | validity {region.validity:.2f}")
     if previews is not None and region.id in previews:
-        width = terminal_columns if terminal_columns is not None else shutil.get_terminal_size().columns
+        size = shutil.get_terminal_size()
+        width = terminal_columns if terminal_columns is not None else size.columns
+        height = terminal_lines if terminal_lines is not None else size.lines
         images = previews[region.id]
-        out(render_preview(images, columns=preview_columns(images, width)))
+        columns = preview_columns(images, width)
+        # Only the rows that fit under the header: a header scrolled off the top leaves a person labelling blind.
+        rows = preview_rows(images, height - REGION_TEXT_LINES)
+        out(render_preview(images[: rows * columns], columns=columns))
     if grid_path is not None:
         path = grid_path(region.id)
         if path is not None:

@@ -10,6 +10,7 @@ after ``label`` while regions await a person's label: nothing is repaired unaske
 
 from __future__ import annotations
 
+import difflib
 import logging
 import time
 from collections.abc import Callable
@@ -373,6 +374,18 @@ def stage_fingerprint(stage: Stage, config: RunConfig, run: RunDir) -> str:
                         "files": files})
 
 
+def _check_unchanged_inputs(stage: Stage, run: RunDir) -> None:
+    """Refuse inputs that changed since the stage that wrote them finished (a truncated copy, an edit by hand):
+    the fingerprint records what that stage wrote, so without this check the stage would read the changed file
+    while calling itself current."""
+    for name in stage.inputs:
+        producer = next((s.name for s in STAGES if name in s.outputs), None)
+        if producer and producer != stage.name and name in run.changed_outputs(producer):
+            raise ValueError(f"{run.path(name)} is not what stage {producer} wrote (it was edited, truncated or "
+                             f"replaced since), so {stage.name} cannot trust it. Make it again: `defuse {producer} "
+                             f"--run-dir {run.root}` (or `defuse run`, which re-makes it and what follows).")
+
+
 def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False) -> StageResult:
     """Run one stage unless its outputs are current; record it in the manifest either way."""
     for name in stage.inputs:
@@ -381,6 +394,11 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
             raise FileNotFoundError(
                 f"{run.path(name)} is missing: stage {stage.name!r} needs it. Run `defuse {producer}` first."
             )
+    _check_unchanged_inputs(stage, run)
+    changed = run.changed_outputs(stage.name)
+    if changed and not force:
+        log.warning("%s changed since stage %s wrote %s (edited, truncated or replaced): %s runs again.",
+                    ", ".join(changed), stage.name, "it" if len(changed) == 1 else "them", stage.name)
     digest = stage_fingerprint(stage, config, run)
     if not force and not stage.always and run.is_current(stage.name, digest):
         made_by = run.stage(stage.name).get("defuse")
@@ -399,6 +417,24 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
     return StageResult(stage.name, False, time.perf_counter() - start, record.metrics)
 
 
+LABEL_MODES = ("prompt", "auto", "later")  # label.mode: these, or a labels file
+
+
+def check_inputs(config: RunConfig) -> None:
+    """Refuse, before any stage runs, a file the run will read that is not there: a typo in ``--labels`` or
+    ``--reviewed-labels`` should cost a second, not the minutes of training before the stage that reads it."""
+    mode = str(config.label.mode)
+    if mode not in LABEL_MODES and not Path(mode).is_file():
+        close = difflib.get_close_matches(mode, LABEL_MODES, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise FileNotFoundError(f"--labels {mode} (label.mode): there is no file {mode}.{hint} Give prompt, auto, "
+                                f"later, or a JSON/YAML file mapping region ids to labels, e.g. {{1: 7, 2: not-a-bug}}.")
+    reviewed = config.correct.reviewed_labels
+    if reviewed and not Path(reviewed).is_file():
+        raise FileNotFoundError(f"--reviewed-labels {reviewed} (correct.reviewed_labels): there is no such file. "
+                                f"Write it with `defuse review`, or give a CSV with the columns image,label.")
+
+
 def run_pipeline(config: RunConfig, run: RunDir, force: tuple[str, ...] = (),
                  on_stage: Callable[[int, Stage, StageResult | None], None] | None = None) -> list[StageResult]:
     """Run every built stage in order; ``force`` names stages to re-run even when current ("all" for every one).
@@ -414,6 +450,7 @@ def run_pipeline(config: RunConfig, run: RunDir, force: tuple[str, ...] = (),
     for name in force:
         if name != "all":
             stage_named(name)
+    check_inputs(config)
     results: list[StageResult] = []
     awaiting = forcing = False
     for index, stage in enumerate(STAGES):

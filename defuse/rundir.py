@@ -167,16 +167,20 @@ class RunDir:
             raise FileNotFoundError(f"{path} does not exist: run the stage that writes it first.")
         return sha256_file(path)
 
+    def changed_outputs(self, name: str) -> list[str]:
+        """The outputs of stage ``name`` (done) that are missing or no longer hash to what it recorded."""
+        record = self.stage(name)
+        if not record or record.get("status") != "done":
+            return []
+        return [file for file, digest in record.get("outputs", {}).items()
+                if not self.path(file).exists() or sha256_file(self.path(file)) != digest]
+
     def is_current(self, name: str, stage_fingerprint: str) -> bool:
         """True when ``name`` completed with this fingerprint and all its outputs still match their hashes."""
         record = self.stage(name)
         if not record or record.get("status") != "done" or record.get("fingerprint") != stage_fingerprint:
             return False
-        for file, digest in record.get("outputs", {}).items():
-            path = self.path(file)
-            if not path.exists() or sha256_file(path) != digest:
-                return False
-        return True
+        return not self.changed_outputs(name)
 
     def record(self, name: str, status: str, config: dict[str, Any], seed: int, **fields: Any) -> None:
         manifest = self.manifest()

@@ -1,10 +1,11 @@
 """Loop benchmark: how long does `defuse run --labels auto` take, stage by stage, and what does it produce?
 
 For each target (the embedded digits run, and ``configs/mnist-test-split.yaml``) it runs the CLI exactly as a
-user would, in a fresh run directory, as a child process:
+user would, each time in a fresh run directory, as a child process with no terminal:
 
-* ``defuse run --labels auto`` (every stage, the checks and the report included): wall time, the child's peak RSS (``os.wait4``), each stage's time from the
-  manifest, and the run's key figures (clean test accuracy before/after, regions, valid failures per 1,000
+* ``defuse run`` (the README's first command: it stops for labels before ``correct``): wall time and peak RSS;
+* ``defuse run --labels auto`` in another new directory (every stage, the checks and the report included): wall
+  time, the child's peak RSS (``os.wait4``), each stage's time from the manifest, and the run's key figures (clean test accuracy before/after, regions, valid failures per 1,000
   queries, sources with a failure, regions auto-labelled a bug), so a speed-up that costs quality shows here;
 * with ``--stages``, each stage as its own subcommand in another fresh run directory, the wall time of each
   (what a user iterating on one stage pays, CLI start-up included);
@@ -28,6 +29,8 @@ from _bench import emit, progress  # scripts/_bench.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"digits": [], "mnist": ["--config", str(ROOT / "configs" / "mnist-test-split.yaml")]}
+# Issue 34's bars for a fresh process on this 2-core machine, alone on it.
+BARS = {"digits": {"unattended_seconds": 45, "auto_seconds": 40, "peak_rss_gib": 1.5}, "mnist": {"auto_seconds": 150}}
 STAGE_COMMANDS = ("fit-classifier", "fit-generator", "identify", "distill", "label", "correct", "verify")
 
 
@@ -78,8 +81,14 @@ def figures(run_dir: Path) -> dict:
 def bench_target(name: str, folder: Path, each_stage: bool) -> dict:
     config = TARGETS[name]
     run_dir = folder / f"{name}-run"
-    result = {"run": timed(["run", "--labels", "auto", "--run-dir", str(run_dir), *config])}
+    result = {"unattended": timed(["run", "--run-dir", str(folder / f"{name}-unattended"), *config]),
+              "run": timed(["run", "--labels", "auto", "--run-dir", str(run_dir), *config])}
     result.update(figures(run_dir))
+    result["bars"] = {key: {"bar": bar, "met": value <= bar} for key, value, bar in (
+        ("unattended_seconds", result["unattended"]["seconds"], BARS[name].get("unattended_seconds")),
+        ("auto_seconds", result["run"]["seconds"], BARS[name].get("auto_seconds")),
+        ("peak_rss_gib", round(max(result["unattended"]["peak_rss_mib"], result["run"]["peak_rss_mib"]) / 1024, 3),
+         BARS[name].get("peak_rss_gib"))) if bar is not None}
     if each_stage:
         alone = folder / f"{name}-stages"
         result["stage_alone_seconds"] = {}

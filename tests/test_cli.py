@@ -1,6 +1,7 @@
 """The CLI and the stage wiring, end to end on tiny digits models."""
 
 import json
+import logging
 import time
 import sys
 import subprocess
@@ -31,8 +32,12 @@ def _args(tiny_overrides, run_dir, *extra):
 
 def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, tiny_overrides, capsys, caplog):
     assert main(["run", *_args(tiny_overrides, tmp_path)]) == 0  # pytest's stdin is no terminal: nobody to ask
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "regions await a label; nothing was repaired" in out and f"defuse label --run-dir {tmp_path}" in out
+    warned = [record for record in caplog.records if record.levelno >= logging.WARNING]
+    shown = len(out.splitlines()) + len(captured.err.splitlines()) + len(warned)
+    assert shown <= 25, f"{shown} lines: {out}{captured.err}{[r.getMessage() for r in warned]}"  # ~25 at most
     assert f"`defuse run --run-dir {tmp_path} --labels auto`" in caplog.text
     lines = out.splitlines()  # one line per stage, with its key figure; the detail only with --verbose
     assert lines[0].startswith("[1/10] fit-classifier: done (") and \
@@ -284,7 +289,7 @@ def build():
 """
 
 
-@pytest.mark.parametrize("kind", ["torchscript"])  # the factory's save and load: tests/test_loading.py
+@pytest.mark.parametrize("kind", ["torchscript", "factory"])
 def test_a_classifier_you_bring_is_searched_repaired_and_saved_as_what_it_is(tmp_path, tiny_overrides, kind):
     """TorchScript (which refuses `requires_grad_`) and a factory given as a file: every stage runs, and the repair
     is saved as the user's module plus fine-tuned weights, batch-norm statistics as trained."""
@@ -494,3 +499,30 @@ def test_outputs_an_earlier_defuse_made_are_kept_and_the_warning_says_how_to_rem
     assert RunDir(tmp_path).stage("fit-classifier")["finished"] == record["finished"]  # kept, not re-made
     assert (f"fit-classifier's outputs in {tmp_path} were made by defuse {record['defuse']} (this is 99.0)"
             in caplog.text and "--force fit-classifier" in caplog.text)
+
+
+def test_a_mistyped_labels_mode_or_a_missing_review_file_stops_before_the_first_stage(tmp_path, tiny_overrides, capsys):
+    """Both are read only after minutes of training; a typo in either must cost a second instead."""
+    run_dir = tmp_path / "run"
+    assert main(["run", *_args(tiny_overrides, run_dir, "--labels", "autoo")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--labels autoo (label.mode): there is no file autoo. Did you mean 'auto'?" in err
+    assert not (run_dir / "classifier.ckpt").exists()  # nothing was trained
+    missing = tmp_path / "reviewed.csv"
+    assert main(["run", *_args(tiny_overrides, run_dir, "--labels", "auto", "--reviewed-labels", str(missing))]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--reviewed-labels {missing} (correct.reviewed_labels): there is no such file." in err
+    assert not (run_dir / "classifier.ckpt").exists()
+
+
+def test_a_data_set_too_small_to_grade_stops_at_the_first_stage_and_says_what_is_short(tmp_path, tiny_overrides,
+                                                                                        capsys):
+    from conftest import make_npz
+
+    make_npz(tmp_path / "tiny.npz", n=12, k=2, size=28)
+    run_dir = tmp_path / "run"
+    assert main(["run", *_args(tiny_overrides, run_dir, "--set", "data.source=npz", "--set",
+                                f"data.root={tmp_path / 'tiny.npz'}")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "tiny.npz: 12 images, too few of class '0' 6, '1' 6. defuse needs at least 10 labelled images" in err
+    assert not (run_dir / "classifier.ckpt").exists()

@@ -108,3 +108,13 @@ def test_a_factory_given_as_a_file_is_fingerprinted_by_that_file(tmp_path):
     config = load_config(None, [f"classifier.factory={tmp_path / 'model.py'}:build"])
     assert path_fields(config.classifier) == {"factory": str(tmp_path / "model.py")}
     assert path_fields(load_config(None, ["classifier.factory=pkg.models:build"]).classifier) == {}
+
+
+def test_a_run_without_a_name_is_named_after_its_data_not_digits(tmp_path):
+    """The report's title and the default run directory (runs/<name>) come from the name."""
+    assert load_config(None, []).name == "digits"
+    assert load_config(None, ["data.source=npz", f"data.root={tmp_path / 'traffic.npz'}"]).name == "traffic"
+    (tmp_path / "photos").mkdir()
+    assert load_config(None, ["data.source=folder", f"data.root={tmp_path / 'photos'}"]).name == "photos"
+    assert load_config(None, ["data.source=cifar10"]).name == "cifar10"
+    assert load_config(None, ["name=mine", "data.source=npz", f"data.root={tmp_path / 'x.npz'}"]).name == "mine"

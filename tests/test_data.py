@@ -134,6 +134,15 @@ def test_npz_with_pickled_objects_is_refused(tmp_path):
         load_source(DataConfig(source="npz", root=str(tmp_path / "p.npz")))
 
 
+def test_a_file_named_npz_that_is_no_archive_is_named_as_such_not_as_pickled_data(tmp_path):
+    (tmp_path / "labels.npz").write_text("image,label\n0,3\n")
+    with pytest.raises(ValueError) as refused:
+        load_source(DataConfig(source="npz", root=str(tmp_path / "labels.npz")))
+    message = str(refused.value)
+    assert "is not an .npz archive (it begins b'imag'" in message and "numpy.savez('labels.npz'" in message
+    assert "pickle" not in message
+
+
 def test_folder_reads_classes_from_subfolders(tmp_path):
     make_folder(tmp_path, classes=("cat", "dog", "eel"), per_class=3, size=(28, 28))
     pool = load_source(DataConfig(source="folder", root=str(tmp_path))).pool

@@ -157,6 +157,22 @@ def _region_at(mean) -> Region:
                   cov=[[1.0, 0.0], [0.0, 1.0]])
 
 
+def test_the_failure_map_shows_every_region_in_its_legend_each_in_its_own_colour(tmp_path):
+    """30 regions (distill's default max_regions): none is dropped past the 20th, and no two share a colour."""
+    from dataclasses import replace
+
+    from defuse.distill import region_colours, save_umap
+
+    pairs = [(s, p) for s in range(6) for p in range(6) if s != p][:30]
+    failures = make_failures([((3.0 * i, 3.0 * (i % 5)), 0.2, 8, s, p) for i, (s, p) in enumerate(pairs)])
+    regions = Regions([replace(_region_at((3.0 * i, 3.0 * (i % 5))), id=i + 1, source_label=s, predicted_label=p,
+                               pair=f"{s} -> {p}") for i, (s, p) in enumerate(pairs)], {})
+    legend = save_umap(tmp_path / "umap.png", failures, regions, seed=0)
+    assert legend[1:] == [f"#{i + 1} {s} -> {p}" for i, (s, p) in enumerate(pairs)]  # after "failure, no region"
+    assert len(set(region_colours(30))) == 30
+    assert (tmp_path / "umap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_region_shows_its_misreadings_first():
     """Half the draws of a region centred on the 0 | 1 boundary are read as 1: shown, all 16 are; unfiltered, not."""
     region, classifier = _region_at((1.0, -1.0)), QuadrantClassifier()

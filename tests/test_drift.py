@@ -92,6 +92,9 @@ class _Curve:
         index = min(int(t * (len(self.values) - 1) + 1e-9), len(self.values) - 1)
         return self.values[index]
 
+    def accuracy_unless_below(self, setting, floor):
+        return self.accuracy(setting)
+
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(0.5, 1.0), min_size=2, max_size=200), st.floats(0.0, 0.2), st.floats(0.0, 0.2))
@@ -141,6 +144,28 @@ def test_forensics_of_a_trained_classifier_is_deterministic_and_within_bounds(fi
     assert first["parameters"]["resolution"]["sensitivity"] is None  # piecewise constant: searched, not derived
     assert first["parameters"]["blur_sigma"]["sensitivity"] == 0.0  # blur acts at second order at sigma 0
     assert first["evaluations"] <= 1 + (len(names) + 2) * (GRID + BISECTION)
+
+
+def test_a_search_point_stops_reading_images_once_refused_and_is_exact_where_allowed(finished):
+    """The early stop changes how many images a refused point reads, never a decision or an allowed accuracy."""
+    from defuse.drift.forensics import EARLY_CHUNK, DriftEvaluator
+
+    model, x, y = _trained(finished, n=3 * EARLY_CHUNK + 10)
+    evaluator = DriftEvaluator.build(model, x, y, seed=0)
+    read = []
+    evaluator.model.register_forward_hook(lambda module, inputs, output: read.append(len(inputs[0])))
+    clean = evaluator.accuracy({})
+    for setting in ({"exposure_ev": -0.3}, {"exposure_ev": -3.0}, {"blur_sigma": 3.0}, {"read_noise": 0.3}):
+        exact = evaluator.accuracy(setting)
+        for floor in (clean - 0.01, clean - 0.2, 0.0):
+            read.clear()
+            early = evaluator.accuracy_unless_below(setting, floor)
+            assert (early < floor) == (exact < floor)  # the same decision
+            if exact >= floor:
+                assert early == exact and sum(read) == len(x)  # every image read, the same number
+    read.clear()
+    assert evaluator.accuracy_unless_below({"exposure_ev": -3.0}, 1.0) < 1.0
+    assert sum(read) == EARLY_CHUNK  # the first misread image already ruled out an accuracy of 1
 
 
 def _trained(finished, n=120):

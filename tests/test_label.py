@@ -515,11 +515,36 @@ def test_previews_fill_the_terminal_width_and_never_wrap(terminal, per_row, tmp_
     previews = {region.id: torch.rand(16, 1, 28, 28) for region in make_regions().regions}
     printed: list[str] = []
     interactive_labels(make_regions(), DIGITS, LabelBook(tmp_path / "labels.jsonl"), ask=scripted(["q"], []),
-                       out=printed.append, previews=previews, terminal_columns=terminal)
+                       out=printed.append, previews=previews, terminal_columns=terminal, terminal_lines=200)
     drawn = next(text for text in printed if "\u2580" in text).split("\n")
     visible = [len(re.sub(r"\x1b\[[0-9;]*m", "", line)) for line in drawn]
     assert max(visible) == per_row * 17 - 1 and (max(visible) <= terminal or per_row == 1)
     assert visible.count(0) == -(-16 // per_row) - 1  # one blank line between rows of previews
+
+
+@pytest.mark.parametrize("columns,lines,shown", [(80, 24, 4), (120, 30, 14), (80, 60, 16)])
+def test_a_region_with_its_previews_and_prompt_fits_the_terminal_so_its_header_stays_on_screen(
+        columns, lines, shown, tmp_path):
+    """At 80x24 a region's header, previews, paths, suggestion and prompt all fit on one screen."""
+    from dataclasses import replace
+
+    regions = Regions([replace(region, real_nearest=[4, 9, 2], real_nearest_read=[1, 1, 7])
+                       for region in make_regions().regions], {})
+    previews = {region.id: torch.rand(16, 1, 28, 28) for region in regions.regions}
+    printed: list[str] = []
+    prompts: list[str] = []
+    interactive_labels(regions, DIGITS, LabelBook(tmp_path / "labels.jsonl"), ask=scripted(["n", "q"], prompts),
+                       out=printed.append, previews=previews, terminal_columns=columns, terminal_lines=lines,
+                       grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}.png",
+                       real_grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}_real.png")
+    second = max(i for i, text in enumerate(printed) if text.startswith("Region #"))
+    screen = [*printed[second - 2:], prompts[-1]]  # the first region's answer, then all the second region shows
+    visible = [re.sub(r"\x1b\[[0-9;]*m", "", line) for text in screen for line in text.split("\n")]
+    assert sum(max(1, -(-len(line) // columns)) for line in visible) <= lines
+    drawn = next(text for text in screen if "\u2580" in text).split("\n")
+    per_row = max(1, (columns + 1) // 17)
+    rows = sum(1 for line in drawn if not line) + 1
+    assert min(16, rows * per_row) == shown  # as many previews as fit, never fewer than a row
 
 
 def test_answering_the_models_own_reading_says_the_labels_around_the_region_are_suspect(tmp_path):

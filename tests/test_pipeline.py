@@ -21,6 +21,7 @@ from defuse.pipeline import (
     STAGES,
     correct_stage,
     run_pipeline,
+    run_stage,
     stage_fingerprint,
     stage_named,
 )
@@ -183,3 +184,23 @@ def test_an_interrupted_run_resumes_where_it_stopped_and_reports_what_an_uninter
         assert f"] {name}: {expected_status} (" in resumed.stdout, (name, resumed.stdout)
     assert f"] {interrupted}: done (" in resumed.stdout
     assert _comparable(json.loads(broken.path("report/report.json").read_text())) == _comparable(expected)
+
+
+def test_a_truncated_checkpoint_is_never_current_and_its_rerun_says_why(finished, tmp_path, caplog):
+    """A copy cut short (a full disk, an interrupted rsync) must not pass for the stage's output: a stage reading
+    it stops and says how to re-make it, and the stage that wrote it runs again with a warning that names it."""
+    import logging
+    import shutil
+
+    run, config = finished
+    copy = RunDir(shutil.copytree(run.root, tmp_path / "run"))
+    checkpoint = copy.path("classifier.ckpt")
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"classifier.ckpt is not what stage fit-classifier wrote .* `defuse "
+                                         r"fit-classifier --run-dir"):
+        run_stage(stage_named("verify"), config, copy)
+    with caplog.at_level(logging.WARNING, logger="defuse.pipeline"):
+        result = run_stage(stage_named("fit-classifier"), config, copy)
+    assert result.status != CURRENT and len(checkpoint.read_bytes()) > 1000
+    assert "classifier.ckpt changed since stage fit-classifier wrote it (edited, truncated or replaced): " \
+           "fit-classifier runs again." in caplog.text

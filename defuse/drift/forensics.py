@@ -33,6 +33,7 @@ from defuse.models.inference import as_input, inference_copy, is_channels_last
 GRID = 8  # grid points from the identity to each bound
 BISECTION = 6  # steps between the last allowed grid point and the first refused one: 1/64 of a grid step
 CHUNK = 500  # images per forward pass under one setting
+EARLY_CHUNK = 128  # ... when a search may stop early (as fast per image as 500 on this CPU)
 
 
 @dataclass
@@ -67,6 +68,26 @@ class DriftEvaluator:
     def accuracy(self, setting: dict[str, float]) -> float:
         return float(self.correct(setting).float().mean())
 
+    @torch.no_grad()
+    def accuracy_unless_below(self, setting: dict[str, float], floor: float) -> float:
+        """:meth:`accuracy` under ``setting``, except that it stops reading images once the accuracy is certain to
+        end below ``floor`` (too many already misread) and then returns a value below ``floor``, not the accuracy.
+
+        The tolerance search only needs "refused" at a refused point, and about half its points are refused, so
+        this reads a quarter fewer images with the same decisions and the same accuracies at every allowed point."""
+        self.evaluations += 1
+        fast = is_channels_last(self.model)
+        n, wrong, out = len(self.images), 0, []
+        for i in range(0, n, EARLY_CHUNK):
+            part = slice(i, i + EARLY_CHUNK)
+            x = acquire(self.images[part], setting, SensorNoise(self.noise.shot[part], self.noise.read[part]))
+            right = self.model(as_input(x, fast)).argmax(dim=1) == self.labels[part]
+            out.append(right)
+            wrong += int((~right).sum())
+            if (n - wrong) / n < floor - 1e-9 and i + EARLY_CHUNK < n:  # the best the rest could do is too little
+                return (n - wrong) / n
+        return float(torch.cat(out).float().mean())
+
 
 def sensitivities(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, noise: SensorNoise,
                   parameters: tuple[Parameter, ...]) -> dict[str, float]:
@@ -92,14 +113,15 @@ def tolerance_along(evaluator: DriftEvaluator, endpoint: dict[str, float], clean
         return {name: IDENTITY[name] + t * (value - IDENTITY[name]) for name, value in endpoint.items()}
 
     allowed, allowed_accuracy = 0.0, clean
+    floor = clean - max_drop  # refused below this (up to float rounding, which the comparisons below decide)
     for k in range(1, GRID + 1):
         t = k / GRID
-        accuracy = evaluator.accuracy(at(t))
+        accuracy = evaluator.accuracy_unless_below(at(t), floor)
         if clean - accuracy > max_drop:
             low, high = allowed, t
             for _ in range(BISECTION):
                 middle = (low + high) / 2
-                accuracy = evaluator.accuracy(at(middle))
+                accuracy = evaluator.accuracy_unless_below(at(middle), floor)
                 if clean - accuracy > max_drop:
                     high = middle
                 else:

@@ -16,6 +16,8 @@ import torchmetrics
 import torchvision
 from torch import nn
 
+from defuse.models.inference import as_input, is_channels_last
+
 
 class Normalize(nn.Module):
     """``(x - mean) / std`` per channel, stored as buffers so it travels with the weights."""
@@ -168,7 +170,8 @@ class ClassifierModule(pl.LightningModule):
         self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        # Trained channels-last (see :func:`defuse.fit.train_classifier`), the inputs follow the weights' format.
+        return self.model(as_input(x, is_channels_last(self.model)))
 
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
         x, y = batch

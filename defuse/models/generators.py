@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from defuse.models.inference import as_input, is_channels_last
+
 _DOWNSAMPLINGS = {28: 2, 32: 2, 64: 3}
 
 
@@ -132,7 +134,7 @@ class VAEModule(pl.LightningModule):
         self.vae = ConvVAE(in_channels, image_size, latent_dim, width)
 
     def _common_step(self, batch, stage: str) -> torch.Tensor:
-        x = batch[0]
+        x = as_input(batch[0], is_channels_last(self.vae))  # trained channels-last: see defuse.fit.train_vae
         recon, kl = elbo_terms(self.vae, x)
         loss = recon + self.hparams.beta * kl
         self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
