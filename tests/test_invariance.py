@@ -236,7 +236,8 @@ def test_a_check_saves_its_figures_and_a_same_weights_check_is_a_zero_change_cop
 
     from defuse.config import CheckConfig
     from defuse.data import ImageSet
-    from defuse.invariance.check import check_invariance, copy_unchanged, load_per_image, same_weights
+    from defuse.invariance.check import check_invariance, copy_unchanged, load_per_image
+    from defuse.models.inference import same_weights
 
     images, labels = _blobs(12, size=16)
     test = ImageSet((images * 255).to(torch.uint8), labels, ("a", "b", "c", "d"))

@@ -26,7 +26,7 @@ PLACEHOLDERS = {"FILE": "labels.yaml", "STAGE": "distill", "DIR": "runs/digits",
 
 
 def blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
 
 
 def readme_commands() -> list[str]:

@@ -84,3 +84,25 @@ def test_verify_searches_the_test_split_against_both_models(tmp_path):
     checked.save(tmp_path / "verify.json")
     assert Verification.load(tmp_path / "verify.json").result == json.loads((tmp_path / "verify.json").read_text())
     assert checked.metrics["clean_accuracy_before"] == 1.0 and checked.metrics["rediscovery_failures_after"] == 0
+
+
+def test_a_kept_original_is_searched_once_and_reads_the_same_before_and_after(monkeypatch):
+    """The guard kept the original (or nothing was labelled a bug): the same weights give the same search, so the
+    test split is searched once and both columns are that search's."""
+    import copy
+
+    import defuse.verify as verify_module
+
+    images, labels = line_images(30)
+    test = _FloatImages(images, labels, ("zero", "one"))
+    searches = []
+    real_identify = verify_module.identify
+    monkeypatch.setattr(verify_module, "identify", lambda *a, **k: searches.append(a[0]) or real_identify(*a, **k))
+    search = IdentifyConfig(screen=False, budget=32, shells=4, directions=4, min_radius=0.5, max_radius=4.0)
+    original = LineClassifier()
+    checked = verify(original, copy.deepcopy(original), test, Regions([_region(1)], {}), {1: 0}, LineGenerator(),
+                     line_validity(), tau=1.0, search=search, samples_per_region=32)
+    assert searches == [original]
+    counts = checked.result["failures_by_pair"]["zero -> one"]
+    assert counts["failures_before"] == counts["failures_after"] > 0
+    assert checked.result["search_queries"]["before"] == checked.result["search_queries"]["after"]

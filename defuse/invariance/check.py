@@ -38,7 +38,7 @@ from defuse.data import ImageSet
 from defuse.invariance.assessor import Verdict, verdict
 from defuse.invariance.ei import EIChange, PerImage, TransformEI, compare_ei, per_image_scores, summarize
 from defuse.invariance.variance import FamilyVariance, family_variance
-from defuse.models.inference import inference_copy
+from defuse.models.inference import inference_copy, same_weights
 from defuse.rundir import atomic_write_bytes, atomic_write_json
 from defuse.seeding import numpy_rng
 
@@ -240,12 +240,6 @@ def with_variance_change(after: InvarianceCheck, before_json: dict[str, Any]) ->
     change = {family: round(v.features["mean"] - before_json["variance"][family]["mean"], 5)
               for family, v in after.variance.items() if family in before_json.get("variance", {})}
     return replace(after, variance_change=change)
-
-
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two models hold the same parameters and buffers (then every check of theirs is the same)."""
-    first, second = a.state_dict(), b.state_dict()
-    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def copy_unchanged(directory: str | Path, reference: str, name: str) -> dict[str, Any]:

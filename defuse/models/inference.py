@@ -70,6 +70,12 @@ def fold_batch_norm(model: nn.Module) -> nn.Module:
         return model
 
 
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models hold the same parameters and buffers (then every check and search of theirs is the same)."""
+    first, second = a.state_dict(), b.state_dict()
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def is_channels_last(model: nn.Module) -> bool:
     """Whether ``model``'s convolution weights are stored channels-last (then so should its inputs be).
 
