@@ -349,10 +349,14 @@ def _print_drift(console: Console, result: dict, path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
+    if not console.is_terminal and "COLUMNS" not in os.environ:
+        # To a file or a pipe rich assumes 80 columns and wraps the --verbose tables inside their cells; a log file
+        # has no width, so lay them out as wide as they need (up to 200).
+        console = Console(width=200)
     errors = Console(stderr=True, soft_wrap=True)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s", handlers=[StderrAtEmit()])
     with ctrl_c_latch():
         return _main(args, console, errors)
 
@@ -403,6 +407,19 @@ def _review(args: argparse.Namespace, config: RunConfig, run: RunDir, console: C
 
     review_command(config, run, Path(args.out) if args.out else None, interactive=sys.stdin.isatty(), say=say)
     return 0
+
+
+class StderrAtEmit(logging.StreamHandler):
+    """A log handler writing to whatever ``sys.stderr`` is when a record comes, not what it was at start-up: rich's
+    stage bar swaps stderr for a proxy that prints above the bar, so a warning never draws over the bar."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not sys.stderr:
+            self.setStream(sys.stderr)
+        super().emit(record)
 
 
 class _StageProgress:

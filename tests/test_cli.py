@@ -526,3 +526,30 @@ def test_a_data_set_too_small_to_grade_stops_at_the_first_stage_and_says_what_is
     err = " ".join(capsys.readouterr().err.split())
     assert "tiny.npz: 12 images, too few of class '0' 6, '1' 6. defuse needs at least 10 labelled images" in err
     assert not (run_dir / "classifier.ckpt").exists()
+
+
+def test_warnings_go_to_the_stderr_of_the_moment_so_the_stage_bar_prints_them_above_itself(monkeypatch):
+    """rich's live bar replaces sys.stderr with a proxy that prints above the bar; a handler that kept the stderr of
+    start-up would write over the bar instead."""
+    import io
+
+    from defuse.cli import StderrAtEmit
+
+    handler = StderrAtEmit()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    swapped = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", swapped)
+    handler.emit(logging.LogRecord("defuse", logging.WARNING, __file__, 1, "the classifier is weak", None, None))
+    assert swapped.getvalue() == "WARNING: the classifier is weak\n"
+
+
+def test_verbose_tables_written_to_a_file_keep_each_row_on_one_line(finished, tmp_path, capsys, monkeypatch):
+    """rich lays out a non-terminal at 80 columns; a log file should get each stage's figures on one line."""
+    import shutil
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    run, _ = finished
+    copy = shutil.copytree(run.root, tmp_path / "run")
+    assert main(["report", "--run-dir", str(copy), "--verbose"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│ report"))
+    assert "regions=" in row and "regressions=" in row and len(row) > 80
