@@ -116,6 +116,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="override one config key, e.g. --set classifier.epochs=5 (repeatable)")
     parser.add_argument("--seed", type=int, default=None, help="shortcut for --set seed=N")
     parser.add_argument("--no-progress", action="store_true", help="hide Lightning's progress bars")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="train the classifier and the generator even when another run directory already trained "
+                             "them on the same data and settings (trainer.cache=false; the cache: $DEFUSE_CACHE, "
+                             "default ~/.cache/defuse, off with DEFUSE_CACHE=off)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="also show what the libraries say (Lightning's device banners and tips, umap-learn's "
                              "warnings), which defuse hides by default (trainer.verbose=true)")
@@ -194,6 +198,8 @@ def _resolve(args: argparse.Namespace) -> tuple[RunConfig, RunDir]:
         overrides.append("trainer.progress_bar=false")
     if args.verbose:
         overrides.append("trainer.verbose=true")
+    if args.no_cache:
+        overrides.append("trainer.cache=false")
     recorded = RunDir(args.run_dir).manifest().get("config") if args.run_dir and args.config is None else None
     if recorded:  # `defuse label --run-dir DIR` continues DIR's run with the config it was made with
         # ... but where labels come from is asked each time: a run never remembers "auto" on the user's behalf.

@@ -416,6 +416,9 @@ class TrainerConfig:
     # about defuse's own choices); off, defuse.quiet hides exactly those.
     verbose: bool = field(default=False, metadata=PRESENTATION)
     deterministic: bool = True
+    # Adopt a classifier or generator another run trained with the same data and settings (defuse.cache; the
+    # same file training would write); off trains every time. Where: $DEFUSE_CACHE (default ~/.cache/defuse).
+    cache: bool = field(default=True, metadata=PRESENTATION)
 
     def validate(self) -> None:
         _check_choice("trainer.accelerator", self.accelerator, ("auto", "cpu", "gpu", "cuda", "mps"))

@@ -42,6 +42,7 @@ from defuse.artifacts import (
     VALIDITY_MODEL,
     VERIFY_JSON,
 )
+from defuse import cache
 from defuse.config import RunConfig, config_from_mapping, path_fields
 from defuse.quiet import quiet_libraries
 from defuse.rundir import RunDir, defuse_version, fingerprint, path_digest
@@ -321,6 +322,7 @@ class Stage:
 
 
 DONE, CURRENT, AWAITING_LABELS = "done", "skipped (current)", "awaiting labels"
+RESTORED = "restored from the cache"  # a fitted model another run trained with the same inputs (defuse.cache)
 
 
 @dataclass(frozen=True)
@@ -410,11 +412,19 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
                         made_by, defuse_version(), run.root, stage.name)
         return StageResult(stage.name, True, 0.0, run.metrics(stage.name), CURRENT)
     start = time.perf_counter()
+    cached = config.trainer.cache and stage.name in cache.CACHED_STAGES
+    entry = cache.lookup(stage.name, digest) if cached and not force else None
     with run.running(stage.name, config.to_dict(), config.seed, digest) as record:
-        with quiet_libraries(enabled=not config.trainer.verbose):
-            record.metrics = stage.run(config, run)
+        if entry is not None:
+            record.metrics = cache.restore(entry, run)
+        else:
+            with quiet_libraries(enabled=not config.trainer.verbose):
+                record.metrics = stage.run(config, run)
         record.outputs = {name: "" for name in _expand(run, stage.outputs)}
-    return StageResult(stage.name, False, time.perf_counter() - start, record.metrics)
+    if cached and entry is None:
+        cache.store(stage.name, digest, run, list(record.outputs), record.metrics)
+    return StageResult(stage.name, False, time.perf_counter() - start, record.metrics,
+                       RESTORED if entry is not None else DONE)
 
 
 LABEL_MODES = ("prompt", "auto", "later")  # label.mode: these, or a labels file

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,11 @@ from defuse.config import config_from_mapping, load_config
 from defuse.data import default_mnist_raw
 from defuse.rundir import RunDir
 
+
+# Every test trains what it trains: a cache of fitted models (defuse.cache) shared between tests would make "the
+# same seed gives the same model" true by construction and hide a stage's training from the test of it. The
+# cache's own test turns it on in a folder of its own; child processes inherit this.
+os.environ["DEFUSE_CACHE"] = "off"
 
 # Property tests draw the same examples on every run: a CI result must not depend on which random examples a run
 # happened to try (a failure found once is kept as a test of its own, not left to chance).

@@ -553,3 +553,30 @@ def test_verbose_tables_written_to_a_file_keep_each_row_on_one_line(finished, tm
     assert main(["report", "--run-dir", str(copy), "--verbose"]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("│ report"))
     assert "regions=" in row and "regressions=" in row and len(row) > 80
+
+
+def test_a_second_run_directory_adopts_the_models_the_first_trained_and_says_so(tmp_path, tiny_overrides, capsys,
+                                                                                  monkeypatch):
+    """The same data and settings in a new run directory: the classifier and the VAE come from the cache, the same
+    bytes training writes; other settings, --no-cache, --force or DEFUSE_CACHE=off train."""
+    monkeypatch.setenv("DEFUSE_CACHE", str(tmp_path / "cache"))
+    for stage in ("fit-classifier", "fit-generator"):
+        assert main([stage, *_args(tiny_overrides, tmp_path / "first")]) == 0
+    assert "restored" not in capsys.readouterr().out
+    for stage in ("fit-classifier", "fit-generator"):
+        assert main([stage, *_args(tiny_overrides, tmp_path / "second")]) == 0
+    out = capsys.readouterr().out
+    assert "fit-classifier: restored from the cache (" in out and "fit-generator: restored from the cache (" in out
+    for name in ("classifier.ckpt", "generator.ckpt"):
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
+    second = RunDir(tmp_path / "second")
+    assert second.stage("fit-classifier")["status"] == "done" and second.is_current(
+        "fit-classifier", second.stage("fit-classifier")["fingerprint"])  # resumes like a trained stage
+    assert second.metrics("fit-classifier")["restored_from"].startswith(str(tmp_path / "cache"))
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path / "third", "--no-cache")]) == 0
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path / "fourth", "--seed", "1")]) == 0
+    assert capsys.readouterr().out.count("fit-classifier: done (") == 2  # not asked to, and another seed
+    monkeypatch.setenv("DEFUSE_CACHE", "off")
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path / "fifth")]) == 0
+    assert "fit-classifier: done (" in capsys.readouterr().out
+    assert not list((tmp_path / "cache").rglob(".partial-*"))  # entries are written whole
