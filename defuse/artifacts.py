@@ -29,3 +29,9 @@ REPORT_DIR = "report"  # report
 REPORT_HTML = "report/index.html"  # report: self-contained (images embedded)
 REPORT_JSON = "report/report.json"  # report: every figure, under the keys docs/report.md documents
 REPORT_MD = "report/report.md"  # report: short, for a pull request
+
+# The stages in the order `defuse run` runs them (defuse.pipeline.STAGES declares them; a test keeps the two in
+# step), for whoever needs the order without loading the stages: the report's timings, the CLI.
+STAGE_NAMES = ("fit-classifier", "fit-generator", "identify", "distill", "check-before", "label", "correct", "verify",
+               "check-after", "report")
+AWAITING_LABELS = "awaiting labels"  # a stage not run, and a run's status, while regions await a person's labels

@@ -56,10 +56,10 @@ from torch import nn
 from defuse.artifacts import REGIONS_DIR, REGIONS_JSON, UMAP_PNG
 from defuse.config import DistillConfig
 from defuse.identify import Failures, make_evaluate
-from defuse.models.inference import BATCH, inference_copy
+from defuse.models.inference import BATCH, inference_copy, latent_means, predict_labels
 from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
 from defuse.seeding import int_seed, numpy_rng
-from defuse.validity import ValidityModel
+from defuse.validity import ValidityModel, nearest_of_class, standardised_distance
 
 if TYPE_CHECKING:
     from defuse.data import ImageSet
@@ -193,9 +193,6 @@ class RealEvidence:
     @classmethod
     def observe(cls, classifier: nn.Module, generator: nn.Module, images: "ImageSet") -> "RealEvidence":
         """Encode and classify real labelled images (the audit split in the pipeline; never the test split)."""
-        from defuse.identify import latent_means
-        from defuse.models.inference import predict_labels
-
         x = images.float_images()
         return cls(latent_means(generator, x).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy(), x)
 
@@ -397,7 +394,7 @@ def _source_radius(candidate: dict[str, Any], failures: Failures, sources: np.nd
     if sources is None or len(candidate["members"]) == 0:
         return 0.0
     index = np.unique(failures.table["source_index"].to_numpy()[candidate["members"]])
-    return round(float(np.median(_standardised_distance(sources[index], validity, candidate["mean"]))), 4)
+    return round(float(np.median(standardised_distance(sources[index], validity, candidate["mean"]))), 4)
 
 
 def _real_neighbours(real: RealEvidence | None, validity: ValidityModel, candidate: dict[str, Any],
@@ -409,26 +406,12 @@ def _real_neighbours(real: RealEvidence | None, validity: ValidityModel, candida
     return nearest_of_class(real.z, real.labels, candidate["source"], candidate["mean"], validity, k)
 
 
-def nearest_of_class(z: np.ndarray, labels: np.ndarray, label: int, centre: np.ndarray, validity: ValidityModel,
-                     k: int) -> np.ndarray:
-    """Positions of the ``k`` latents ``z`` with ``labels == label`` nearest ``centre`` in the validity model's
-    standardised latent space, nearest first: the rule behind a region's real evidence (audit split, distill) and
-    its real test images (verify)."""
-    of_label = np.nonzero(labels == label)[0]
-    distance = _standardised_distance(z[of_label], validity, centre)
-    return of_label[np.argsort(distance, kind="stable")[:k]]
-
-
 def _real_distance(real: RealEvidence | None, validity: ValidityModel, candidate: dict[str, Any],
                    nearest: np.ndarray) -> float:
     """Median standardised distance of the ``nearest`` real images to the candidate's centre (0 without any)."""
     if real is None or len(nearest) == 0:
         return 0.0
-    return float(np.median(_standardised_distance(real.z[nearest], validity, candidate["mean"])))
-
-
-def _standardised_distance(z: np.ndarray, validity: ValidityModel, centre: np.ndarray) -> np.ndarray:
-    return np.linalg.norm((z - validity.mean) / validity.scale - (centre - validity.mean) / validity.scale, axis=1)
+    return float(np.median(standardised_distance(real.z[nearest], validity, candidate["mean"])))
 
 
 # ----------------------------------------------------------------------------- pictures
@@ -449,8 +432,6 @@ def region_misreadings(region: Region, n: int, tau: float, rng: np.random.Genera
     already reads right, which tell nothing about the bug (measured on the planted benchmark, seeds 0-2: the
     backslant 4 -> 9 region's draws were 10-20% read right as 4, most of the gap between its precision, 0.76-0.94,
     and the bug). Without it, ``n`` plain draws."""
-    from defuse.models.inference import predict_labels
-
     z = torch.from_numpy(region.sample(n * (MISREAD_DRAWS if classifier is not None else 1), tau, rng))
     images = torch.cat([generator.eval().decode(z[i : i + BATCH]) for i in range(0, len(z), BATCH)])
     if classifier is None:

@@ -7,7 +7,6 @@ Lightning's Trainer, writes its checkpoint atomically and returns its metrics.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,34 +30,11 @@ from defuse.models.loading import (
     save_classifier_pointer,
     save_generator,
 )
+from defuse.models.training import make_trainer
 from defuse.rundir import RunDir, atomic_write_bytes
 from defuse.seeding import int_seed
 
 log = logging.getLogger(__name__)
-
-
-def make_trainer(
-    config: TrainerConfig, max_epochs: int, root: str, callbacks: list | None = None, **kwargs: Any
-) -> pl.Trainer:
-    """A Trainer with the run's accelerator, determinism and progress-bar settings; no logger files."""
-    callbacks = list(callbacks or [])
-    kwargs.setdefault("enable_checkpointing", False)
-    if config.progress_bar and sys.stderr.isatty():
-        from pytorch_lightning.callbacks import RichProgressBar
-
-        callbacks.append(RichProgressBar())
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        accelerator=config.accelerator,
-        devices=config.devices if config.devices == "auto" else int(config.devices),
-        deterministic=config.deterministic,
-        enable_progress_bar=config.progress_bar,
-        enable_model_summary=False,
-        logger=False,
-        default_root_dir=root,
-        callbacks=callbacks,
-        **kwargs,
-    )
 
 
 def accuracy_report(pred: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:

@@ -48,6 +48,7 @@ from defuse.models.inference import (
     as_input,
     inference_copy,
     is_channels_last,
+    latent_means,
     predict_labels,
     reconstruct,
     set_requires_grad,
@@ -541,11 +542,6 @@ def select_sources(
         "sources": int(len(index)),
     }
     return SourceSelection(index, stats)
-
-
-def latent_means(generator: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([generator.encode(images[i : i + batch_size])[0] for i in range(0, len(images), batch_size)])
 
 
 def identify(

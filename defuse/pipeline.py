@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from defuse.artifacts import (
+    AWAITING_LABELS,
     CHECK_AFTER,
     CHECK_BEFORE,
     CHECKS_DIR,
@@ -88,7 +89,8 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Group the failures into ranked regions, with real evidence from the audit split; draw their pictures."""
     from defuse.data import ImageDataModule
     from defuse.distill import RealEvidence, distill, save_pictures
-    from defuse.identify import Discovery, latent_means
+    from defuse.identify import Discovery
+    from defuse.models.inference import latent_means
     from defuse.models.loading import load_classifier, load_generator
 
     discovery = Discovery.load(run)
@@ -321,7 +323,7 @@ class Stage:
     always: bool = False  # never skipped (labelling resumes where the person stopped)
 
 
-DONE, CURRENT, AWAITING_LABELS = "done", "skipped (current)", "awaiting labels"
+DONE, CURRENT = "done", "skipped (current)"
 RESTORED = "restored from the cache"  # a fitted model another run trained with the same inputs (defuse.cache)
 
 

@@ -148,3 +148,18 @@ class LatentJudge(nn.Module):
         diff = standard - self.class_means[labels]
         m2 = torch.einsum("nd,nde,ne->n", diff, self.class_precisions[labels], diff)
         return probability * torch.exp(-0.5 * (m2 - self.class_thresholds[labels]).clamp_min(0.0))
+
+
+def standardised_distance(z: np.ndarray, validity: ValidityModel, centre: np.ndarray) -> np.ndarray:
+    """Euclidean distances (N,) of latents ``z`` (N, d) to ``centre`` in the validity model's standardised space."""
+    return np.linalg.norm((z - validity.mean) / validity.scale - (centre - validity.mean) / validity.scale, axis=1)
+
+
+def nearest_of_class(z: np.ndarray, labels: np.ndarray, label: int, centre: np.ndarray, validity: ValidityModel,
+                     k: int) -> np.ndarray:
+    """Positions of the ``k`` latents ``z`` with ``labels == label`` nearest ``centre`` in the validity model's
+    standardised latent space, nearest first: the rule behind a region's real evidence (audit split, distill) and
+    its real test images (verify)."""
+    of_label = np.nonzero(labels == label)[0]
+    distance = standardised_distance(z[of_label], validity, centre)
+    return of_label[np.argsort(distance, kind="stable")[:k]]

@@ -23,12 +23,13 @@ from torch import nn
 from defuse.artifacts import VERIFY_JSON  # noqa: F401  (re-exported)
 from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.data import ImageSet
-from defuse.distill import Region, Regions, nearest_of_class
-from defuse.identify import identify, latent_means
-from defuse.models.inference import predict_labels, same_weights
+from defuse.distill import Region, Regions
+from defuse.identify import identify
+from defuse.models.inference import latent_means, predict_labels, same_weights
 from defuse.rundir import atomic_write_json
 from defuse.seeding import int_seed, numpy_rng
-from defuse.validity import ValidityModel
+from defuse.stats import bootstrap_accuracy
+from defuse.validity import ValidityModel, nearest_of_class
 
 
 
@@ -53,27 +54,6 @@ class Verification:
         return {"test_n": clean.get("n"), "clean_accuracy_before": clean["before"],
                 "clean_accuracy_after": clean["after"], "clean_change_ci95": clean["change_ci95"],
                 **{f"rediscovery_{k}": v for k, v in self.result.get("rediscovery", {}).items()}}
-
-
-def bootstrap_accuracy(
-    correct_before: torch.Tensor, correct_after: torch.Tensor, resamples: int = 1000, seed: int = 0
-) -> dict[str, Any]:
-    """Accuracy before/after with paired 95% percentile-bootstrap intervals (the same resamples for both).
-
-    Args:
-        correct_before, correct_after: (N,) booleans, one per test image.
-    """
-    n = len(correct_before)
-    index = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
-    out: dict[str, Any] = {}
-    for name, correct in (("before", correct_before), ("after", correct_after)):
-        means = correct.float()[index].mean(dim=1)
-        out[name] = round(float(correct.float().mean()), 4)
-        out[f"{name}_ci95"] = [round(float(means.quantile(0.025)), 4), round(float(means.quantile(0.975)), 4)]
-    diff = correct_after.float()[index].mean(dim=1) - correct_before.float()[index].mean(dim=1)
-    out["change"] = round(out["after"] - out["before"], 4)
-    out["change_ci95"] = [round(float(diff.quantile(0.025)), 4), round(float(diff.quantile(0.975)), 4)]
-    return out
 
 
 def failures_in_region(region: Region, failures: pd.DataFrame, z: np.ndarray, tau: float) -> int:

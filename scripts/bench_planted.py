@@ -85,10 +85,11 @@ from defuse.config import (
     config_from_mapping,
     load_config,
 )
-from defuse.correct import paired_change
+from defuse.stats import paired_change
 from defuse.data import ImageDataModule, ImageSet, load_source
 from defuse.distill import Regions, region_misreadings
-from defuse.identify import Discovery, latent_means, make_evaluate, select_sources
+from defuse.identify import Discovery, make_evaluate, select_sources
+from defuse.models.inference import latent_means
 from defuse.label import auto_labels
 from defuse.models import inference_copy, load_classifier, load_generator
 from defuse.models.inference import predict_labels, reconstruct

@@ -322,6 +322,8 @@ def test_a_classifier_you_bring_is_searched_repaired_and_saved_as_what_it_is(tmp
     assert main(["run", *_args(tiny_overrides, run_dir), *brought]) == 0  # stops for labels
     regions = regions_of(run_dir)
     assert regions, "an untrained model has failures around the images it happens to read right"
+    assert main(["run", *_args(tiny_overrides, run_dir), *brought, "--labels", "auto"]) == 0  # to the report
+    assert json.loads((run_dir / "report" / "report.json").read_text())["status"] != "awaiting labels"
     labels = tmp_path / "answers.yaml"
     labels.write_text("".join(f"{r['id']}: {r['source_label']}\n" for r in regions))
     # Every decoded sample counts, so the tiny run's weak judge leaves the fine-tune something to train on, and

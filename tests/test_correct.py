@@ -22,13 +22,13 @@ from defuse.correct import (
     neighbour_shares,
     correct,
     moved_to_person,
-    paired_change,
     sample_regions,
 )
 from defuse.correct.stage import _inputs_key, _trained_on, section_by_content
 from defuse.data import ImageDataModule
 from defuse.distill import Region, Regions
 from defuse.models import build_classifier
+from defuse.stats import paired_change
 from stubs import LineGenerator, quadrant_validity
 
 

@@ -204,3 +204,9 @@ def test_a_truncated_checkpoint_is_never_current_and_its_rerun_says_why(finished
     assert result.status != CURRENT and len(checkpoint.read_bytes()) > 1000
     assert "classifier.ckpt changed since stage fit-classifier wrote it (edited, truncated or replaced): " \
            "fit-classifier runs again." in caplog.text
+
+
+def test_the_stage_order_others_read_without_loading_the_stages_is_the_pipelines():
+    from defuse.artifacts import STAGE_NAMES
+
+    assert tuple(stage.name for stage in STAGES) == STAGE_NAMES

@@ -7,7 +7,8 @@ import torch
 from defuse.distill import Regions
 from defuse.config import IdentifyConfig
 from defuse.data import ImageSet
-from defuse.verify import Verification, bootstrap_accuracy, compare, failures_in_region, verify
+from defuse.stats import bootstrap_accuracy
+from defuse.verify import Verification, compare, failures_in_region, verify
 from stubs import LineClassifier, LineGenerator, line_images, line_validity
 from test_correct import _region
 

@@ -21,7 +21,7 @@ The stage in modules a newcomer can read one at a time:
 """
 
 from defuse.artifacts import CORRECT_DIR, LABEL_ISSUES, LABEL_REVIEW, REPAIRED_CKPT
-from defuse.correct.candidates import choose_candidate, correct, paired_change
+from defuse.correct.candidates import choose_candidate, correct
 from defuse.correct.finetune import CorrectionModule, candidate_weights, drift_box
 from defuse.correct.images import RealImages, RegionSamples, sample_regions
 from defuse.correct.issues import (
@@ -54,6 +54,6 @@ __all__ = [
     "MIN_BUG_IMAGES", "MOVED", "NEIGHBOUR", "REPAIRED_CKPT", "REVIEWED", "RealImages", "RegionSamples", "Repair",
     "candidate_weights", "choose_candidate", "contradicting_labels", "correct", "doubted_labels", "drift_box",
     "encode_splits", "find_label_issues", "image_judge_scores", "image_witness", "issues_for_review",
-    "moved_to_person", "neighbour_shares", "neighbourhood_labels", "paired_change", "read_reviewed_labels", "repair",
+    "moved_to_person", "neighbour_shares", "neighbourhood_labels", "read_reviewed_labels", "repair",
     "repaired_pairs", "sample_regions",
 ]

@@ -61,31 +61,13 @@ from defuse.correct.images import BUG, GUARD, RealImages, RegionSamples
 from defuse.correct.issues import MIN_BUG_IMAGES
 from defuse.correct.review import moved_to_person
 from defuse.data import ImageDataModule
-from defuse.fit import make_trainer
 from defuse.models.classifiers import ScopedRepair, classifier_head, scoped_changes
 from defuse.models.inference import copy_model, predict_labels, predict_logits
+from defuse.models.training import make_trainer
 from defuse.seeding import int_seed, numpy_rng, torch_generator
+from defuse.stats import paired_change
 
 log = logging.getLogger(__name__)
-
-
-BOOTSTRAP_RESAMPLES = 2000
-
-
-def paired_change(before: np.ndarray, after: np.ndarray, rng: np.random.Generator,
-                  resamples: int = BOOTSTRAP_RESAMPLES) -> tuple[float, float, float]:
-    """Accuracy change after - before on the same images (booleans, correct or not), with the paired bootstrap 95%
-    interval. Resampling images with replacement only moves the counts of images gained (+1), lost (-1) and
-    unchanged, so the resamples are drawn as multinomial counts: exact, and independent of the number of images."""
-    n = len(before)
-    if n == 0:
-        return 0.0, 0.0, 0.0
-    diff = after.astype(np.int64) - before.astype(np.int64)
-    probs = np.array([(diff == 1).sum(), (diff == -1).sum(), (diff == 0).sum()], dtype=np.float64) / n
-    counts = rng.multinomial(n, probs, size=resamples)
-    changes = (counts[:, 0] - counts[:, 1]) / n
-    low, high = np.quantile(changes, [0.025, 0.975])
-    return float(diff.mean()), float(low), float(high)
 
 
 def per_class_accuracy(predicted: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -36,9 +36,8 @@ from torch import nn
 from defuse.config import TrainerConfig
 from defuse.data import ImageDataModule
 from defuse.distill import Regions
-from defuse.fit import make_trainer
-from defuse.identify import latent_means
-from defuse.models.inference import predict_logits
+from defuse.models.inference import latent_means, predict_logits
+from defuse.models.training import make_trainer
 from defuse.seeding import int_seed
 from defuse.validity import ValidityModel
 

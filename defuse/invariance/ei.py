@@ -23,8 +23,8 @@ from torch import nn
 
 from defuse.invariance.transforms import EI_TRANSFORMS, ei_views
 from defuse.models.inference import predict_logits
+from defuse.stats import Estimate, bootstrap_means
 
-BOOTSTRAP_RESAMPLES = 2000
 REGRESSION_DROP = 0.01  # EI points a repair may lose before a significant drop is called a regression
 
 
@@ -36,25 +36,6 @@ def effective_invariance(probs: torch.Tensor, transformed_probs: torch.Tensor) -
     confidence, label = probs.max(dim=1)
     confidence_t, label_t = transformed_probs.max(dim=1)
     return torch.where(label == label_t, (confidence * confidence_t).sqrt(), torch.zeros_like(confidence))
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A mean over images with its 95% percentile bootstrap interval."""
-
-    mean: float
-    low: float
-    high: float
-
-
-def bootstrap_means(values: np.ndarray, rng: np.random.Generator, resamples: int = BOOTSTRAP_RESAMPLES) -> Estimate:
-    """The mean of ``values`` (N,) and its 95% percentile bootstrap interval (images resampled with replacement)."""
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) == 0:
-        return Estimate(float("nan"), float("nan"), float("nan"))
-    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
-    low, high = np.quantile(means, [0.025, 0.975])
-    return Estimate(float(values.mean()), float(low), float(high))
 
 
 @dataclass(frozen=True)
@@ -156,5 +137,5 @@ def compare_ei(before: np.ndarray | None, after: np.ndarray | None, transform: s
     return EIChange(transform, change, regression=bool(change.mean < -REGRESSION_DROP and change.high < 0))
 
 
-__all__ = ["EI_TRANSFORMS", "EIChange", "Estimate", "PerImage", "TransformEI", "bootstrap_means", "compare_ei",
-           "effective_invariance", "per_image_scores", "summarize"]
+__all__ = ["EI_TRANSFORMS", "EIChange", "PerImage", "TransformEI", "compare_ei", "effective_invariance",
+           "per_image_scores", "summarize"]

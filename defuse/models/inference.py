@@ -106,6 +106,12 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = BAT
     return torch.cat(chunks)
 
 
+def latent_means(generator: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The generator's posterior means (N, latent_dim) of ``images`` (N, C, H, W) in [0, 1], batch by batch."""
+    with torch.no_grad():
+        return torch.cat([generator.encode(images[i : i + batch_size])[0] for i in range(0, len(images), batch_size)])
+
+
 def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
     """Predicted class indices (N,); an empty tensor for no images."""
     if len(images) == 0:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from defuse.artifacts import (
+    AWAITING_LABELS,
     CHECK_AFTER,
     CHECK_BEFORE,
     CHECKS_DIR,
@@ -30,6 +31,7 @@ from defuse.artifacts import (
     REPORT_HTML,
     REPORT_JSON,
     REPORT_MD,
+    STAGE_NAMES,
     UMAP_PNG,
     VERIFY_JSON,
 )
@@ -38,15 +40,12 @@ from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
 
 TEMPLATES = Path(__file__).parent / "templates"
 EI_REGRESSION = 0.01  # check-after's rule for an EI regression (defuse.invariance.check), repeated in the text
-AWAITING_LABELS, COMPLETE, DISCOVERY_ONLY = "awaiting labels", "complete", "discovery only"
-# The stages in the order `defuse run` runs them, for the timings table (defuse.pipeline.STAGES is the source; it
-# is not imported here because the pipeline module's adapters are the ones that load torch when they run).
+COMPLETE, DISCOVERY_ONLY = "complete", "discovery only"
 # A region labelled a bug counts as repaired when the repaired classifier reads at least this share of its fresh
 # decoded samples (verify.json) as the person's label. Admitting a repair is not enough: a candidate trained on real
 # images alone can pass the guard while a labelled region's samples stay 0% -> 3% (seen on digits, seed 0).
 REGION_REPAIRED = 0.8
-STAGE_ORDER = ("fit-classifier", "fit-generator", "identify", "distill", "check-before", "label", "correct", "verify",
-               "check-after")
+STAGE_ORDER = tuple(name for name in STAGE_NAMES if name != "report")  # the timings table: the stages before it
 
 
 @dataclass(frozen=True)
