@@ -10,12 +10,15 @@ from typing import Any
 # do not pay for torch and Lightning (seconds) before they are needed.
 _EXPORTS = {
     "RunConfig": "defuse.config", "config_from_mapping": "defuse.config", "load_config": "defuse.config",
-    "Repair": "defuse.correct", "repair": "defuse.correct",
+    "Repair": "defuse.stages.correct.stage", "repair": "defuse.stages.correct.stage",
     "ImageDataModule": "defuse.data", "ImageSet": "defuse.data", "load_source": "defuse.data",
-    "RealEvidence": "defuse.distill", "Regions": "defuse.distill", "distill": "defuse.distill",
-    "fit_classifier": "defuse.fit", "fit_generator": "defuse.fit",
-    "Discovery": "defuse.identify", "Failures": "defuse.identify", "discover": "defuse.identify",
-    "LabelBook": "defuse.label", "auto_labels": "defuse.label", "label_stage": "defuse.label",
+    "RealEvidence": "defuse.stages.distill.mixture", "Regions": "defuse.records",
+    "distill": "defuse.stages.distill.mixture",
+    "fit_classifier": "defuse.stages.fit_classifier.fit", "fit_generator": "defuse.stages.fit_generator.fit",
+    "Discovery": "defuse.stages.identify.discover", "Failures": "defuse.records",
+    "discover": "defuse.stages.identify.discover",
+    "LabelBook": "defuse.records", "auto_labels": "defuse.stages.label.labelling",
+    "label_stage": "defuse.stages.label.labelling",
     "ClassifierModule": "defuse.models", "ConvVAE": "defuse.models", "Generator": "defuse.models",
     "VAEModule": "defuse.models", "load_classifier": "defuse.models", "load_generator": "defuse.models",
     "predict_labels": "defuse.models",
@@ -26,7 +29,7 @@ _EXPORTS = {
     "InvarianceCheck": "defuse.invariance.check", "check_invariance": "defuse.invariance.check",
     "effective_invariance": "defuse.invariance.ei", "variance_matrix": "defuse.invariance.variance",
     "ValidityModel": "defuse.validity",
-    "Verification": "defuse.verify", "verify": "defuse.verify",
+    "Verification": "defuse.records", "verify": "defuse.stages.verify.compare",
 }
 
 
@@ -40,6 +43,6 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-__version__ = "0.1.0"
+from defuse.version import __version__  # noqa: E402  (after the lazy table, as before)
 
 __all__ = sorted(_EXPORTS)

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 
 from defuse.invariance.ei import per_image_scores
-from defuse.invariance.transforms import EI_TRANSFORMS
+from defuse.transforms import EI_TRANSFORMS
 
 
 class InvarianceMonitor(pl.Callback):
@@ -30,7 +30,7 @@ class InvarianceMonitor(pl.Callback):
     memory and writes no file: where the numbers go is the Trainer's logger.
 
     Args:
-        transforms: names among :data:`~defuse.invariance.transforms.EI_TRANSFORMS`.
+        transforms: names among :data:`~defuse.transforms.EI_TRANSFORMS`.
         max_images: validation images scored per epoch (each costs one forward pass per view).
         prefix: the logged names' prefix.
     """

@@ -15,22 +15,27 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from defuse.config import FAIL_ON, RunConfig, config_from_mapping, describe_options, load_config
+from defuse.artifacts import REPORT_HTML, REPORT_JSON, VERIFY_JSON
+from defuse.config import (
+    FAIL_ON,
+    RunConfig,
+    config_from_mapping,
+    describe_options,
+    load_config,
+)
 from defuse.pipeline import (
     AWAITING_LABELS,
     NOT_BUILT_YET,
     STAGES,
     StageResult,
-    DRIFT_ACTIONS,
-    check_file,
-    drift_command,
-    review_command,
     run_pipeline,
     run_stage,
     stage_named,
 )
-from defuse.artifacts import REPORT_HTML, REPORT_JSON, VERIFY_JSON
 from defuse.rundir import RunDir, ctrl_c_latch
+from defuse.stages.check import check_file
+from defuse.stages.drift import DRIFT_ACTIONS, drift_command
+from defuse.stages.review import review_command
 
 _DESCRIPTIONS = {
     "run": "Run the pipeline from data to report (fit-classifier, fit-generator, identify, distill, check-before, "
@@ -407,7 +412,7 @@ def _main(args: argparse.Namespace, console: Console, errors: Console) -> int:
 
 
 def _review(args: argparse.Namespace, config: RunConfig, run: RunDir, console: Console) -> int:
-    """`defuse review`: the prompt at a terminal, else the list to fill in (defuse.pipeline.review_command)."""
+    """`defuse review`: the prompt at a terminal, else the list to fill in (defuse.stages.review.review_command)."""
     def say(text: str) -> None:
         console.print(text, soft_wrap=True, highlight=False, markup=False)
 
@@ -441,7 +446,13 @@ class _StageProgress:
 
     def __enter__(self) -> "_StageProgress":
         if self.live:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
 
             self.progress = Progress(TextColumn("[bold]defuse run[/]"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -487,7 +498,7 @@ def _print_summary(console: Console, run: RunDir) -> None:
 def _gate(errors: Console, config: RunConfig, run: RunDir, results: list[StageResult], whole_run: bool) -> int:
     """--fail-on regression: status 3 and the reasons when the repaired model regresses, else 0. A whole run is
     judged on verify.json and check-after; `defuse check` on the EI of the model it checked against check-before."""
-    from defuse.report import find_regressions
+    from defuse.stages.report.build import find_regressions
 
     if any(r.status == AWAITING_LABELS for r in results):
         errors.print("[yellow]--fail-on regression:[/] nothing was repaired (regions await labels): no regression "

@@ -148,7 +148,7 @@ class GeneratorConfig:
 
 @dataclass
 class IdentifyConfig:
-    """The latent search for failures (see defuse.identify)."""
+    """The latent search for failures (see defuse.stages.identify, defuse.search)."""
 
     split: str = "audit"  # which split's correctly classified images the search starts from (never test)
     max_sources: int | None = None  # a seeded random subset of the eligible images; None = all
@@ -210,7 +210,7 @@ class IdentifyConfig:
 
 @dataclass
 class DistillConfig:
-    """Grouping failures into misclassification regions (see defuse.distill)."""
+    """Grouping failures into misclassification regions (see defuse.stages.distill)."""
 
     max_components: int = 6  # per (source -> predicted) pair; the Dirichlet process switches off unused ones
     min_failures: int = 8  # a pair with fewer failures gets no region
@@ -245,7 +245,7 @@ class DistillConfig:
 
 @dataclass
 class LabelConfig:
-    """Where each region's label comes from (see defuse.label)."""
+    """Where each region's label comes from (see defuse.stages.label)."""
 
     # prompt: a person, in the terminal (with no terminal, `defuse run` stops before correct and says how to label);
     # auto: the conservative suggestions, only when asked for; later: nobody is asked now (a training callback), the
@@ -298,7 +298,7 @@ class CheckConfig:
 
 @dataclass
 class ReportConfig:
-    """The before/after report (report/) and the regression gate of `--fail-on regression` (see defuse.report)."""
+    """The before/after report (report/) and the regression gate of `--fail-on regression` (see defuse.stages.report)."""
 
     # A regression: clean test accuracy falls by more than max_clean_drop with a paired 95% interval that excludes
     # 0 (the rule EI uses with 0.01); a class's test accuracy falls by more than max_class_drop (a class of 45 test
@@ -319,7 +319,7 @@ class ReportConfig:
 
 @dataclass
 class CorrectConfig:
-    """Fine-tuning the classifier on fresh samples of the labelled regions (see defuse.correct)."""
+    """Fine-tuning the classifier on fresh samples of the labelled regions (see defuse.stages.correct)."""
 
     # Weights of the region loss to try (decoded samples of the regions no real image shows; 0: none). Without such
     # regions only 0 is trained.
@@ -354,7 +354,7 @@ class CorrectConfig:
     # audit neighbours stay the witness on the audit images it learnt, and everywhere when it is off); 0 turns it
     # off. The latent judge is one linear model over the generator's space: unsure of a bug's extreme (the shortest
     # 2s labelled 7), and sure of some real images of the mistaken class; read from the images, both are plain
-    # (see defuse.correct.contradicting_labels).
+    # (see defuse.label_issues.contradicting_labels).
     image_judge_epochs: int = 20
     # Each relabelled training image counts this many times: they must outweigh the bug's mislabelled images that
     # no rule found, which still teach the bug in the training loss. 4 when the latent rule alone found about two

@@ -1,8 +1,8 @@
-"""Stage wiring: which stage writes what, from which config sections and artifacts, and when to skip it.
+"""The runner: the stages in order, and when to skip one.
 
-Each adapter here loads artifacts, calls its stage module's one public function and saves the artifact it
-returns; every decision (fallbacks, sampling, exclusions, which split is read) lives in the stage module, where
-the benchmarks call it too. A stage is skipped when the manifest says it finished with the same fingerprint
+Each stage declares itself beside its adapter in :mod:`defuse.stages` (which files it writes, from which config
+sections and artifacts); every decision (fallbacks, sampling, exclusions, which split is read) lives in the stage,
+where the benchmarks call it too. A stage is skipped when the manifest says it finished with the same fingerprint
 (config sections without presentation keys + seed + sha256 of its input artifacts) and its outputs are intact.
 Re-running a stage changes its outputs' hashes, so every stage downstream re-runs too. The pipeline stops
 after ``label`` while regions await a person's label: nothing is repaired unasked.
@@ -16,311 +16,28 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from defuse.artifacts import (
-    AWAITING_LABELS,
-    CHECK_AFTER,
-    CHECK_BEFORE,
-    CHECKS_DIR,
-    CLASSIFIER_CKPT,
-    CORRECT_DIR,
-    DRIFT_TOLERANCE,
-    FAILURES_TABLE,
-    FAILURES_Z,
-    GENERATOR_CKPT,
-    LABEL_ISSUES,
-    LABEL_REVIEW,
-    LABEL_REVIEW_TODO,
-    LABELS_FILE,
-    REGIONS_DIR,
-    REPORT_HTML,
-    REPORT_JSON,
-    REPORT_MD,
-    REGIONS_JSON,
-    REPAIRED_CKPT,
-    UMAP_PNG,
-    VALIDITY_MODEL,
-    VERIFY_JSON,
-)
 from defuse import cache
-from defuse.config import RunConfig, config_from_mapping, path_fields
+from defuse.artifacts import AWAITING_LABELS
+from defuse.config import RunConfig, path_fields
 from defuse.quiet import quiet_libraries
 from defuse.rundir import RunDir, defuse_version, fingerprint, path_digest
-
-if TYPE_CHECKING:
-    import pandas as pd
+from defuse.stages import (
+    Stage,
+    check_after,
+    check_before,
+    correct,
+    distill,
+    fit_classifier,
+    fit_generator,
+    identify,
+    label,
+    report,
+    verify,
+)
 
 log = logging.getLogger(__name__)
-
-# The adapters import their stage modules when they run: knowing the pipeline's shape (the CLI's --help, the stage
-# table) then costs no torch or Lightning import, which takes seconds.
-
-
-def fit_classifier_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Train the classifier under test (or adopt the user's); write classifier.ckpt."""
-    from defuse.fit import fit_classifier
-
-    return fit_classifier(config, run)
-
-
-def fit_generator_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Train the VAE on the images (or adopt generator.checkpoint); write generator.ckpt."""
-    from defuse.fit import fit_generator
-
-    return fit_generator(config, run)
-
-
-def identify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Fit the validity judge on the audit split and search around its images; write failures and judge."""
-    from defuse.data import ImageDataModule
-    from defuse.identify import discover
-    from defuse.models.loading import load_classifier, load_generator
-
-    data = ImageDataModule(config.data, config.seed)
-    discovery = discover(load_classifier(run.path(CLASSIFIER_CKPT)).model, load_generator(run.path(GENERATOR_CKPT)),
-                         data.split(config.identify.split), data.split(config.identify.validity_split),
-                         config.identify, seed=config.seed, trainer=config.trainer)
-    discovery.save(run)
-    return discovery.metrics
-
-
-def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Group the failures into ranked regions, with real evidence from the audit split; draw their pictures."""
-    from defuse.data import ImageDataModule
-    from defuse.distill import RealEvidence, distill, save_pictures
-    from defuse.identify import Discovery
-    from defuse.models.inference import latent_means
-    from defuse.models.loading import load_classifier, load_generator
-
-    discovery = Discovery.load(run)
-    loaded = load_classifier(run.path(CLASSIFIER_CKPT))
-    generator = load_generator(run.path(GENERATOR_CKPT))
-    data = ImageDataModule(config.data, config.seed)
-    audit = data.split(config.identify.validity_split)
-    real = RealEvidence.observe(loaded.model, generator, audit)
-    # The searched split's latents, for each region's reach among real images (the same as real's when both are
-    # the audit split, the default).
-    sources = (real.z if config.identify.split == config.identify.validity_split else
-               latent_means(generator, data.split(config.identify.split).float_images()).numpy())
-    regions = distill(discovery.failures, loaded.model, generator, discovery.judge, loaded.classes or audit.classes,
-                      config.distill, seed=config.seed, real=real, sources=sources)
-    regions.save(run)
-    save_pictures(run, regions, discovery.failures, generator, config.distill, config.seed, real=real,
-                  classifier=loaded.model)
-    return regions.metrics
-
-
-def labelling_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """One label per region from a person (prompt), a labels file, or the conservative suggestions (auto)."""
-    from defuse.distill import Regions, region_grids
-    from defuse.label import label_stage
-    from defuse.models.loading import load_classifier, load_generator
-
-    regions = Regions.load(run)
-    return label_stage(
-        run, regions, regions.classes, config.label.mode, regions_sha256=run.artifact_hash(REGIONS_JSON),
-        min_real_misread=config.label.auto_min_real_misread,
-        previews=lambda: region_grids(regions, load_generator(run.path(GENERATOR_CKPT)), config.distill.tau,
-                                      config.seed, load_classifier(run.path(CLASSIFIER_CKPT)).model),
-    )
-
-
-def correct_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Fine-tune the classifier on the regions labelled with a class; write repaired.ckpt and label_issues.csv."""
-    from defuse.correct import read_reviewed_labels, repair
-    from defuse.data import ImageDataModule
-    from defuse.distill import Regions
-    from defuse.label import LabelBook
-    from defuse.models.loading import load_classifier, load_generator
-    from defuse.validity import ValidityModel
-
-    data = ImageDataModule(config.data, config.seed)
-    reviewed = read_reviewed_labels(config.correct.reviewed_labels, data) if config.correct.reviewed_labels else None
-    fixed = repair(load_classifier(run.path(CLASSIFIER_CKPT)), LabelBook(run.path(LABELS_FILE)).bug_labels(),
-                   Regions.load(run), load_generator(run.path(GENERATOR_CKPT)),
-                   ValidityModel.load(run.path(VALIDITY_MODEL)),
-                   data, config.correct, tau=config.distill.tau,
-                   workdir=run.path(CORRECT_DIR), seed=config.seed, trainer=config.trainer, reviewed=reviewed)
-    fixed.save(run.path(REPAIRED_CKPT))
-    fixed.save_label_issues(run.path(LABEL_ISSUES))
-    return fixed.summary
-
-
-def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
-    """The label issues a person should review before correct (:func:`defuse.correct.issues_for_review`), less those
-    ``correct.reviewed_labels`` answers already. Needs the regions labelled (the label stage's labels.jsonl)."""
-    from defuse.correct import image_witness, issues_for_review, read_reviewed_labels
-    from defuse.data import ImageDataModule
-    from defuse.distill import Regions
-    from defuse.label import LabelBook
-    from defuse.models.loading import load_classifier, load_generator
-    from defuse.validity import ValidityModel
-
-    for name in (LABELS_FILE, REGIONS_JSON, GENERATOR_CKPT, VALIDITY_MODEL):
-        if not run.path(name).exists():
-            raise FileNotFoundError(f"{run.path(name)} is missing: label issues are found once the regions are "
-                                    f"labelled. Run `defuse run` (and label the regions) first.")
-    data = ImageDataModule(config.data, config.seed)
-    reviewed = read_reviewed_labels(config.correct.reviewed_labels, data) if config.correct.reviewed_labels else None
-    hparams = load_classifier(run.path(CLASSIFIER_CKPT)).hparams if run.path(CLASSIFIER_CKPT).exists() else {}
-    # The same image judge the correct stage fits (same seed stream, deterministic), so review and repair agree.
-    image_scores = image_witness(hparams, data, config.correct, config.seed, config.trainer, run.root)
-    import pandas as pd
-
-    todo = issues_for_review(Regions.load(run), LabelBook(run.path(LABELS_FILE)).bug_labels(),
-                             load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
-                             data, reviewed, image_scores)
-    moved = moved_for_review(run, set(reviewed or ()) | set(todo["image"].tolist()))
-    # An empty table has no dtypes to keep: concatenated, it would turn every column to object (pandas 3).
-    return pd.concat([todo, moved], ignore_index=True) if len(moved) else todo
-
-
-def moved_for_review(run: RunDir, answered: set[int]) -> pd.DataFrame:
-    """The held-out images a finished correct stage found its candidates moving to a person's label under a mistaken
-    label (kind "moved" in label_issues.csv, :func:`defuse.correct.moved_to_person`), less those in ``answered``:
-    the person's answers re-grade the same candidates."""
-    import pandas as pd
-
-    from defuse.correct import LABEL_ISSUE_COLUMNS, MOVED
-
-    path = run.path(LABEL_ISSUES)
-    if not path.exists():
-        return pd.DataFrame(columns=list(LABEL_ISSUE_COLUMNS))
-    table = pd.read_csv(path, dtype={"given_class": str, "person_class": str, "split": str, "kind": str})
-    return table[(table["kind"] == MOVED) & ~table["image"].isin(sorted(answered))].reset_index(drop=True)
-
-
-def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, interactive: bool,
-                   ask: Callable[[str], str] = input, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """``defuse review``: a person's answer on each label issue of a labelled region (:func:`label_issues_to_review`),
-    appended to ``out`` (default <run-dir>/label_review.csv) as it is given (:func:`defuse.label.review_prompt`);
-    answers already there are not asked again. Not interactive: the issues go to label_review_todo.csv, with an
-    empty label column to fill in. Returns how many were listed and answered, and where they went."""
-    from defuse.data import ImageDataModule
-    from defuse.label import review_prompt
-
-    out = Path(out) if out else run.path(LABEL_REVIEW)
-    if out.exists() and not config.correct.reviewed_labels:  # answers given earlier are not asked again
-        config = config_from_mapping(config.to_dict(), [f"correct.reviewed_labels={out}"])
-    todo = label_issues_to_review(config, run)
-    use = (f"Use the answers: `defuse run --run-dir {run.root} --reviewed-labels {out}` (each answer decides its "
-           f"image's label; images you skip follow the rules).")
-    if todo.empty:
-        say(f"Nothing to review: no label issue of a labelled region awaits an answer (they are found once regions "
-            f"are labelled with a class: `defuse label --run-dir {run.root}`). {use if out.exists() else ''}")
-        return {"to_review": 0, "answered": 0}
-    if not interactive:
-        listing = run.path(LABEL_REVIEW_TODO)
-        todo.assign(label="").to_csv(listing, index=False)
-        say(f"{len(todo)} images to review are in {listing}: write each one's class (name or index) in its label "
-            f"column (empty skips), then `defuse run --run-dir {run.root} --reviewed-labels {listing}`.")
-        return {"to_review": len(todo), "answered": 0, "file": str(listing)}
-    data = ImageDataModule(config.data, config.seed)
-    items = [(int(row.image), f"{row.split}, labelled {row.given_class!r}; its region says {row.person_class!r}"
-              f"{_witnesses(row)}",
-              data.split(row.split).images[row.position : row.position + 1].float() / 255)
-             for row in todo.itertuples(index=False)]
-    answered = review_prompt(items, data.classes, out, ask=ask, out=say)
-    say(use)
-    return {"to_review": len(todo), "answered": answered, "file": str(out)}
-
-
-def _witnesses(row) -> str:
-    """What the judges give the region's label, as the review prompt shows it (the image judge where it judged)."""
-    if row.judge_validity != row.judge_validity:  # NaN: a held-out image the repair moves (kind "moved")
-        return f"; the repair would read it as {row.person_class!r}"
-    said = f"; the judges give {row.person_class!r}: latent {row.judge_validity:.2f}"
-    return said + (f", image {row.image_judge:.2f}" if row.image_judge == row.image_judge else "")  # NaN: none
-
-
-def verify_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Before/after on the test split, on fresh region samples, and by the same search around the test images."""
-    from defuse.data import ImageDataModule
-    from defuse.distill import Regions
-    from defuse.label import LabelBook
-    from defuse.models.loading import load_classifier, load_generator
-    from defuse.validity import ValidityModel
-    from defuse.verify import verify
-
-    before, after = (load_classifier(run.path(name)).model for name in (CLASSIFIER_CKPT, REPAIRED_CKPT))
-    checked = verify(before, after, ImageDataModule(config.data, config.seed).split("test"), Regions.load(run),
-                     LabelBook(run.path(LABELS_FILE)).bug_labels(), load_generator(run.path(GENERATOR_CKPT)),
-                     ValidityModel.load(run.path(VALIDITY_MODEL)), tau=config.distill.tau, search=config.identify,
-                     real_neighbours=config.distill.real_neighbours, seed=config.seed, trainer=config.trainer)
-    checked.save(run.path(VERIFY_JSON))
-    return checked.metrics
-
-
-def check_before_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Effective Invariance and variance matrices of the original classifier on the test split; write checks/."""
-    return _check(config, run, CLASSIFIER_CKPT, "before")
-
-
-def check_after_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """The same checks of the repaired classifier, paired image by image with check-before's; write checks/."""
-    return _check(config, run, REPAIRED_CKPT, "after", reference="before")
-
-
-def check_file(config: RunConfig, run: RunDir, path: str) -> dict[str, Any]:
-    """The checks of any classifier file (``defuse check --model PATH``), paired with check-before's when it ran."""
-    from pathlib import Path
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} is not a file: `--model` takes before, after or a classifier checkpoint.")
-    return _check(config, run, str(Path(path).resolve()), Path(path).stem, reference="before")
-
-
-DRIFT_ACTIONS = ("synth", "forensics", "optimize")
-
-
-def drift_command(config: RunConfig, run: RunDir, action: str, model: str) -> dict[str, Any]:
-    """``defuse drift synth|forensics|optimize --model before|after|PATH``: physical drift of one classifier on the
-    test images the checks read; writes checks/drift_<action>_<model name>.json."""
-    from pathlib import Path
-
-    from defuse.data import ImageDataModule
-    from defuse.drift import run_drift
-    from defuse.models.loading import load_classifier
-
-    if action not in DRIFT_ACTIONS:
-        raise ValueError(f"`defuse drift` takes one of {', '.join(DRIFT_ACTIONS)}; got {action!r} instead.")
-    path = {"before": CLASSIFIER_CKPT, "after": REPAIRED_CKPT}.get(model, model)
-    name = model if model in ("before", "after") else Path(model).stem
-    if not run.path(path).is_file():
-        raise FileNotFoundError(f"{run.path(path)} is missing: `--model` takes before (after fit-classifier), after "
-                                f"(after correct) or a classifier checkpoint file.")
-    return run_drift(action, load_classifier(run.path(path)).model, ImageDataModule(config.data, config.seed).split(
-        "test"), config.check, run.path(CHECKS_DIR), name=name, seed=config.seed)
-
-
-def _check(config: RunConfig, run: RunDir, model_path: str, name: str, reference: str | None = None) -> dict[str, Any]:
-    from defuse.data import ImageDataModule
-    from defuse.invariance.check import run_check
-    from defuse.models.loading import load_classifier
-
-    return run_check(load_classifier(run.path(model_path)).model, load_classifier(run.path(CLASSIFIER_CKPT)).model,
-                     ImageDataModule(config.data, config.seed).split("test"), config.check, run.path(CHECKS_DIR),
-                     name=name, reference=reference, seed=config.seed)
-
-
-def report_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Render what the stages wrote as report/index.html, report.json and report.md (no model is run)."""
-    from defuse.report import build_report
-
-    report = build_report(run, config.report)
-    report.save(run)
-    return report.metrics
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: Callable[[RunConfig, RunDir], dict[str, Any]]
-    outputs: tuple[str, ...]  # file names, or glob patterns for a variable number of files
-    sections: tuple[str, ...]  # config sections the stage reads
-    inputs: tuple[str, ...] = ()  # artifacts of earlier stages it reads
-    always: bool = False  # never skipped (labelling resumes where the person stopped)
 
 
 DONE, CURRENT = "done", "skipped (current)"
@@ -337,25 +54,16 @@ class StageResult:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("fit-classifier", fit_classifier_stage, (CLASSIFIER_CKPT,), ("data", "classifier", "trainer")),
-    Stage("fit-generator", fit_generator_stage, (GENERATOR_CKPT,), ("data", "generator", "trainer")),
-    Stage("identify", identify_stage, (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL), ("data", "identify"),
-          (CLASSIFIER_CKPT, GENERATOR_CKPT)),
-    Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill", "data", "identify"),
-          (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, GENERATOR_CKPT)),
-    Stage("check-before", check_before_stage, (CHECK_BEFORE, f"{CHECKS_DIR}/before_*"), ("data", "check"),
-          (CLASSIFIER_CKPT,)),
-    Stage("label", labelling_stage, (LABELS_FILE,), ("label",), (REGIONS_JSON,), always=True),
-    Stage("correct", correct_stage, (REPAIRED_CKPT, LABEL_ISSUES), ("correct", "data", "distill", "trainer"),
-          (LABELS_FILE, REGIONS_JSON, CLASSIFIER_CKPT, GENERATOR_CKPT, VALIDITY_MODEL)),
-    Stage("verify", verify_stage, (VERIFY_JSON,), ("data", "identify", "distill", "trainer"),
-          (REPAIRED_CKPT, CLASSIFIER_CKPT, GENERATOR_CKPT, LABELS_FILE, REGIONS_JSON, VALIDITY_MODEL)),
-    Stage("check-after", check_after_stage, (CHECK_AFTER, f"{CHECKS_DIR}/after_*", DRIFT_TOLERANCE),
-          ("data", "check"),
-          (REPAIRED_CKPT, CHECK_BEFORE)),
-    # Always re-rendered (a second or two): it reads whatever the stages before it left, including a run that
-    # stopped for labels, whose report says so.
-    Stage("report", report_stage, (REPORT_HTML, REPORT_JSON, REPORT_MD), ("report",), always=True),
+    fit_classifier.STAGE,
+    fit_generator.STAGE,
+    identify.STAGE,
+    distill.STAGE,
+    check_before.STAGE,
+    label.STAGE,
+    correct.STAGE,
+    verify.STAGE,
+    check_after.STAGE,
+    report.STAGE,
 )
 # The pipeline of ../shared/DESIGN.md beyond what is built so far, in order.
 NOT_BUILT_YET: tuple[str, ...] = ()

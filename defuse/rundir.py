@@ -95,7 +95,7 @@ def fingerprint(data: Any) -> str:
 
 def defuse_version() -> str:
     """The running defuse's version, recorded with each finished stage (see ``pipeline.run_stage``)."""
-    from defuse import __version__
+    from defuse.version import __version__
 
     return __version__
 

@@ -92,7 +92,7 @@ def scan(model: nn.Module, data: Any, run_dir: str | Path = "runs/scan", labels:
 
 
 def scan_config(run_dir: str | Path) -> RunConfig:
-    """The config a scan ran with (from its manifest), e.g. for ``defuse.pipeline.review_command``."""
+    """The config a scan ran with (from its manifest), e.g. for ``defuse.stages.review.review_command``."""
     return config_from_mapping(RunDir(run_dir).manifest()["config"], [])
 
 

@@ -4,8 +4,8 @@ The correct stage chooses among its candidates (layers, lambda, epoch) on held-o
 asks, after the fact, whether a different choice could have done better on test, or whether every candidate falls
 short (then the fine-tune, not the choice, is what to change). Nothing is chosen on what it prints.
 
-Each candidate is rebuilt as the stage returns a winner: its checkpoint's weights (:func:`defuse.correct.
-candidate_weights`), scoped to the person's classes (:class:`defuse.models.classifiers.ScopedRepair`) when the run
+Each candidate is rebuilt as the stage returns a winner: its checkpoint's weights (:func:`defuse.stages.
+correct.finetune.candidate_weights`), scoped to the person's classes (:class:`defuse.models.classifiers.ScopedRepair`) when the run
 was. The held-out figures are the stage's own, read from the run's manifest.
 
 Run: ``python scripts/bench_candidates.py --keep DIR --seed N --case NAME [--out FILE]`` on a run kept by
@@ -20,15 +20,15 @@ import json
 import sys
 from pathlib import Path
 
+import bench_planted as planted
 import torch
 from _bench import emit
 
-import bench_planted as planted
-from defuse.correct import candidate_weights
 from defuse.data import ImageDataModule
 from defuse.models import load_classifier
 from defuse.models.classifiers import ScopedRepair
 from defuse.models.inference import predict_labels
+from defuse.stages.correct.finetune import candidate_weights
 
 
 def candidate_figures(keep: Path, seed: int, case: str) -> dict:

@@ -19,7 +19,9 @@ import tempfile
 from pathlib import Path
 
 from _bench import emit, progress  # scripts/_bench.py
-from bench_run import timed  # scripts/bench_run.py: a CLI child process, its wall time and peak RSS
+from bench_run import (
+    timed,  # scripts/bench_run.py: a CLI child process, its wall time and peak RSS
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ["--config", str(ROOT / "configs" / "mnist-test-split.yaml")]

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-
 from _bench import emit, progress  # scripts/_bench.py
+
 from defuse.config import RunConfig, config_from_mapping, load_config
 from defuse.pipeline import run_stage, stage_named
 from defuse.rundir import RunDir

@@ -79,23 +79,26 @@ import torch
 import yaml
 from _bench import emit, progress  # scripts/_bench.py
 
+from defuse.artifacts import FAILURES_TABLE, REGIONS_JSON, VALIDITY_MODEL
 from defuse.config import (
     DataConfig,
     RunConfig,
     config_from_mapping,
     load_config,
 )
-from defuse.stats import paired_change
 from defuse.data import ImageDataModule, ImageSet, load_source
-from defuse.distill import Regions, region_misreadings
-from defuse.identify import Discovery, make_evaluate, select_sources
-from defuse.models.inference import latent_means
-from defuse.label import auto_labels
 from defuse.models import inference_copy, load_classifier, load_generator
-from defuse.models.inference import predict_labels, reconstruct
-from defuse.pipeline import label_issues_to_review, moved_for_review, run_pipeline, run_stage, stage_named
+from defuse.models.inference import latent_means, predict_labels, reconstruct
+from defuse.pipeline import run_pipeline, run_stage, stage_named
+from defuse.records import Failures, Regions
+from defuse.regions import region_misreadings
 from defuse.rundir import RunDir
+from defuse.search import make_evaluate, select_sources
 from defuse.seeding import int_seed, numpy_rng, torch_generator
+from defuse.stages.label.labelling import auto_labels
+from defuse.stages.review import label_issues_to_review, moved_for_review
+from defuse.stats import paired_change
+from defuse.validity import ValidityModel
 
 SHIPPED = Path(__file__).resolve().parents[1] / "configs" / "mnist-test-split.yaml"
 # Values that differ from the shipped config, each with its reason: presentation only.
@@ -345,7 +348,7 @@ def simulated_person(run: RunDir, config: RunConfig, reference: torch.nn.Module)
     the model does too, the answer is that class (the model is right here and those labels are suspect: the bug
     seen from its labels' side when every split carries it); else "not-a-bug". Read by the pipeline through
     `--labels FILE`, as a person's file would be."""
-    regions, generator = Regions.load(run), load_generator(run.path("generator.ckpt"))
+    regions, generator = Regions.load(run.path(REGIONS_JSON)), load_generator(run.path("generator.ckpt"))
     model = load_classifier(run.path("classifier.ckpt")).model
     audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split).float_images()
     rng = numpy_rng(config.seed, "bench.person")
@@ -415,17 +418,18 @@ def reference_yield(classifier, generator, judge, images, labels, queries: int, 
 def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, group: torch.Tensor | None) -> dict:
     model = inference_copy(load_classifier(run.path("classifier.ckpt")).model)  # as the search queries it
     generator = load_generator(run.path("generator.ckpt"))
-    discovery, regions = Discovery.load(run), Regions.load(run)
+    failures = Failures.load(run.path(FAILURES_TABLE), run.metrics("identify"))
+    regions = Regions.load(run.path(REGIONS_JSON))
+    judge = ValidityModel.load(run.path(VALIDITY_MODEL))
     data = ImageDataModule(config.data, config.seed)
     test, audit = data.split("test"), data.split("audit")
-    stats = discovery.failures.stats
+    stats = failures.stats
     out: dict = {
         "clean_test_accuracy": round(float((predict_labels(model, test.float_images()) == test.labels)
                                            .float().mean()), 4),
         "sources": stats["sources"], "failures": stats["failures"], "queries": stats["queries"],
         "valid_failures_per_1000_queries": stats["valid_failures_per_1000_queries"],
-        "sources_with_valid_failure": int(discovery.failures.table.loc[discovery.failures.table["valid"],
-                                                                       "source_index"].nunique()),
+        "sources_with_valid_failure": int(failures.table.loc[failures.table["valid"], "source_index"].nunique()),
         "regions": len(regions),
         "top_regions": [f"{r.pair} ({r.bug_score:.3f}, real {r.real_misread}/{r.real_neighbours})"
                         for r in regions.regions[:8]],
@@ -435,7 +439,6 @@ def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, grou
     }
     budget = min(stats["queries"], 20_000)  # rates per 1,000 queries: 20k samples pin them to about +-10%
     threshold = config.identify.validity_threshold
-    judge = discovery.judge
     out["random_prior_yield"] = round(random_prior_yield(model, generator, judge, budget, threshold, config.seed), 3)
     out["random_prior_screened_yield"] = round(random_prior_yield(model, generator, judge, budget, threshold,
                                                                   config.seed, screened=True), 3)
@@ -470,7 +473,7 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
     real images shown beside it (its nearest audit images labelled as the planted class) that the reference reads
     as the source class, i.e. mislabelled images of the bug (Gaussian: None)."""
     model = inference_copy(load_classifier(run.path("classifier.ckpt")).model)
-    generator, regions = load_generator(run.path("generator.ckpt")), Regions.load(run)
+    generator, regions = load_generator(run.path("generator.ckpt")), Regions.load(run.path(REGIONS_JSON))
     source, planted = case_spec(case)[:2]
     out: dict = {"planted_rank": None, "planted_orientation": None, "planted_rank_direct": None,
                  "planted_rank_reversed": None, "planted_precision": None, "planted_precision_gaussian": None,
@@ -512,7 +515,7 @@ def decoded_accuracy(run: RunDir, config: RunConfig, case: str, models: dict[str
     person labelled with the source class: what the repair's own validation sees of the bug."""
     source, planted = case_spec(case)[:2]
     answers = yaml.safe_load(run.path("person.yaml").read_text())
-    regions, generator = Regions.load(run), load_generator(run.path("generator.ckpt"))
+    regions, generator = Regions.load(run.path(REGIONS_JSON)), load_generator(run.path("generator.ckpt"))
     rng = numpy_rng(config.seed, "bench.decoded_gap")
     z = [region.sample(GAP_SAMPLES, config.distill.tau, rng) for region in regions.regions
          if (region.source_label, region.predicted_label) == (source, planted) and answers.get(region.id) == source]
@@ -655,7 +658,7 @@ REVIEW_ROUNDS = 8
 @torch.no_grad()
 def review_moved(run: RunDir, config: RunConfig, reference: torch.nn.Module) -> int:
     """The person's second look, after a correct stage: the held-out images its candidates move to a person's label
-    under a mistaken label (`defuse review` lists them, :func:`defuse.pipeline.moved_for_review`), answered with what
+    under a mistaken label (`defuse review` lists them, :func:`defuse.stages.review.moved_for_review`), answered with what
     the clean reference reads and appended to the review file. Returns how many (where any, the repair then
     re-grades the same candidates)."""
     path = Path(config.correct.reviewed_labels)

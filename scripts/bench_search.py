@@ -21,8 +21,8 @@ import time
 import torch
 
 from defuse.config import IdentifyConfig
-from defuse.identify import SearchModule
 from defuse.models import ConvVAE, build_classifier
+from defuse.search import SearchModule
 from defuse.validity import ValidityModel
 
 

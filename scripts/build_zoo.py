@@ -50,18 +50,18 @@ from sklearn.tree import DecisionTreeClassifier
 
 from defuse.config import load_config
 from defuse.data import ImageDataModule, ImageSet
-from defuse.fit import train_classifier
 from defuse.invariance.assessor import Assessor, feature_columns, invariance_label
 from defuse.invariance.ei import per_image_scores
-from defuse.invariance.transforms import (
+from defuse.invariance.variance import family_variance
+from defuse.models.inference import inference_copy, predict_labels
+from defuse.models.training import train_classifier
+from defuse.seeding import int_seed, numpy_rng, torch_generator
+from defuse.transforms import (
     EI_TRANSFORMS,
     GRID_TRANSFORMS,
     GRIDS,
     IDENTITY_INDEX,
 )
-from defuse.invariance.variance import family_variance
-from defuse.models.inference import inference_copy, predict_labels
-from defuse.seeding import int_seed, numpy_rng, torch_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 ZOO_CSV = ROOT / "defuse" / "invariance" / "zoo.csv"

@@ -25,11 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import bench_planted as bp
 import numpy as np
 import torch
 from _bench import emit, progress  # scripts/_bench.py
 
-import bench_planted as bp
 from defuse.config import DataConfig
 from defuse.data import ImageDataModule, load_source
 from defuse.models import load_classifier

@@ -13,7 +13,6 @@ from defuse.config import config_from_mapping, load_config
 from defuse.data import default_mnist_raw
 from defuse.rundir import RunDir
 
-
 # Every test trains what it trains: a cache of fitted models (defuse.cache) shared between tests would make "the
 # same seed gives the same model" true by construction and hide a stage's training from the test of it. The
 # cache's own test turns it on in a folder of its own; child processes inherit this.

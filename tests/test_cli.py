@@ -2,12 +2,12 @@
 
 import json
 import logging
-import time
-import sys
-import subprocess
-import select
 import os
 import re
+import select
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -88,10 +88,10 @@ def test_unattended_run_stops_before_correct_and_resumes_with_labels(tmp_path, t
     labels = tmp_path / "answers.yaml"  # a person's answers: every region is a bug of its source class
     labels.write_text("".join(f"{r['id']}: {r['source_label']}\n" for r in regions["regions"]))
     assert main(["label", *_args(tiny_overrides, tmp_path), "--labels", str(labels)]) == 0
-    from defuse import pipeline
     from defuse.config import config_from_mapping
+    from defuse.stages import review as reviewing
 
-    todo = pipeline.label_issues_to_review(config_from_mapping(RunDir(tmp_path).manifest()["config"], []),
+    todo = reviewing.label_issues_to_review(config_from_mapping(RunDir(tmp_path).manifest()["config"], []),
                                            RunDir(tmp_path))  # before any correct: nothing moved yet
     assert len(todo) and pd.api.types.is_integer_dtype(todo["position"])  # positions index images (pandas 3)
     assert main(["run", *_args(tiny_overrides, tmp_path), "--labels", str(labels)]) == 0
@@ -158,14 +158,22 @@ def test_changing_the_classifier_reruns_it_and_everything_downstream_but_the_gen
     assert after["fit-generator"]["finished"] == before["fit-generator"]["finished"]
 
 
-def test_force_reruns_a_current_stage(tmp_path, tiny_overrides):
+def test_force_reruns_a_current_stage(tmp_path, tiny_overrides, capsys, monkeypatch):
     assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0
-    first = RunDir(tmp_path).stage("fit-classifier")["finished"]
-    import time
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0
+    assert "fit-classifier: skipped (current)" in capsys.readouterr().out
+    trained = []
+    import defuse.stages.fit_classifier.fit as fit
 
-    time.sleep(1.1)
+    monkeypatch.setattr(fit, "train_classifier", lambda *a, **k: trained.append(1) or _real_train(*a, **k))
     assert main(["fit-classifier", *_args(tiny_overrides, tmp_path), "--force"]) == 0
-    assert RunDir(tmp_path).stage("fit-classifier")["finished"] != first
+    assert "fit-classifier: done" in capsys.readouterr().out and trained == [1]  # trained again, not restored
+
+
+def _real_train(*args, **kwargs):
+    from defuse.models.training import train_classifier
+
+    return train_classifier(*args, **kwargs)
 
 
 def test_same_seed_same_models_and_metrics_other_seed_differs(tmp_path, tiny_overrides):
@@ -425,10 +433,10 @@ def test_run_in_a_terminal_shows_one_progress_bar_across_stages_and_a_summary(tm
 
 
 def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resumes(tmp_path, monkeypatch):
-    from defuse import pipeline
     from defuse.config import load_config
-    from defuse.correct import read_reviewed_labels
     from defuse.data import ImageDataModule
+    from defuse.label_issues import read_reviewed_labels
+    from defuse.stages import review as reviewing
 
     config = load_config(None, [])  # the embedded digits
     data = ImageDataModule(config.data, config.seed)
@@ -442,7 +450,7 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
         done = read_reviewed_labels(config.correct.reviewed_labels, data) if config.correct.reviewed_labels else {}
         return todo[~todo["image"].isin(list(done))]
 
-    monkeypatch.setattr(pipeline, "label_issues_to_review", to_review)
+    monkeypatch.setattr(reviewing, "label_issues_to_review", to_review)
     run, said = RunDir(tmp_path), []
     answers, prompts = iter(["seven?", "7", "", "q"]), []  # not a class (asked again), an answer, a skip, stop
 
@@ -450,7 +458,7 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
         prompts.append(prompt)
         return next(answers)
 
-    done = pipeline.review_command(config, run, interactive=True, ask=ask, say=said.append)
+    done = reviewing.review_command(config, run, interactive=True, ask=ask, say=said.append)
     review = tmp_path / "label_review.csv"
     assert done == {"to_review": 3, "answered": 1, "file": str(review)}
     assert review.read_text() == f"image,label\n{images[0]},7\n"  # written at once, before the person stopped
@@ -461,42 +469,43 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
     assert prompts[2].endswith("latent 0.81). What is it? ")  # image 1, without an image judge, after the re-ask
     assert f"--reviewed-labels {review}" in said[-1]
     answers = iter(["2", "3"])  # again: the answered image is not asked about, the others are
-    pipeline.review_command(config, run, interactive=True, ask=lambda _: next(answers), say=said.append)
+    reviewing.review_command(config, run, interactive=True, ask=lambda _: next(answers), say=said.append)
     assert asked_with == [None, str(review)]
     assert read_reviewed_labels(review, data) == {int(images[0]): 7, int(images[1]): 2, int(images[2]): 3}
     # Without a terminal: the list to fill in, with an empty label column, and what to do with it.
     review.unlink()
-    assert pipeline.review_command(config, run, interactive=False, say=said.append)["to_review"] == 3
+    assert reviewing.review_command(config, run, interactive=False, say=said.append)["to_review"] == 3
     listing = pd.read_csv(tmp_path / "label_review_todo.csv", keep_default_na=False)
     assert listing["image"].tolist() == images.tolist() and (listing["label"] == "").all()
     assert "--reviewed-labels" in said[-1] and "label_review_todo.csv" in said[-1]
 
 
 def test_review_lists_the_held_out_images_the_repair_moved_under_a_mistaken_label_until_answered(tmp_path):
-    from defuse import pipeline
-    from defuse.correct import LABEL_ISSUE_COLUMNS
+    from defuse.label_issues import LABEL_ISSUE_COLUMNS
+    from defuse.stages import review as reviewing
 
     run = RunDir(tmp_path)
-    assert pipeline.moved_for_review(run, set()).empty  # no correct stage yet: nothing it moved
+    assert reviewing.moved_for_review(run, set()).empty  # no correct stage yet: nothing it moved
     rows = pd.DataFrame([{**dict.fromkeys(LABEL_ISSUE_COLUMNS), "split": "val", "position": p, "image": i, "kind": k,
                           "given_class": "8", "person_class": "3", "judge_validity": np.nan}
                          for p, i, k in ((0, 50, "moved"), (1, 51, "moved"), (2, 52, "neighbour"))])
     rows.to_csv(run.path("label_issues.csv"), index=False)
-    todo = pipeline.moved_for_review(run, {51})  # 51 answered: asked once, never again; 52 is not the repair's
+    todo = reviewing.moved_for_review(run, {51})  # 51 answered: asked once, never again; 52 is not the repair's
     assert todo["image"].tolist() == [50]
-    assert pipeline._witnesses(next(todo.itertuples(index=False))) == "; the repair would read it as '3'"
+    assert reviewing._witnesses(next(todo.itertuples(index=False))) == "; the repair would read it as '3'"
 
 
 def test_outputs_an_earlier_defuse_made_are_kept_and_the_warning_says_how_to_remake_them(tmp_path, tiny_overrides,
                                                                                           caplog, monkeypatch):
     import defuse
+    import defuse.version
 
     assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0
     record = RunDir(tmp_path).stage("fit-classifier")
     assert record["defuse"] == defuse.__version__
     assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0  # same version: current, no word
     assert "were made by defuse" not in caplog.text
-    monkeypatch.setattr(defuse, "__version__", "99.0")
+    monkeypatch.setattr(defuse.version, "__version__", "99.0")
     assert main(["fit-classifier", *_args(tiny_overrides, tmp_path)]) == 0
     assert RunDir(tmp_path).stage("fit-classifier")["finished"] == record["finished"]  # kept, not re-made
     assert (f"fit-classifier's outputs in {tmp_path} were made by defuse {record['defuse']} (this is 99.0)"

@@ -8,28 +8,25 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from stubs import LineGenerator, quadrant_validity
 
 from defuse.config import CorrectConfig, DataConfig
-from defuse.correct import (
-    repaired_pairs,
-    neighbourhood_labels,
-    RealImages,
-    RegionSamples,
-    candidate_weights,
-    choose_candidate,
+from defuse.data import ImageDataModule
+from defuse.label_issues import (
     contradicting_labels,
     image_judge_scores,
-    neighbour_shares,
-    correct,
     moved_to_person,
-    sample_regions,
+    neighbour_shares,
+    neighbourhood_labels,
+    repaired_pairs,
 )
-from defuse.correct.stage import _inputs_key, _trained_on, section_by_content
-from defuse.data import ImageDataModule
-from defuse.distill import Region, Regions
 from defuse.models import build_classifier
+from defuse.records import Region, Regions
+from defuse.stages.correct.candidates import choose_candidate, correct
+from defuse.stages.correct.finetune import candidate_weights
+from defuse.stages.correct.images import RealImages, RegionSamples, sample_regions
+from defuse.stages.correct.stage import _inputs_key, _trained_on, section_by_content
 from defuse.stats import paired_change
-from stubs import LineGenerator, quadrant_validity
 
 
 def _region(region_id: int) -> Region:
@@ -116,7 +113,7 @@ def test_clean_accuracy_bound_keeps_the_original_when_nothing_qualifies(tmp_path
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from defuse.config import ClassifierConfig, TrainerConfig
-    from defuse.fit import train_classifier
+    from defuse.models.training import train_classifier
 
     data = ImageDataModule(DataConfig(source="digits", batch_size=128), seed=0)
     classifier, _ = train_classifier(data, ClassifierConfig(width=8, epochs=3), TrainerConfig(progress_bar=False),
@@ -319,7 +316,7 @@ def test_neighbour_shares_count_labels_among_the_nearest_and_can_leave_each_imag
 
 
 def test_the_keep_term_holds_the_model_to_the_original_and_stays_out_of_checkpoints():
-    from defuse.correct import CorrectionModule
+    from defuse.stages.correct.finetune import CorrectionModule
 
     torch.manual_seed(0)
     classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8)
@@ -340,7 +337,7 @@ def test_the_keep_term_holds_the_model_to_the_original_and_stays_out_of_checkpoi
 
 
 def test_the_keep_term_frees_the_images_whose_label_the_original_does_not_give():
-    from defuse.correct import CorrectionModule
+    from defuse.stages.correct.finetune import CorrectionModule
 
     torch.manual_seed(0)
     classifier = build_classifier("small_cnn", 1, 10, [0.3], [0.4], width=8).eval()
@@ -374,7 +371,7 @@ def test_training_set_counts_each_relabelled_image_the_configured_number_of_time
 
 
 def test_pairs_that_few_training_images_contradict_are_listed_but_not_relabelled(digits):
-    from defuse.correct import MIN_BUG_IMAGES, find_label_issues
+    from defuse.label_issues import MIN_BUG_IMAGES, find_label_issues
 
     # Region 1 (0 -> 1, labelled 0): the quadrant judge reads every latent at (0, 0) as 0, so every training image
     # labelled 1 contradicts it, plenty of them; with only a few such images the pair is a boundary case.
@@ -395,7 +392,7 @@ def test_pairs_that_few_training_images_contradict_are_listed_but_not_relabelled
 
 
 def test_each_label_issue_says_what_each_witness_gives_the_persons_label(digits):
-    from defuse.correct import find_label_issues
+    from defuse.label_issues import find_label_issues
 
     # As above: every training 1 contradicts region 1 (0 -> 1, labelled 0); the image judge is given for train
     # only, as the correct stage gives it (it learnt the audit labels), with a made-up probability per image.
@@ -418,7 +415,7 @@ def test_each_label_issue_says_what_each_witness_gives_the_persons_label(digits)
 
 
 def test_a_pair_few_of_its_labels_contradict_is_a_boundary_whose_labels_stand(digits, monkeypatch):
-    import defuse.correct.issues as correct_module
+    import defuse.label_issues.find as correct_module
 
     # Region 1 (0 -> 1, labelled 0): the judge reads latents at (0, 0) as 0. Two in five training 1s sit there, more
     # than MIN_BUG_IMAGES but (with the share raised to one half) too small a share of the 1s for a labelling bug.
@@ -445,7 +442,10 @@ def test_a_pair_few_of_its_labels_contradict_is_a_boundary_whose_labels_stand(di
 
 
 def test_decoded_samples_give_way_where_relabelled_real_images_show_the_pair():
-    from defuse.correct.stage import MIN_BUG_IMAGES, _without_pairs_shown_by_real_images
+    from defuse.stages.correct.stage import (
+        MIN_BUG_IMAGES,
+        _without_pairs_shown_by_real_images,
+    )
 
     regions = Regions([_region(1), replace(_region(2), source_label=2, pair="2 -> 1")], {})  # 0 -> 1 and 2 -> 1
     samples = sample_regions(regions, {1: 0, 2: 2}, LineGenerator(), per_region=5, tau=1.0,
@@ -462,7 +462,7 @@ def test_decoded_samples_give_way_where_relabelled_real_images_show_the_pair():
 
 
 def test_labels_the_judge_doubts_are_found_but_never_relabelled():
-    from defuse.correct import doubted_labels
+    from defuse.label_issues import doubted_labels
 
     regions = Regions([_region(1)], {})  # 0 -> 1
     judge = quadrant_validity()  # class 1 where z0 > 1, class 2 where z1 > 1, else class 0
@@ -538,7 +538,7 @@ def test_ties_on_the_bug_images_go_to_the_surer_reading_then_the_real_guard_chan
 
 
 def test_bug_confidence_is_each_checkpoints_mean_probability_of_the_bug_labels(tmp_path):
-    from defuse.correct.candidates import bug_confidence
+    from defuse.stages.correct.candidates import bug_confidence
 
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
     images = torch.rand(6, 1, 2, 2)
@@ -557,7 +557,7 @@ def test_bug_confidence_is_each_checkpoints_mean_probability_of_the_bug_labels(t
 
 
 def test_decoded_samples_must_read_the_real_bug_images_better_than_real_images_alone_beyond_chance():
-    from defuse.correct.candidates import _unless_decoded_samples_help
+    from defuse.stages.correct.candidates import _unless_decoded_samples_help
 
     labels = np.zeros(50, dtype=np.int64)
 
@@ -585,7 +585,7 @@ def test_decoded_samples_must_read_the_real_bug_images_better_than_real_images_a
 
 
 def test_a_reviewed_label_decides_its_image_relabelled_or_standing_whatever_the_rules_say(digits):
-    from defuse.correct import find_label_issues
+    from defuse.label_issues import find_label_issues
 
     # Region 1 (0 -> 1, labelled 0): every training 1 at (0, 0) is contradicted (a labelling bug), without consent.
     regions = Regions([_region(1)], {})
@@ -620,7 +620,7 @@ def test_a_reviewed_label_decides_its_image_relabelled_or_standing_whatever_the_
 
 
 def test_a_review_file_takes_class_names_or_indices_and_names_the_line_and_value_it_cannot_use(digits, tmp_path):
-    from defuse.correct import read_reviewed_labels
+    from defuse.label_issues import read_reviewed_labels
 
     train, test = digits.indices("train").tolist(), digits.indices("test").tolist()
     path = tmp_path / "review.csv"
@@ -703,7 +703,7 @@ def test_the_persons_answer_makes_the_other_class_of_its_pair_suspect_within_the
 def test_images_within_a_labelled_regions_reach_are_listed_for_review_and_relabelled_only_on_its_answers(digits):
     from types import SimpleNamespace
 
-    from defuse.correct import NEIGHBOUR, find_label_issues
+    from defuse.label_issues import NEIGHBOUR, find_label_issues
 
     classes = digits.num_classes
     latents = {name: np.zeros((len(digits.split(name)), 2)) for name in ("train", "val", "audit")}
@@ -728,7 +728,7 @@ def test_images_within_a_labelled_regions_reach_are_listed_for_review_and_relabe
 
 
 def test_review_asks_about_every_listed_image_of_a_labelled_region_not_only_a_declared_labelling_bugs(monkeypatch):
-    import defuse.correct.review as review
+    import defuse.label_issues.review as review
 
     # Where every split carries the bug, the judges declare no pair a labelling bug (label_bug false): its
     # contradicted and doubted images would keep the mistaken label in the clean loss unless a person is asked.

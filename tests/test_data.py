@@ -5,8 +5,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_folder, make_npz, write_idx
+
 from defuse.config import DataConfig
 from defuse.data import ImageDataModule, load_source
 

@@ -4,12 +4,12 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+from stubs import LineGenerator, QuadrantClassifier, quadrant_validity
 
 from defuse.config import DistillConfig
-from defuse.distill import RealEvidence, Region, Regions, distill, region_grids, region_misreadings, save_grid_png
-from defuse.identify import Failures
-from defuse.rundir import RunDir
-from stubs import LineGenerator, QuadrantClassifier, quadrant_validity
+from defuse.records import Failures, Region, Regions
+from defuse.regions import region_grids, region_misreadings
+from defuse.stages.distill.mixture import RealEvidence, distill, save_grid_png
 
 CLASSES = ("zero", "one", "two")
 CONFIG = DistillConfig(max_components=4, min_failures=5, min_region_size=5, fresh_samples=200)
@@ -121,7 +121,7 @@ def test_no_failures_gives_an_empty_valid_regions_json(tmp_path):
     empty = Failures(make_failures(TWO_PAIRS).table.iloc[:0], np.zeros((0, 2), np.float32), {})
     regions = _distill(empty)
     assert len(regions) == 0
-    regions.save(RunDir(tmp_path), CLASSES)
+    regions.save(tmp_path / "regions.json", CLASSES)
     data = json.loads((tmp_path / "regions.json").read_text())
     assert data["regions"] == [] and data["stats"]["failures"] == 0
 
@@ -161,7 +161,7 @@ def test_the_failure_map_shows_every_region_in_its_legend_each_in_its_own_colour
     """30 regions (distill's default max_regions): none is dropped past the 20th, and no two share a colour."""
     from dataclasses import replace
 
-    from defuse.distill import region_colours, save_umap
+    from defuse.stages.distill.mixture import region_colours, save_umap
 
     pairs = [(s, p) for s in range(6) for p in range(6) if s != p][:30]
     failures = make_failures([((3.0 * i, 3.0 * (i % 5)), 0.2, 8, s, p) for i, (s, p) in enumerate(pairs)])
@@ -188,10 +188,8 @@ def test_a_region_shows_its_misreadings_first():
 
 def test_regions_round_trip_with_grids(tmp_path):
     regions = _distill(make_failures(TWO_PAIRS))
-    run = RunDir(tmp_path)
-    (tmp_path / "regions").mkdir()
-    regions.save(run, CLASSES)
-    again = Regions.load(run)
+    regions.save(tmp_path / "regions.json", CLASSES)
+    again = Regions.load(tmp_path / "regions.json")
     assert [r.summary() for r in again.regions] == [r.summary() for r in regions.regions]
     grids = region_grids(regions, LineGenerator(), tau=1.0, seed=0)
     assert set(grids) == {r.id for r in regions.regions} and grids[1].shape == (16, 1, 2, 2)
@@ -213,6 +211,5 @@ def test_a_regions_reach_is_the_median_distance_of_its_failures_sources_and_trav
         assert region.source_radius == pytest.approx(expected, rel=0.25)  # the member failures, not all the pair's
         assert region.source_radius > 3 / scale.max() * 0.5
     assert all(r.source_radius == 0.0 for r in _distill(failures).regions)  # no sources given: no reach
-    run = RunDir(tmp_path)
-    regions.save(run)
-    assert [r.source_radius for r in Regions.load(run).regions] == [r.source_radius for r in regions.regions]
+    regions.save(tmp_path / "regions.json")
+    assert [r.source_radius for r in Regions.load(tmp_path / "regions.json").regions] == [r.source_radius for r in regions.regions]

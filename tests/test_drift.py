@@ -7,7 +7,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from defuse.drift.acquisition import BY_NAME, IDENTITY, PARAMETERS, SensorNoise, acquire, check_setting, parameters_for
+from defuse.drift.acquisition import (
+    BY_NAME,
+    IDENTITY,
+    PARAMETERS,
+    SensorNoise,
+    acquire,
+    check_setting,
+    parameters_for,
+)
 from defuse.drift.forensics import BISECTION, GRID, drift_forensics, tolerance_along
 
 
@@ -211,8 +219,8 @@ def test_the_worst_case_lies_in_its_box_and_costs_at_least_what_the_identity_doe
 
 
 def test_drift_aware_training_adds_a_loss_on_drifted_copies_inside_the_box(finished):
-    from defuse.correct import CorrectionModule, drift_box
     from defuse.data import ImageDataModule
+    from defuse.stages.correct.finetune import CorrectionModule, drift_box
 
     run, config = finished
     model, x, y = _trained(finished, 64)

@@ -5,9 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import TINY_OVERRIDES
 
 from defuse.models import safe_load
-from conftest import TINY_OVERRIDES
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

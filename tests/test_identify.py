@@ -5,10 +5,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from stubs import LineClassifier, LineGenerator, line_images, line_validity
 
 from defuse.config import IdentifyConfig
-from defuse.identify import (
-    Failures,
+from defuse.records import Failures
+from defuse.search import (
     Screening,
     gradient_search,
     identify,
@@ -17,8 +18,6 @@ from defuse.identify import (
     shell_radii,
     shell_search,
 )
-from defuse.rundir import RunDir
-from stubs import LineClassifier, LineGenerator, line_images, line_validity
 
 CONFIG = IdentifyConfig(budget=64, shells=4, min_radius=0.1, max_radius=4.0, refine_steps=6,
                         failures_per_source=3, batch_sources=16, screen=False, walk_step=0.0)
@@ -164,9 +163,8 @@ def test_no_failures_gives_an_empty_but_valid_result(tmp_path):
                             failures_per_source=1)
     failures = _identify(images, labels, config=config)
     assert len(failures) == 0 and failures.stats["failures"] == 0 and failures.stats["sources"] == 10
-    run = RunDir(tmp_path)
-    failures.save(run)
-    again = Failures.load(run)
+    failures.save(tmp_path / "failures.parquet")
+    again = Failures.load(tmp_path / "failures.parquet")
     assert len(again) == 0 and again.z.shape == (0, 2)
 
 
@@ -179,7 +177,7 @@ def test_nan_latents_are_refused():
 def test_a_generator_that_cannot_reconstruct_draws_a_warning(caplog):
     images, labels = line_images(10)
     images[:, 0, 0, 0] = -1.5  # every reconstruction through the scrambling generator crosses the boundary
-    with caplog.at_level(logging.WARNING, logger="defuse.identify"):
+    with caplog.at_level(logging.WARNING, logger="defuse.search"):
         failures = _identify(images, labels, generator=LineGenerator(scramble=True))
     assert "too weak to search with" in caplog.text
     assert failures.stats["sources"] == 0
@@ -188,13 +186,13 @@ def test_a_generator_that_cannot_reconstruct_draws_a_warning(caplog):
 def test_failures_round_trip_and_mismatch_is_refused(tmp_path):
     images, labels = line_images(20)
     failures = _identify(images, labels)
-    run = RunDir(tmp_path)
-    failures.save(run)
-    again = Failures.load(run)
+    failures.save(tmp_path / "failures.parquet")
+    again = Failures.load(tmp_path / "failures.parquet", {"queries": 3})
     pd.testing.assert_frame_equal(again.table, failures.table)
+    assert (again.z == failures.z).all() and again.stats == {"queries": 3}
     np.save(tmp_path / "failures_z.npy", failures.z[:1])
     with pytest.raises(ValueError, match=re.escape("they come from different runs")):
-        Failures.load(run)
+        Failures.load(tmp_path / "failures.parquet")
 
 
 def test_identify_leaves_the_callers_models_untouched():
@@ -209,7 +207,7 @@ def test_a_judge_that_screens_out_every_candidate_is_reported(caplog):
     images, labels = line_images(10)
     # steps of 50+ posterior scales leave the judge's support of every class: nothing passes the screen
     config = IdentifyConfig(budget=64, shells=4, min_radius=50.0, max_radius=100.0, failures_per_source=3)
-    with caplog.at_level(logging.WARNING, logger="defuse.identify"):
+    with caplog.at_level(logging.WARNING, logger="defuse.search"):
         failures = _identify(images, labels, config=config)
     assert failures.stats["queries"] == 0 and failures.stats["candidates_screened_out"] > 0 and len(failures) == 0
     assert "screened out all" in caplog.text and "identify.screen=false" in caplog.text

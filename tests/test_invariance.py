@@ -10,8 +10,13 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import nn
 
-from defuse.invariance import transforms as T
-from defuse.invariance.ei import compare_ei, effective_invariance, per_image_scores, summarize
+from defuse import transforms as T
+from defuse.invariance.ei import (
+    compare_ei,
+    effective_invariance,
+    per_image_scores,
+    summarize,
+)
 
 logits_pairs = st.integers(1, 40).flatmap(lambda n: st.integers(2, 10).flatmap(lambda k: st.tuples(
     arrays(np.float32, (n, k), elements=st.floats(-20, 20, width=32)),
@@ -129,7 +134,12 @@ def test_transforms_keep_shape_and_range_and_the_identity_values_change_nothing(
 
 # ----------------------------------------------------------------------------- ML4ML variance matrices
 
-from defuse.invariance.variance import FEATURES, family_variance, matrix_features, variance_matrix  # noqa: E402
+from defuse.invariance.variance import (  # noqa: E402
+    FEATURES,
+    family_variance,
+    matrix_features,
+    variance_matrix,
+)
 
 
 @settings(max_examples=100, deadline=None)
@@ -211,7 +221,7 @@ def test_training_with_rotations_makes_a_classifier_more_rotation_invariant(tiny
     from dataclasses import replace
 
     from defuse.data import ImageDataModule
-    from defuse.fit import train_classifier
+    from defuse.models.training import train_classifier
 
     data = ImageDataModule(tiny_config.data, tiny_config.seed)
     test = data.split("test")

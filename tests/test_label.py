@@ -12,17 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from defuse.distill import Region, Regions
-from defuse.label import (
-    Answer,
-    LabelBook,
+from defuse.records import Answer, LabelBook, Region, Regions
+from defuse.rundir import RunDir
+from defuse.stages.label.labelling import (
     auto_labels,
     file_labels,
     interactive_labels,
     label_stage,
-    render_preview,
 )
-from defuse.rundir import RunDir
+from defuse.terminal import render_preview
 
 DIGITS = tuple(str(i) for i in range(10))
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "defuse"
@@ -206,7 +204,7 @@ from types import SimpleNamespace
 package = types.ModuleType("defuse")
 package.__path__ = [sys.argv[1]]
 sys.modules["defuse"] = package
-from defuse.label import label_stage
+from defuse.stages.label.labelling import label_stage
 from defuse.rundir import RunDir
 
 def region(i, source, predicted, suggested):

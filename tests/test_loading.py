@@ -8,7 +8,12 @@ from torch import nn
 
 from defuse.models import build_classifier, load_classifier, load_generator, safe_load
 from defuse.models.generators import ConvVAE
-from defuse.models.loading import load_factory, load_torchscript, save_classifier, save_generator
+from defuse.models.loading import (
+    load_factory,
+    load_torchscript,
+    save_classifier,
+    save_generator,
+)
 
 
 def tiny_factory() -> nn.Module:

@@ -14,8 +14,8 @@ import yaml
 
 from defuse.cli import main
 from defuse.config import ReportConfig
-from defuse.report import build_report, find_regressions, markdown_escape
 from defuse.rundir import RunDir
+from defuse.stages.report.build import build_report, find_regressions, markdown_escape
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL = "<script>alert('x')</script>"
@@ -165,7 +165,7 @@ def test_a_labelled_region_whose_samples_stay_misread_is_named_not_repaired(fini
 
 def test_importing_and_rendering_the_report_never_imports_torch(finished, tmp_path):
     run = _copy(finished[0], tmp_path)
-    code = ("import sys; from defuse.report import build_report; from defuse.rundir import RunDir; "
+    code = ("import sys; from defuse.stages.report.build import build_report; from defuse.rundir import RunDir; "
             f"build_report(RunDir({str(run.root)!r})).save(RunDir({str(run.root)!r})); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'lightning', "
             "'pytorch_lightning'))))")

@@ -61,7 +61,8 @@ def test_named_streams_are_reproducible_independent_and_checked():
 
     assert numpy_rng(3, "a").integers(1 << 30, size=4).tolist() == numpy_rng(3, "a").integers(1 << 30, size=4).tolist()
     assert int_seed(3, "a") != int_seed(3, "b") and int_seed(3, "a") != int_seed(4, "a")
-    assert 0 <= int_seed(0, "distill.umap") < 2**32
+    # A stream's seed never changes between versions: every recorded figure was drawn from it.
+    assert int_seed(0, "distill.umap") == 4196451252
     import torch
 
     draw = lambda: torch.rand(3, generator=torch_generator(1, "x"))  # noqa: E731

@@ -3,14 +3,14 @@ import json
 import numpy as np
 import pandas as pd
 import torch
-
-from defuse.distill import Regions
-from defuse.config import IdentifyConfig
-from defuse.data import ImageSet
-from defuse.stats import bootstrap_accuracy
-from defuse.verify import Verification, compare, failures_in_region, verify
 from stubs import LineClassifier, LineGenerator, line_images, line_validity
 from test_correct import _region
+
+from defuse.config import IdentifyConfig
+from defuse.data import ImageSet
+from defuse.records import Regions, Verification
+from defuse.stages.verify.compare import compare, failures_in_region, verify
+from defuse.stats import bootstrap_accuracy
 
 
 def test_bootstrap_intervals_contain_the_estimate_and_shrink_with_n():
@@ -92,7 +92,7 @@ def test_a_kept_original_is_searched_once_and_reads_the_same_before_and_after(mo
     test split is searched once and both columns are that search's."""
     import copy
 
-    import defuse.verify as verify_module
+    import defuse.stages.verify.compare as verify_module
 
     images, labels = line_images(30)
     test = _FloatImages(images, labels, ("zero", "one"))

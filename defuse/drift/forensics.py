@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from defuse.drift.acquisition import BY_NAME, IDENTITY, Parameter, SensorNoise, acquire, parameters_for
+from defuse.drift.acquisition import (
+    BY_NAME,
+    IDENTITY,
+    Parameter,
+    SensorNoise,
+    acquire,
+    parameters_for,
+)
 from defuse.models.inference import as_input, inference_copy, is_channels_last
 
 GRID = 8  # grid points from the identity to each bound

@@ -36,7 +36,14 @@ from defuse.artifacts import CHECKS_DIR  # noqa: F401  (re-exported)
 from defuse.config import CheckConfig
 from defuse.data import ImageSet
 from defuse.invariance.assessor import Verdict, verdict
-from defuse.invariance.ei import EIChange, PerImage, TransformEI, compare_ei, per_image_scores, summarize
+from defuse.invariance.ei import (
+    EIChange,
+    PerImage,
+    TransformEI,
+    compare_ei,
+    per_image_scores,
+    summarize,
+)
 from defuse.invariance.variance import FamilyVariance, family_variance
 from defuse.models.inference import inference_copy, same_weights
 from defuse.rundir import atomic_write_bytes, atomic_write_json

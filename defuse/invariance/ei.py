@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from defuse.invariance.transforms import EI_TRANSFORMS, ei_views
 from defuse.models.inference import predict_logits
 from defuse.stats import Estimate, bootstrap_means
+from defuse.transforms import EI_TRANSFORMS, ei_views
 
 REGRESSION_DROP = 0.01  # EI points a repair may lose before a significant drop is called a regression
 
@@ -54,7 +54,7 @@ class PerImage:
 def per_image_scores(model: nn.Module, images: torch.Tensor, transform: str,
                      labels: torch.Tensor | None = None) -> PerImage | None:
     """The per-image figures of ``model`` on ``images`` (N, C, H, W) under ``transform`` (one of
-    :data:`~defuse.invariance.transforms.EI_TRANSFORMS`); ``None`` when the transform does not apply to them."""
+    :data:`~defuse.transforms.EI_TRANSFORMS`); ``None`` when the transform does not apply to them."""
     views = ei_views(transform, images.shape[1], images.shape[-1])
     if views is None:
         return None

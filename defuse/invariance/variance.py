@@ -1,7 +1,7 @@
 """ML4ML variance matrices (Liao, Zhang and Chen 2021) and the features an assessor reads from them.
 
 For a family of transforms (rotation, brightness, scale) and its grid of n = 31 values t_0..t_30
-(:data:`~defuse.invariance.transforms.GRIDS`, the identity in the middle), the *confidence table* C is (n, N):
+(:data:`~defuse.transforms.GRIDS`, the identity in the middle), the *confidence table* C is (n, N):
 C[i, k] is the model's maximum softmax probability on image k transformed by t_i (the confidence of whatever
 class it predicts there, as in the reference code). The variance matrix is
 
@@ -39,8 +39,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from defuse.invariance.transforms import GRID_TRANSFORMS, GRIDS, IDENTITY_INDEX
 from defuse.models.inference import predict_logits
+from defuse.transforms import GRID_TRANSFORMS, GRIDS, IDENTITY_INDEX
 
 BRIGHT_CELL = 0.15  # the reference's threshold for a cell that shows variance
 SUBSAMPLE = 0.9

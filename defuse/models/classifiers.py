@@ -101,7 +101,7 @@ class ScopedRepair(nn.Module):
     2s read as 7"), its logits; everywhere else the original's, so no answer moves to a class nobody asked for.
     Why: a fine-tune also moves answers nobody asked about (9 -> 4, 5 -> 3, 1 -> 7 on the planted benchmark, a few
     images a class), which cost clean accuracy no test predicts and, on a few thousand held-out images, drown the
-    guard's paired bootstrap interval (see defuse.correct). Moves *to* a person's class from any other stay: a
+    guard's paired bootstrap interval (see defuse.stages.correct). Moves *to* a person's class from any other stay: a
     subgroup image the original read as a third class (a narrow 0 read as 8) is the person's bug too.
 
     Args:
@@ -141,7 +141,7 @@ class ClassifierModule(pl.LightningModule):
         lr, weight_decay: AdamW settings; ``lr`` is the one-cycle peak.
         classes: class names, saved with the weights for reports and the labelling prompt.
         augment_rotation, augment_scale, augment_brightness: random per-image training augmentation (degrees;
-            zoom and intensity half-ranges), 0 for none (see :func:`defuse.invariance.transforms.random_augment`).
+            zoom and intensity half-ranges), 0 for none (see :func:`defuse.transforms.random_augment`).
         augment_seed: seeds the augmentation's own generator.
     """
 
@@ -170,7 +170,7 @@ class ClassifierModule(pl.LightningModule):
         self.test_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Trained channels-last (see :func:`defuse.fit.train_classifier`), the inputs follow the weights' format.
+        # Trained channels-last (see :func:`defuse.models.training.train_classifier`), the inputs follow the weights' format.
         return self.model(as_input(x, is_channels_last(self.model)))
 
     def _common_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
@@ -186,7 +186,7 @@ class ClassifierModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         h = self.hparams
         if h.augment_rotation or h.augment_scale or h.augment_brightness:
-            from defuse.invariance.transforms import random_augment
+            from defuse.transforms import random_augment
 
             if self._augment_generator is None:
                 self._augment_generator = torch.Generator().manual_seed(int(h.augment_seed))

@@ -134,7 +134,7 @@ class VAEModule(pl.LightningModule):
         self.vae = ConvVAE(in_channels, image_size, latent_dim, width)
 
     def _common_step(self, batch, stage: str) -> torch.Tensor:
-        x = as_input(batch[0], is_channels_last(self.vae))  # trained channels-last: see defuse.fit.train_vae
+        x = as_input(batch[0], is_channels_last(self.vae))  # trained channels-last: see defuse.models.training.train_vae
         recon, kl = elbo_terms(self.vae, x)
         loss = recon + self.hparams.beta * kl
         self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False)

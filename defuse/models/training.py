@@ -1,5 +1,5 @@
-"""The Lightning Trainer every fit in defuse uses (the classifier, the VAE, the repair's fine-tunes, the image
-judge), built from the run's trainer config in one place."""
+"""Training: the Lightning Trainer every fit in defuse uses (the classifier, the VAE, the repair's fine-tunes, the
+image judge), built from the run's trainer config in one place, and the built-in classifier's and VAE's training."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ import sys
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from torch import nn
 
-from defuse.config import TrainerConfig
+from defuse.config import ClassifierConfig, GeneratorConfig, TrainerConfig
+from defuse.data import ImageDataModule
+from defuse.models.classifiers import ClassifierModule
+from defuse.models.generators import ConvVAE, VAEModule
+from defuse.seeding import int_seed
 
 
 def make_trainer(
@@ -35,4 +41,50 @@ def make_trainer(
     )
 
 
-__all__ = ["make_trainer"]
+def accuracy_report(pred: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> dict[str, Any]:
+    correct = pred == labels
+    per_class = {
+        name: round(float(correct[labels == k].float().mean()), 4)
+        for k, name in enumerate(classes)
+        if bool((labels == k).any())
+    }
+    return {"accuracy": round(float(correct.float().mean()), 4), "n": int(len(labels)), "per_class": per_class}
+
+
+def train_classifier(
+    data: ImageDataModule, config: ClassifierConfig, trainer: TrainerConfig, root: str = ".", seed: int = 0
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train a built-in classifier on ``data``; returns the model ([0,1] images -> logits) and its hparams.
+
+    ``seed``: the run's seed (stream ``classifier.augment``, drawn only when ``config`` asks for augmentation)."""
+    mean, std = data.channel_stats()
+    augment = {}
+    if config.augment_rotation or config.augment_scale or config.augment_brightness:
+        augment = {"augment_rotation": config.augment_rotation, "augment_scale": config.augment_scale,
+                   "augment_brightness": config.augment_brightness,
+                   "augment_seed": int_seed(seed, "classifier.augment")}
+    module = ClassifierModule(
+        arch=config.arch, width=config.width, in_channels=data.channels, num_classes=data.num_classes,
+        mean=mean, std=std, lr=config.lr, weight_decay=config.weight_decay, classes=list(data.classes), **augment,
+    )
+    # Channels-last convolutions train 20-40% faster on CPU (SmallCNN, batch 128: 40-53 ms a step against 66-79);
+    # the trained weights go back to the standard format, so what is saved and loaded is as before.
+    module.model.to(memory_format=torch.channels_last)
+    make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)
+    return module.model.to(memory_format=torch.contiguous_format).eval(), dict(module.hparams)
+
+
+def train_vae(
+    data: ImageDataModule, config: GeneratorConfig, trainer: TrainerConfig, root: str = "."
+) -> tuple[ConvVAE, dict[str, Any]]:
+    """Train the beta-VAE on the images of ``data`` (labels unused); returns it and its hparams."""
+    module = VAEModule(
+        in_channels=data.channels, image_size=int(data.split("train").images.shape[-1]),
+        latent_dim=config.latent_dim, width=config.width, beta=config.beta, lr=config.lr,
+    )
+    module.vae.to(memory_format=torch.channels_last)  # 43 ms a step against 49 (batch 128, 28 px); as the classifier
+    make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)
+    return module.vae.to(memory_format=torch.contiguous_format).eval(), dict(module.hparams)
+
+
+__all__ = ["accuracy_report", "make_trainer", "train_classifier", "train_vae"]

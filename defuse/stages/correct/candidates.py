@@ -51,20 +51,20 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from defuse.config import CorrectConfig, TrainerConfig
-from defuse.correct.finetune import (
+from defuse.data import ImageDataModule
+from defuse.label_issues.find import MIN_BUG_IMAGES
+from defuse.label_issues.review import moved_to_person
+from defuse.models.classifiers import ScopedRepair, classifier_head, scoped_changes
+from defuse.models.inference import copy_model, predict_labels, predict_logits
+from defuse.models.training import make_trainer
+from defuse.seeding import int_seed, numpy_rng, torch_generator
+from defuse.stages.correct.finetune import (
     CorrectionModule,
     _EpochRecord,
     candidate_weights,
     drift_box,
 )
-from defuse.correct.images import BUG, GUARD, RealImages, RegionSamples
-from defuse.correct.issues import MIN_BUG_IMAGES
-from defuse.correct.review import moved_to_person
-from defuse.data import ImageDataModule
-from defuse.models.classifiers import ScopedRepair, classifier_head, scoped_changes
-from defuse.models.inference import copy_model, predict_labels, predict_logits
-from defuse.models.training import make_trainer
-from defuse.seeding import int_seed, numpy_rng, torch_generator
+from defuse.stages.correct.images import BUG, GUARD, RealImages, RegionSamples
 from defuse.stats import paired_change
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,8 @@ import pandas as pd
 from torch import nn
 
 from defuse.config import CorrectConfig, TrainerConfig
-from defuse.correct.issues import (
+from defuse.data import ImageDataModule
+from defuse.label_issues.find import (
     LABEL_ISSUE_COLUMNS,
     MOVED,
     REVIEWABLE_SPLITS,
@@ -29,9 +30,7 @@ from defuse.correct.issues import (
     find_label_issues,
     image_judge_scores,
 )
-from defuse.data import ImageDataModule
-from defuse.distill import Regions
-from defuse.label import parse_label
+from defuse.records import Regions, parse_label
 from defuse.validity import ValidityModel
 
 log = logging.getLogger(__name__)

@@ -35,9 +35,9 @@ from torch import nn
 
 from defuse.config import TrainerConfig
 from defuse.data import ImageDataModule
-from defuse.distill import Regions
 from defuse.models.inference import latent_means, predict_logits
 from defuse.models.training import make_trainer
+from defuse.records import Regions
 from defuse.seeding import int_seed
 from defuse.validity import ValidityModel
 

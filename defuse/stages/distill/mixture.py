@@ -39,144 +39,34 @@ Bug score (in [0, 1], comparable across models and datasets):
 from __future__ import annotations
 
 import io
-import json
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import chi2
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import BayesianGaussianMixture
 from torch import nn
 
-from defuse.artifacts import REGIONS_DIR, REGIONS_JSON, UMAP_PNG
+from defuse.artifacts import REGIONS_DIR, UMAP_PNG
 from defuse.config import DistillConfig
-from defuse.identify import Failures, make_evaluate
 from defuse.models.inference import BATCH, inference_copy, latent_means, predict_labels
-from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
+from defuse.records import REAL_PRIOR, Failures, Region, Regions, inside_ellipsoid
+from defuse.regions import region_grids
+from defuse.rundir import RunDir, atomic_write_bytes
+from defuse.search import make_evaluate
 from defuse.seeding import int_seed, numpy_rng
 from defuse.validity import ValidityModel, nearest_of_class, standardised_distance
 
 if TYPE_CHECKING:
     from defuse.data import ImageSet
 
-BUG_SCORE = "error_rate * validity * confidence * real_error_rate (see defuse.distill)"
-ELLIPSOID_QUANTILE = 0.9  # "inside a region": within the 90% ellipsoid of its Gaussian
-REAL_PRIOR = (0.5, 5.0)  # real_error_rate = (real_misread + 0.5) / (real_neighbours + 5)
-GRID_SAMPLES = 16
 REAL_SHOWN = 8  # nearest real images per region recorded in regions.json and drawn for the report
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Region:
-    """One misclassification region: a Gaussian in latent space and what its fresh samples do."""
-
-    id: int  # rank by bug score, 1 = most likely a real bug
-    source_label: int
-    predicted_label: int
-    pair: str  # "7 -> 1", with class names
-    n_failures: int
-    weight: float  # share of all failures assigned to this region
-    purity: float  # share of all failures inside the fitted component's 90% ellipsoid that have its pair
-    error_rate: float  # fresh samples read as predicted_label
-    flip_rate: float  # fresh samples read as anything but source_label
-    validity: float  # mean validity-model probability of the source class on fresh samples
-    confidence: float  # mean classifier confidence on predicted_label, over misread fresh samples
-    suggested_label: int  # validity model's majority class on fresh samples
-    median_radius: float
-    pair_median_radius: float
-    source_confidence: float
-    coverage: float  # share of the failing sources of its source class that fail into this region
-    bug_score: float
-    real_neighbours: int = 0  # held-out images of the source class nearest the region's centre
-    real_misread: int = 0  # of those, read as predicted_label by the classifier
-    real_distance: float = 0.0  # their median distance to the centre, standardised latent units
-    real_error_rate: float = REAL_PRIOR[0] / REAL_PRIOR[1]  # (real_misread + 0.5) / (real_neighbours + 5)
-    real_nearest: list[int] = field(default_factory=list)  # the nearest of them (held-out split positions), nearest first
-    real_nearest_read: list[int] = field(default_factory=list)  # the class the classifier reads each of them as
-    # Median standardised latent distance from the centre to the real images whose neighbourhoods the search walked
-    # from into this region (its failures' sources): the region's reach among real images. Its own Gaussian
-    # reaches none (a core of failures: on the planted benchmark no real image lies within even the 99% ellipsoid
-    # of a top region), so the real images it covers are those within this radius (label issues, defuse.correct).
-    source_radius: float = 0.0
-    mean: list[float] = field(default_factory=list, repr=False)
-    cov: list[list[float]] = field(default_factory=list, repr=False)
-
-    def sample(self, n: int, tau: float, generator: np.random.Generator) -> np.ndarray:
-        """Fresh latents from N(mean, tau * cov), (n, d)."""
-        return generator.multivariate_normal(np.asarray(self.mean), tau * np.asarray(self.cov), size=n,
-                                             method="cholesky").astype(np.float32)
-
-    def contains(self, z: np.ndarray, tau: float = 1.0, quantile: float = ELLIPSOID_QUANTILE) -> np.ndarray:
-        """(N,) booleans: which latents lie inside the ``quantile`` ellipsoid of N(mean, tau * cov)."""
-        return inside_ellipsoid(np.asarray(z), np.asarray(self.mean), tau * np.asarray(self.cov), quantile)
-
-    def summary(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("mean")
-        out.pop("cov")
-        return out
-
-
-@dataclass(frozen=True)
-class Regions:
-    """The distill stage's artifact: ranked regions, the run's class names, and counts of what was fitted."""
-
-    regions: list[Region]
-    stats: dict[str, Any]
-    classes: tuple[str, ...] = ()
-
-    def __len__(self) -> int:
-        return len(self.regions)
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        top = self.regions[0] if self.regions else None
-        return {**self.stats, "top_region": top.pair if top else None, "top_bug_score": top.bug_score if top else None}
-
-    def save(self, run: RunDir, classes: tuple[str, ...] | None = None) -> list[str]:
-        """Write regions.json and regions/region_XX.npz (removing those of an earlier run); return the names written."""
-        classes = tuple(classes if classes is not None else self.classes)
-        if run.path(REGIONS_DIR).is_dir():
-            for stale in run.path(REGIONS_DIR).glob("region_*.npz"):
-                stale.unlink()
-        written = [REGIONS_JSON]
-        for region in self.regions:
-            name = f"{REGIONS_DIR}/region_{region.id:02d}.npz"
-            buffer = io.BytesIO()
-            np.savez(buffer, mean=np.asarray(region.mean), cov=np.asarray(region.cov))
-            atomic_write_bytes(run.path(name), buffer.getvalue())
-            written.append(name)
-        atomic_write_json(run.path(REGIONS_JSON), {
-            "bug_score": BUG_SCORE,
-            "classes": list(classes),
-            "stats": self.stats,
-            "regions": [{**r.summary(), "params": f"{REGIONS_DIR}/region_{r.id:02d}.npz",
-                         "grid": f"{REGIONS_DIR}/region_{r.id:02d}.png",
-                         "real_grid": f"{REGIONS_DIR}/region_{r.id:02d}_real.png" if r.real_nearest else None}
-                        for r in self.regions],
-        })
-        return written
-
-    @classmethod
-    def load(cls, run: RunDir) -> "Regions":
-        path = run.path(REGIONS_JSON)
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `defuse distill` first.")
-        data = json.loads(path.read_text())
-        regions = []
-        for entry in data["regions"]:
-            with np.load(run.path(entry["params"]), allow_pickle=False) as f:
-                mean, cov = f["mean"].tolist(), f["cov"].tolist()
-            fields = {k: v for k, v in entry.items() if k in Region.__dataclass_fields__}
-            regions.append(Region(**{**fields, "mean": mean, "cov": cov}))
-        return cls(regions, data.get("stats", {}), tuple(data.get("classes", ())))
 
 
 @dataclass(frozen=True)
@@ -195,15 +85,6 @@ class RealEvidence:
         """Encode and classify real labelled images (the audit split in the pipeline; never the test split)."""
         x = images.float_images()
         return cls(latent_means(generator, x).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy(), x)
-
-
-def inside_ellipsoid(z: np.ndarray, mean: np.ndarray, cov: np.ndarray, quantile: float = ELLIPSOID_QUANTILE) -> np.ndarray:
-    """(N,) booleans: squared Mahalanobis distance to ``mean`` under ``cov`` within the chi-square ``quantile``."""
-    if len(z) == 0:
-        return np.zeros(0, dtype=bool)
-    diff = z - mean
-    m2 = ((diff @ np.linalg.inv(cov)) * diff).sum(axis=1)  # a BLAS product: 10x a three-operand einsum
-    return m2 <= chi2.ppf(quantile, df=z.shape[1])
 
 
 # ----------------------------------------------------------------------------- fitting
@@ -415,39 +296,6 @@ def _real_distance(real: RealEvidence | None, validity: ValidityModel, candidate
 
 
 # ----------------------------------------------------------------------------- pictures
-
-
-# Draws per shown sample when a region's pictures show its misreadings: a region's Gaussian core also reaches
-# images the classifier reads right (on the planted benchmark, 0 to 20% of a top region's draws at tau 0.25).
-MISREAD_DRAWS = 4
-
-
-@torch.no_grad()
-def region_misreadings(region: Region, n: int, tau: float, rng: np.random.Generator, generator: nn.Module,
-                       classifier: nn.Module | None = None) -> torch.Tensor:
-    """``n`` fresh decoded samples of the region's core, (n, C, H, W): what a person is shown of it.
-
-    With ``classifier``, ``MISREAD_DRAWS * n`` are drawn and the ones it reads as the region's predicted class come
-    first (in draw order), then the rest: the person judges the region's mistakes, not the draws the classifier
-    already reads right, which tell nothing about the bug (measured on the planted benchmark, seeds 0-2: the
-    backslant 4 -> 9 region's draws were 10-20% read right as 4, most of the gap between its precision, 0.76-0.94,
-    and the bug). Without it, ``n`` plain draws."""
-    z = torch.from_numpy(region.sample(n * (MISREAD_DRAWS if classifier is not None else 1), tau, rng))
-    images = torch.cat([generator.eval().decode(z[i : i + BATCH]) for i in range(0, len(z), BATCH)])
-    if classifier is None:
-        return images
-    misread = predict_labels(classifier, images) == region.predicted_label
-    order = torch.argsort((~misread).to(torch.int8), stable=True)
-    return images[order[:n]]
-
-
-def region_grids(regions: Regions, generator: nn.Module, tau: float, seed: int,
-                 classifier: nn.Module | None = None) -> dict[int, torch.Tensor]:
-    """16 fresh decoded samples per region (:func:`region_misreadings`, its misreadings first with ``classifier``),
-    (16, C, H, W), keyed by region id (stream ``distill.grids``)."""
-    rng = numpy_rng(seed, "distill.grids")
-    return {region.id: region_misreadings(region, GRID_SAMPLES, tau, rng, generator, classifier).cpu()
-            for region in regions.regions}
 
 
 def save_grid_png(path, images: torch.Tensor, scale: int = 3) -> None:

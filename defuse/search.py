@@ -1,4 +1,4 @@
-"""Identification: search the generator's latent space around correctly classified images for failures.
+"""The latent search: around correctly classified images, find where the generator's images flip the classifier.
 
 Notation: B sources per batch, d = latent_dim, K classes.
 
@@ -26,11 +26,10 @@ devices are Lightning's business.
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +40,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from defuse.artifacts import FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL
 from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.models.inference import (
     BATCH,
@@ -53,8 +51,7 @@ from defuse.models.inference import (
     reconstruct,
     set_requires_grad,
 )
-from defuse.data import ImageSet
-from defuse.rundir import RunDir, atomic_write_bytes
+from defuse.records import Failures
 from defuse.seeding import int_seed, torch_generator
 from defuse.validity import LatentJudge, ValidityModel
 
@@ -63,47 +60,6 @@ WEAK_RECONSTRUCTION = 0.9  # below this share of correct images surviving recons
 log = logging.getLogger(__name__)
 
 Evaluate = Callable[[torch.Tensor], torch.Tensor]  # latents (N, d) -> logits (N, K)
-
-
-@dataclass(frozen=True)
-class Failures:
-    """Failures found by the search.
-
-    ``table`` has one row per failure: ``source_index`` (into the searched split),
-    ``source_label``, ``predicted_label``, ``confidence`` (classifier softmax of the
-    predicted class), ``source_confidence``, ``radius``, ``validity`` (validity-model
-    probability of the source class), ``validity_label``, ``valid`` and ``mode``.
-    ``z`` holds the latents, (F, d). ``stats`` counts sources, exclusions and queries.
-    """
-
-    table: pd.DataFrame
-    z: np.ndarray
-    stats: dict[str, Any] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    def save(self, run: RunDir) -> None:
-        buffer = io.BytesIO()
-        self.table.to_parquet(buffer, index=False)
-        atomic_write_bytes(run.path(FAILURES_TABLE), buffer.getvalue())
-        buffer = io.BytesIO()
-        np.save(buffer, self.z.astype(np.float32), allow_pickle=False)
-        atomic_write_bytes(run.path(FAILURES_Z), buffer.getvalue())
-
-    @classmethod
-    def load(cls, run: RunDir) -> "Failures":
-        for name in (FAILURES_TABLE, FAILURES_Z):
-            if not run.path(name).exists():
-                raise FileNotFoundError(f"{run.path(name)} is missing: run `defuse identify` first.")
-        table = pd.read_parquet(run.path(FAILURES_TABLE))
-        z = np.load(run.path(FAILURES_Z), allow_pickle=False)
-        if len(z) != len(table):
-            raise ValueError(
-                f"{run.path(FAILURES_Z)} holds {len(z)} latents but {run.path(FAILURES_TABLE)} {len(table)} rows: "
-                f"they come from different runs. Re-run `defuse identify --force`."
-            )
-        return cls(table, z, dict(run.metrics("identify")))
 
 
 # ----------------------------------------------------------------------------- batched search kernels
@@ -505,7 +461,7 @@ class SearchModule(pl.LightningModule):
         }
 
 
-# ----------------------------------------------------------------------------- the stage
+# ----------------------------------------------------------------------------- the search around a split
 
 
 @dataclass(frozen=True)
@@ -607,69 +563,6 @@ def identify(
             "longer, or lower identify.min_radius, or set identify.screen=false to search unscreened.",
             failures.stats["candidates_screened_out"], config.min_radius)
     return failures
-
-
-@dataclass(frozen=True)
-class Discovery:
-    """What the identify stage leaves: the failures found and the validity judge that screened and scored them.
-
-    Saved as failures.parquet + failures_z.npy (:class:`Failures`) and validity.npz (:class:`ValidityModel`).
-    """
-
-    failures: Failures
-    judge: ValidityModel
-
-    def save(self, run: RunDir) -> None:
-        self.failures.save(run)
-        self.judge.save(run.path(VALIDITY_MODEL))
-
-    @classmethod
-    def load(cls, run: RunDir) -> "Discovery":
-        if not run.path(VALIDITY_MODEL).exists():
-            raise FileNotFoundError(f"{run.path(VALIDITY_MODEL)} is missing: run `defuse identify` first.")
-        return cls(Failures.load(run), ValidityModel.load(run.path(VALIDITY_MODEL)))
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        return {**self.failures.stats, "validity_model_train_accuracy": round(self.judge.train_accuracy, 4)}
-
-
-def discover(
-    classifier: nn.Module,
-    generator: nn.Module,
-    searched: ImageSet,
-    judged: ImageSet,
-    config: IdentifyConfig,
-    *,
-    seed: int = 0,
-    trainer: TrainerConfig | None = None,
-) -> Discovery:
-    """The identify stage: fit the validity judge on ``judged``, then search around the eligible images of ``searched``.
-
-    Both are the audit split by default (``identify.split``, ``identify.validity_split``); never the test split,
-    which grades the repair. The judge learns the labels of held-out images, not the classifier's training
-    labels, whose errors are among the bugs to find.
-
-    Args:
-        classifier: [0,1] images (N, C, H, W) -> logits (N, K).
-        generator: encode / decode / latent_dim.
-        searched: the images the search starts from (their correctly classified, well reconstructed ones).
-        judged: labelled images the validity judge is fitted on.
-        config: the identify section of the run config.
-        seed: the run's seed (streams ``identify.judge``, ``identify.sources``, ``identify.search``).
-        trainer: accelerator settings for Lightning's predict.
-    """
-    if len(judged) == 0 or len(searched) == 0:
-        raise ValueError(
-            f"The split identify {'fits its judge on' if len(judged) == 0 else 'searches'} holds no images: "
-            f"set data.audit_size > 0 (a fraction, or a count of images), or point identify.split and "
-            f"identify.validity_split at a non-empty split."
-        )
-    judge = ValidityModel.fit(latent_means(generator, judged.float_images()).numpy(), judged.labels.numpy(),
-                              len(judged.classes), seed=int_seed(seed, "identify.judge"))
-    failures = identify(classifier, generator, searched.float_images(), searched.labels, judge, config,
-                        seed=seed, trainer=trainer)
-    return Discovery(failures, judge)
 
 
 def _assemble(

@@ -10,9 +10,6 @@ confusion pair and how many land in each labelled region.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,37 +20,12 @@ from torch import nn
 from defuse.artifacts import VERIFY_JSON  # noqa: F401  (re-exported)
 from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.data import ImageSet
-from defuse.distill import Region, Regions
-from defuse.identify import identify
 from defuse.models.inference import latent_means, predict_labels, same_weights
-from defuse.rundir import atomic_write_json
+from defuse.records import Region, Regions, Verification
+from defuse.search import identify
 from defuse.seeding import int_seed, numpy_rng
 from defuse.stats import bootstrap_accuracy
 from defuse.validity import ValidityModel, nearest_of_class
-
-
-
-@dataclass(frozen=True)
-class Verification:
-    """The verify stage's artifact, verify.json: ``clean_accuracy`` (before/after with intervals),
-    ``per_class_accuracy``, ``regions`` (accuracy on fresh samples and failures re-found, per region),
-    ``rediscovery`` (totals over the labelled regions) and ``failures_by_pair`` (the test-split searches)."""
-
-    result: dict[str, Any]
-
-    def save(self, path: str | Path) -> None:
-        atomic_write_json(Path(path), self.result)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Verification":
-        return cls(json.loads(Path(path).read_text()))
-
-    @property
-    def metrics(self) -> dict[str, Any]:
-        clean = self.result["clean_accuracy"]
-        return {"test_n": clean.get("n"), "clean_accuracy_before": clean["before"],
-                "clean_accuracy_after": clean["after"], "clean_change_ci95": clean["change_ci95"],
-                **{f"rediscovery_{k}": v for k, v in self.result.get("rediscovery", {}).items()}}
 
 
 def failures_in_region(region: Region, failures: pd.DataFrame, z: np.ndarray, tau: float) -> int:

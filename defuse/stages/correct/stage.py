@@ -18,9 +18,8 @@ from torch import nn
 
 from defuse.artifacts import LABEL_REVIEW
 from defuse.config import CorrectConfig, TrainerConfig, outcome_fields, path_fields
-from defuse.correct.candidates import correct
-from defuse.correct.images import RealImages, RegionSamples, sample_regions
-from defuse.correct.issues import (
+from defuse.data import ImageDataModule
+from defuse.label_issues.find import (
     CONTRADICTED,
     LABEL_ISSUE_COLUMNS,
     MIN_BUG_IMAGES,
@@ -28,14 +27,15 @@ from defuse.correct.issues import (
     encode_splits,
     find_label_issues,
 )
-from defuse.correct.review import _moved_rows, image_witness, repaired_pairs
-from defuse.data import ImageDataModule
-from defuse.distill import Regions
+from defuse.label_issues.review import _moved_rows, image_witness, repaired_pairs
 from defuse.models.classifiers import ScopedRepair
 from defuse.models.inference import copy_model
 from defuse.models.loading import LoadedClassifier, save_classifier
+from defuse.records import Regions
 from defuse.rundir import defuse_version, fingerprint, path_digest
 from defuse.seeding import numpy_rng
+from defuse.stages.correct.candidates import correct
+from defuse.stages.correct.images import RealImages, RegionSamples, sample_regions
 from defuse.validity import ValidityModel
 
 log = logging.getLogger(__name__)

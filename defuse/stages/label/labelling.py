@@ -19,37 +19,38 @@ so a prompt starts at once.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shlex
 import shutil
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from defuse.artifacts import LABELS_FILE, LABELS_FOR
+from defuse.records import (
+    NOT_A_BUG,
+    SKIP,
+    Answer,
+    Label,
+    LabelBook,
+    answer_time,
+    parse_label,
+)
+from defuse.terminal import preview_columns, preview_rows, render_preview
 
 if TYPE_CHECKING:
     import torch
 
-    from defuse.distill import Region, Regions
+    from defuse.records import Region, Regions
     from defuse.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
-NOT_A_BUG = "not-a-bug"
-SKIP = "skip"
-SOURCES = ("prompt", "file", "auto")
-Label = Union[int, str]  # a class index, NOT_A_BUG or SKIP
 
-_RESET = "\x1b[0m"
-_UPPER_HALF = "\u2580"  # "▀": foreground paints the upper pixel, background the lower one
 _HELP = """\
   a class index or name   the class this region's images truly show (a bug: the classifier should say it;
                           the class it already says: the labels of the real images around it are suspect)
@@ -60,263 +61,6 @@ _HELP = """\
   ?                       this help
   q                       quit; every answer is already saved, run the same command again to resume
 A class named like a command (n, s, u, q) is given by its index."""
-
-
-@dataclass(frozen=True)
-class Answer:
-    """One region's label.
-
-    Args:
-        region: the region id (as in regions.json).
-        label: a class index, ``"not-a-bug"`` or ``"skip"``.
-        source: ``"prompt"``, ``"file"`` or ``"auto"``.
-        time: when it was given, ISO 8601 (UTC).
-        reason: why, for an automatic answer (the evidence it rests on); None for a person's.
-    """
-
-    region: int
-    label: Label
-    source: str
-    time: str
-    reason: str | None = None
-
-    @property
-    def is_bug(self) -> bool:
-        """True when the label is a class (a bug to repair)."""
-        return isinstance(self.label, int)
-
-    def to_record(self) -> dict[str, Any]:
-        record = {"region": self.region, "label": self.label, "source": self.source, "time": self.time}
-        if self.reason is not None:
-            record["reason"] = self.reason
-        return record
-
-
-# ----------------------------------------------------------------------------- the book
-
-
-class LabelBook:
-    """An append-only ``labels.jsonl``: answers and undos, one JSON line each.
-
-    Answer line: ``{"region": 3, "label": 7 | "not-a-bug" | "skip", "source": "prompt", "time": "..."}``;
-    undo line: ``{"region": 3, "undo": true, "time": "..."}``. Replaying the file in order gives the
-    answers: a later line overrides an earlier one, an undo removes the region's answer.
-
-    Args:
-        path: the ``labels.jsonl`` file; created (with its folder) on the first answer.
-    """
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def record(self, region: int, label: Label, source: str) -> Answer:
-        """Append one answer now (flushed and fsynced before this returns) and return it."""
-        answer = Answer(_check_region_id(region), _check_label(label), _check_source(source), _now())
-        self.add(answer)
-        return answer
-
-    def add(self, answer: Answer) -> None:
-        """Append an existing :class:`Answer` (its time is kept)."""
-        _check_region_id(answer.region)
-        _check_label(answer.label)
-        _check_source(answer.source)
-        self._append(answer.to_record())
-
-    def undo(self, region: int) -> None:
-        """Append an undo line: the region has no answer any more."""
-        self._append({"region": _check_region_id(region), "undo": True, "time": _now()})
-
-    def answers(self) -> dict[int, Answer]:
-        """The standing answer of every answered region, by region id."""
-        return self._replay()[0]
-
-    def bug_labels(self) -> dict[int, int]:
-        """Region id -> class, for the regions whose standing answer is a class (the bugs to repair)."""
-        return {region: int(answer.label) for region, answer in self.answers().items() if answer.is_bug}
-
-    def last_answered(self) -> int | None:
-        """The region whose standing answer was given last (what ``u`` undoes), or None."""
-        order = self._replay()[1]
-        return order[-1] if order else None
-
-    # ------------------------------------------------------------ internals
-    def _replay(self) -> tuple[dict[int, Answer], list[int]]:
-        answers: dict[int, Answer] = {}
-        order: list[int] = []  # answered regions, oldest answer first
-        for entry in self._entries():
-            region = entry if isinstance(entry, int) else entry.region
-            if region in order:
-                order.remove(region)
-            if isinstance(entry, int):  # an undo
-                answers.pop(region, None)
-            else:
-                answers[region] = entry
-                order.append(region)
-        return answers, order
-
-    def _entries(self) -> list[Answer | int]:
-        """Parsed lines in order (an int is an undo of that region); a torn last line is left out."""
-        if not self.path.exists():
-            return []
-        *complete, tail = self.path.read_bytes().split(b"\n")
-        entries = []
-        for number, raw in enumerate(complete, start=1):
-            if raw.strip():
-                try:
-                    entries.append(_parse_line(raw))
-                except ValueError as err:
-                    raise ValueError(
-                        f"Line {number} of {self.path} must be a label record like "
-                        f'{{"region": 1, "label": 7, "source": "prompt", "time": "..."}}, got {_shorten(raw)} '
-                        f"instead ({err}). Fix or delete that line; the other answers are kept."
-                    ) from None
-        if tail.strip():  # no newline at the end: the process was killed while writing it
-            try:
-                entries.append(_parse_line(tail))
-            except ValueError:
-                pass
-        return entries
-
-    def _append(self, entry: dict[str, Any]) -> None:
-        created = not self.path.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a+b") as handle:
-            _repair_tail(handle)
-            handle.write((json.dumps(entry) + "\n").encode())
-            handle.flush()
-            os.fsync(handle.fileno())
-        if created:
-            _fsync_directory(self.path.parent)
-
-
-def _repair_tail(handle) -> None:
-    """Before appending: complete or cut a last line a killed process left without its newline."""
-    handle.seek(0, os.SEEK_END)
-    if handle.tell() == 0:
-        return
-    handle.seek(0)
-    data = handle.read()
-    if data.endswith(b"\n"):
-        return
-    start = data.rfind(b"\n") + 1
-    try:
-        _parse_line(data[start:])
-    except ValueError:
-        handle.truncate(start)  # a torn line: never a given answer, and it would corrupt the next one
-    else:
-        handle.write(b"\n")  # a whole record that only missed its newline
-    handle.flush()
-    os.fsync(handle.fileno())
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make a new file's directory entry durable too (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _parse_line(raw: bytes) -> Answer | int:
-    try:
-        entry = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"not JSON: {err}") from None
-    if not isinstance(entry, dict):
-        raise ValueError("not a JSON object")
-    region = entry.get("region")
-    if not _is_int(region):
-        raise ValueError("'region' must be an integer")
-    if not isinstance(entry.get("time"), str):
-        raise ValueError("'time' must be a string")
-    if entry.get("undo") is True:
-        return int(region)
-    label, source = entry.get("label"), entry.get("source")
-    if not (_is_int(label) and label >= 0 or label in (NOT_A_BUG, SKIP)):
-        raise ValueError(f"'label' must be a class index, {NOT_A_BUG!r} or {SKIP!r}")
-    if source not in SOURCES:
-        raise ValueError(f"'source' must be one of {', '.join(SOURCES)}")
-    reason = entry.get("reason")
-    if reason is not None and not isinstance(reason, str):
-        raise ValueError("'reason' must be a string")
-    return Answer(int(region), label, source, entry["time"], reason)
-
-
-# ----------------------------------------------------------------------------- preview
-
-
-def render_preview(images: torch.Tensor, columns: int = 8, *, max_side: int = 16) -> str:
-    """Draw images in a terminal with upper half blocks and 24-bit ANSI colour.
-
-    Each character cell shows two pixels: its foreground the upper row, its background the
-    lower one. Images are downscaled (area interpolation) to at most ``max_side`` pixels a
-    side, laid side by side ``columns`` to a row with one space between them and one blank
-    line between rows; an odd height leaves the last cell's lower half in the terminal's
-    own background. Every line ends with a colour reset.
-
-    Args:
-        images: ``(N, C, H, W)`` floats in [0, 1], C = 1 or 3.
-        columns: images per row.
-        max_side: the largest side, in pixels, of a drawn image.
-
-    Returns:
-        The lines joined by ``"\\n"`` (no trailing newline): ``ceil(N / columns)`` rows of
-        ``ceil(h / 2)`` lines each, plus the blank lines between rows, where h is the drawn height.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"`images` must be a (N, C, H, W) tensor with C = 1 or 3, got {shape} instead.")
-    if not images.is_floating_point():
-        raise ValueError(f"`images` must hold floats in [0, 1], got {images.dtype} instead. Divide uint8 images by 255.")
-    if not _is_int(columns) or columns < 1:
-        raise ValueError(f"`columns` must be an int >= 1, got {columns!r} instead.")
-    if not _is_int(max_side) or max_side < 1:
-        raise ValueError(f"`max_side` must be an int >= 1, got {max_side!r} instead.")
-    n, channels, height, width = images.shape
-    if n == 0 or height == 0 or width == 0:
-        return ""
-    x = torch.nan_to_num(images.detach().float().cpu())
-    if max(height, width) > max_side:
-        scale = max_side / max(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        x = F.interpolate(x, size=size, mode="area")
-    x = x.clamp(0, 1).mul(255).round().to(torch.uint8)
-    if channels == 1:
-        x = x.expand(-1, 3, -1, -1)
-    pixels = x.permute(0, 2, 3, 1).tolist()  # (N, h, w, 3) nested lists of ints
-    drawn_height = x.shape[2]
-    lines: list[str] = []
-    for start in range(0, n, columns):
-        if start:
-            lines.append("")
-        block = pixels[start : start + columns]
-        for top in range(0, drawn_height, 2):
-            cells = [_cell_row(image[top], image[top + 1] if top + 1 < drawn_height else None) for image in block]
-            lines.append(" ".join(cells))
-    return "\n".join(lines)
-
-
-def _cell_row(upper: list[list[int]], lower: list[list[int]] | None) -> str:
-    """One text line of one image: colour codes only where the colours change, then a reset."""
-    out = []
-    previous = None
-    for i, top in enumerate(upper):
-        bottom = None if lower is None else lower[i]
-        if (top, bottom) != previous:
-            background = "\x1b[49m" if bottom is None else "\x1b[48;2;{};{};{}m".format(*bottom)
-            out.append("\x1b[38;2;{};{};{}m".format(*top) + background)
-            previous = (top, bottom)
-        out.append(_UPPER_HALF)
-    return "".join(out) + _RESET
 
 
 # ----------------------------------------------------------------------------- labellers
@@ -401,43 +145,6 @@ def interactive_labels(
     return book.answers()
 
 
-def review_prompt(items: Sequence[tuple[int, str, torch.Tensor]], classes: Sequence[str], path: str | Path, *,
-                  ask: Callable[[str], str] = input, out: Callable[[str], None] = print) -> int:
-    """Ask a person about each image: ``items`` are (source image number, what to say about it, the image as a
-    (1, C, H, W) tensor in [0, 1]). Each answer (a class name or index) is appended to ``path`` (a CSV of
-    image,label, the review file ``correct.reviewed_labels`` reads) and fsynced at once, so stopping at any moment
-    loses nothing; Enter skips, ``q`` stops. Returns how many answers were written."""
-    path = Path(path)
-    fresh = not path.exists() or path.stat().st_size == 0
-    answered = 0
-    with open(path, "a", encoding="utf-8") as handle:
-        if fresh:
-            handle.write("image,label\n")
-        out(f"{len(items)} images to review. For each: its class (name or index), Enter to skip, q to stop.")
-        for done, (image, about, pixels) in enumerate(items):
-            out(render_preview(pixels, columns=1))
-            prompt = f"[{done + 1}/{len(items)}] image {image} ({about}). What is it? "
-            while True:
-                try:
-                    answer = ask(prompt).strip()
-                except EOFError:  # stdin closed: as good as q
-                    return answered
-                if answer in ("q", "quit"):
-                    return answered
-                if answer in ("", "s", "skip"):
-                    break
-                label = parse_label(answer, classes)
-                if isinstance(label, int):
-                    handle.write(f"{image},{label}\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    answered += 1
-                    break
-                out(f"{answer!r} is not a class: answer with one of {_class_listing(classes)} (or its index), "
-                    f"Enter to skip, q to stop.")
-    return answered
-
-
 def file_labels(path: str | Path, regions: Regions | Sequence[Region], classes: Sequence[str]) -> dict[int, Answer]:
     """Read labels from a JSON or YAML file mapping region ids to labels.
 
@@ -471,7 +178,7 @@ def file_labels(path: str | Path, regions: Regions | Sequence[Region], classes: 
         )
     ids = [region.id for region in region_list]
     listing = ", ".join(map(str, ids)) or "none"
-    time = _now()
+    time = answer_time()
     answers: dict[int, Answer] = {}
     for key, value in data.items():
         region = _as_region_id(key)
@@ -511,7 +218,7 @@ def auto_labels(regions: Regions | Sequence[Region], classes: Sequence[str] | No
     if not _is_int(min_real_misread) or min_real_misread < 1:
         raise ValueError(f"`min_real_misread` must be an int >= 1, got {min_real_misread!r} instead.")
     name = (lambda k: classes[k]) if classes is not None else str  # noqa: E731
-    time = _now()
+    time = answer_time()
     answers = {}
     for r in _region_list(regions):
         source, predicted, suggested = int(r.source_label), int(r.predicted_label), int(r.suggested_label)
@@ -684,26 +391,6 @@ def _mode_kind(mode: str | Path | None) -> str:
     raise ValueError(f"`mode` must be prompt, auto, later or a labels file path, got {mode!r} instead.")
 
 
-def preview_columns(images: torch.Tensor, terminal_columns: int, max_side: int = 16) -> int:
-    """How many previews of ``images`` fit side by side in ``terminal_columns`` characters (at least 1).
-
-    A preview is as many characters wide as its drawn width (at most ``max_side``), plus one space between two.
-    """
-    height, width = int(images.shape[-2]), int(images.shape[-1])
-    drawn = width if max(height, width) <= max_side else max(1, round(width * max_side / max(height, width)))
-    return max(1, (int(terminal_columns) + 1) // (drawn + 1))
-
-
-def preview_rows(images: torch.Tensor, lines: int, max_side: int = 16) -> int:
-    """How many rows of previews of ``images`` fit in ``lines`` terminal lines (at least 1): each row is half its
-    drawn height in lines (two pixels a character), with a blank line between two rows."""
-    height, width = int(images.shape[-2]), int(images.shape[-1])
-    drawn = height if max(height, width) <= max_side else max(1, round(height * max_side / max(height, width)))
-    return max(1, (int(lines) + 1) // (-(-drawn // 2) + 1))
-
-
-# Lines a region shows besides its previews, at 80 columns: a blank line, the header, the samples' path and the
-# real images' path (up to two lines each), the suggestion, the prompt and the answer to the region before.
 REGION_TEXT_LINES = 10
 
 
@@ -775,27 +462,6 @@ def _read_answer(region: Region, classes: Sequence[str], ask: Callable[[str], st
         return "label", label
 
 
-def parse_label(value: Any, classes: Sequence[str]) -> Label | None:
-    """A class index, a class name (exact, then case-insensitive, before an index), not-a-bug or skip; else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value if 0 <= value < len(classes) else None
-    if not isinstance(value, str):
-        return None
-    text = value.strip()
-    if text.lower() in (NOT_A_BUG, SKIP):
-        return text.lower()
-    if text in classes:
-        return list(classes).index(text)
-    folded = [name.lower() for name in classes]
-    if text.lower() in folded:
-        return folded.index(text.lower())
-    if text.isdigit() and int(text) < len(classes):
-        return int(text)
-    return None
-
-
 def _first_pending(region_list: list[Region], answers: dict[int, Answer]) -> Region | None:
     """The best-ranked region no person has answered yet."""
     for region in region_list:
@@ -818,36 +484,6 @@ def _check_classes(region_list: list[Region], classes: Sequence[str]) -> None:
                 f"`classes` must name every class the regions use, got {len(classes)} classes but region "
                 f"#{region.id} suggests class {region.suggested_label} instead. Pass the classes of regions.json."
             )
-
-
-def _check_region_id(region: Any) -> int:
-    if not _is_int(region):
-        raise ValueError(f"`region` must be an int region id, got {region!r} instead.")
-    return int(region)
-
-
-def _check_label(label: Any) -> Label:
-    if not (_is_int(label) and label >= 0 or label in (NOT_A_BUG, SKIP)):
-        raise ValueError(f"`label` must be a class index >= 0, {NOT_A_BUG!r} or {SKIP!r}, got {label!r} instead.")
-    return label
-
-
-def _check_source(source: Any) -> str:
-    if source not in SOURCES:
-        raise ValueError(f"`source` must be one of {', '.join(SOURCES)}, got {source!r} instead.")
-    return source
-
-
-def _as_region_id(key: Any) -> int | None:
-    if _is_int(key):
-        return int(key)
-    if isinstance(key, str) and key.strip().isdigit():
-        return int(key.strip())
-    return None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _model_agrees_note(region: Region, label: Label, classes: Sequence[str]) -> str:
@@ -873,10 +509,13 @@ def _existing(path: Path) -> Path | None:
     return path if path.exists() else None
 
 
-def _shorten(raw: bytes, limit: int = 80) -> str:
-    text = raw.decode("utf-8", errors="replace")
-    return repr(text if len(text) <= limit else text[:limit] + "...")
+def _as_region_id(key: Any) -> int | None:
+    if _is_int(key):
+        return int(key)
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key.strip())
+    return None
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -12,10 +12,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from defuse.correct.issues import LABEL_ISSUE_COLUMNS
 from defuse.data import ImageDataModule, ImageSet
-from defuse.distill import Regions
+from defuse.label_issues.find import LABEL_ISSUE_COLUMNS
 from defuse.models.inference import predict_labels
+from defuse.records import Regions
 from defuse.validity import ValidityModel
 
 log = logging.getLogger(__name__)

@@ -193,7 +193,7 @@ def render_html(report: Report) -> str:
     env.filters["pct"] = _pct
     env.filters["interval"] = _interval
     pictures = {name: "data:image/png;base64," + base64.b64encode(png).decode() for name, png in report.pictures.items()}
-    from defuse.report.figures import per_class_figure
+    from defuse.stages.report.figures import per_class_figure
 
     figure = per_class_figure(report.data["per_class_accuracy"])
     if figure:
@@ -239,7 +239,7 @@ def _done(stages: dict[str, Any], name: str) -> bool:
 def _standing_answers(run: RunDir) -> dict[int, Any]:
     if not run.path(LABELS_FILE).exists():
         return {}
-    from defuse.label import LabelBook
+    from defuse.records import LabelBook
 
     return LabelBook(run.path(LABELS_FILE)).answers()
 

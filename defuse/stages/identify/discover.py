@@ -1,0 +1,77 @@
+"""identify: fit the validity judge on the audit split, then search the generator's latent space around the audit
+images the classifier gets right (:func:`defuse.search.identify`) for natural failures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from defuse.artifacts import FAILURES_TABLE, VALIDITY_MODEL
+from defuse.config import IdentifyConfig, TrainerConfig
+from defuse.data import ImageSet
+from defuse.models.inference import latent_means
+from defuse.records import Failures
+from defuse.search import identify
+from defuse.seeding import int_seed
+from defuse.validity import ValidityModel
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What the identify stage leaves: the failures found and the validity judge that screened and scored them.
+
+    Saved as failures.parquet + failures_z.npy (:class:`Failures`) and validity.npz (:class:`ValidityModel`).
+    """
+
+    failures: Failures
+    judge: ValidityModel
+
+    def save(self, folder: str | Path) -> None:
+        """Write failures.parquet, failures_z.npy and validity.npz into ``folder`` (a run directory)."""
+        self.failures.save(Path(folder) / FAILURES_TABLE)
+        self.judge.save(Path(folder) / VALIDITY_MODEL)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return {**self.failures.stats, "validity_model_train_accuracy": round(self.judge.train_accuracy, 4)}
+
+
+def discover(
+    classifier: nn.Module,
+    generator: nn.Module,
+    searched: ImageSet,
+    judged: ImageSet,
+    config: IdentifyConfig,
+    *,
+    seed: int = 0,
+    trainer: TrainerConfig | None = None,
+) -> Discovery:
+    """The identify stage: fit the validity judge on ``judged``, then search around the eligible images of ``searched``.
+
+    Both are the audit split by default (``identify.split``, ``identify.validity_split``); never the test split,
+    which grades the repair. The judge learns the labels of held-out images, not the classifier's training
+    labels, whose errors are among the bugs to find.
+
+    Args:
+        classifier: [0,1] images (N, C, H, W) -> logits (N, K).
+        generator: encode / decode / latent_dim.
+        searched: the images the search starts from (their correctly classified, well reconstructed ones).
+        judged: labelled images the validity judge is fitted on.
+        config: the identify section of the run config.
+        seed: the run's seed (streams ``identify.judge``, ``identify.sources``, ``identify.search``).
+        trainer: accelerator settings for Lightning's predict.
+    """
+    if len(judged) == 0 or len(searched) == 0:
+        raise ValueError(
+            f"The split identify {'fits its judge on' if len(judged) == 0 else 'searches'} holds no images: "
+            f"set data.audit_size > 0 (a fraction, or a count of images), or point identify.split and "
+            f"identify.validity_split at a non-empty split."
+        )
+    judge = ValidityModel.fit(latent_means(generator, judged.float_images()).numpy(), judged.labels.numpy(),
+                              len(judged.classes), seed=int_seed(seed, "identify.judge"))
+    failures = identify(classifier, generator, searched.float_images(), searched.labels, judge, config,
+                        seed=seed, trainer=trainer)
+    return Discovery(failures, judge)
