@@ -10,7 +10,12 @@ numpy only (pandas and scipy when a method needs them), so the label prompt star
 - :class:`Region`, :class:`Regions` (distill): regions.json + regions/region_XX.npz.
 - :class:`Answer`, :class:`LabelBook` (label): labels.jsonl, append-only. The one record that is not frozen:
   it is the file's reader and writer, so a killed prompt loses no answer (each line is fsynced).
-- :class:`Verification` (verify): verify.json.
+- :class:`Verification` (verify): verify.json, a :class:`VerifyResult`.
+- :class:`CheckResult` (check-before, check-after): checks/<name>.json, written by
+  :class:`defuse.invariance.check.InvarianceCheck` and read by check-after (its reference) and the report.
+
+The JSON documents (verify.json, the checks) are typed as ``TypedDict``s: their keys are a documented contract
+(docs/report.md), read as they are written, and the files stay byte for byte what they were.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypedDict, Union
 
 import numpy as np
 
@@ -135,6 +140,16 @@ class Region:
         """(N,) booleans: which latents lie inside the ``quantile`` ellipsoid of N(mean, tau * cov)."""
         return inside_ellipsoid(np.asarray(z), np.asarray(self.mean), tau * np.asarray(self.cov), quantile)
 
+    @property
+    def grid(self) -> str:
+        """Its picture of fresh decoded samples, relative to the run directory (distill draws it)."""
+        return f"{REGIONS_DIR}/region_{self.id:02d}.png"
+
+    @property
+    def real_grid(self) -> str | None:
+        """Its picture of the nearest real images, where it has any."""
+        return f"{REGIONS_DIR}/region_{self.id:02d}_real.png" if self.real_nearest else None
+
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("mean")
@@ -178,10 +193,8 @@ class Regions:
             "bug_score": BUG_SCORE,
             "classes": list(classes),
             "stats": self.stats,
-            "regions": [{**r.summary(), "params": f"{REGIONS_DIR}/region_{r.id:02d}.npz",
-                         "grid": f"{REGIONS_DIR}/region_{r.id:02d}.png",
-                         "real_grid": f"{REGIONS_DIR}/region_{r.id:02d}_real.png" if r.real_nearest else None}
-                        for r in self.regions],
+            "regions": [{**r.summary(), "params": f"{REGIONS_DIR}/region_{r.id:02d}.npz", "grid": r.grid,
+                         "real_grid": r.real_grid} for r in self.regions],
         })
         return written
 
@@ -460,13 +473,66 @@ def answer_time() -> str:
 # ----------------------------------------------------------------------------- verify
 
 
+class AccuracyChange(TypedDict, total=False):
+    """Accuracy before/after a repair on the same images, with paired 95% bootstrap intervals (``after``, the
+    intervals and ``change`` are None where only the original is measured)."""
+
+    before: float
+    after: float | None
+    change: float | None
+    before_ci95: list[float] | None
+    after_ci95: list[float] | None
+    change_ci95: list[float] | None
+    n: int | None
+
+
+class ClassAccuracy(TypedDict):
+    before: float
+    after: float
+    n: int
+
+
+class RegionVerification(TypedDict, total=False):
+    """One region, graded on the test split: fresh samples read as the person's label (labelled regions), its
+    nearest real test images of its source class, and the failures the test-split searches found inside it."""
+
+    id: int
+    pair: str
+    label: int | None
+    accuracy_before: float
+    accuracy_after: float
+    real_n: int
+    real_accuracy_before: float
+    real_accuracy_after: float
+    failures_before: int
+    failures_after: int
+
+
+class Rediscovery(TypedDict):
+    regions_before: int
+    regions_after: int
+    failures_before: int
+    failures_after: int
+
+
+class VerifyResult(TypedDict, total=False):
+    """verify.json."""
+
+    clean_accuracy: AccuracyChange
+    per_class_accuracy: dict[str, ClassAccuracy]
+    regions: list[RegionVerification]
+    rediscovery: Rediscovery
+    failures_by_pair: dict[str, dict[str, int]]  # "7 -> 1" -> failures/valid/sources _before/_after
+    search_queries: dict[str, int]  # before, after
+
+
 @dataclass(frozen=True)
 class Verification:
     """The verify stage's artifact, verify.json: ``clean_accuracy`` (before/after with intervals),
     ``per_class_accuracy``, ``regions`` (accuracy on fresh samples and failures re-found, per region),
     ``rediscovery`` (totals over the labelled regions) and ``failures_by_pair`` (the test-split searches)."""
 
-    result: dict[str, Any]
+    result: VerifyResult
 
     def save(self, path: str | Path) -> None:
         atomic_write_json(Path(path), self.result)
@@ -481,3 +547,277 @@ class Verification:
         return {"test_n": clean.get("n"), "clean_accuracy_before": clean["before"],
                 "clean_accuracy_after": clean["after"], "clean_change_ci95": clean["change_ci95"],
                 **{f"rediscovery_{k}": v for k, v in self.result.get("rediscovery", {}).items()}}
+
+
+# ----------------------------------------------------------------------------- correct
+
+
+class CandidateRecord(TypedDict, total=False):
+    """One fine-tune candidate as correct's summary lists it (the figures the report explains a refusal with)."""
+
+    layers: str
+    epoch: int
+    decoded_accuracy: float | None
+    admissible: bool
+    guard_change_ci95: list[float]
+    largest_class_drop: float
+
+
+class RepairSummary(TypedDict, total=False):
+    """What correct did (:attr:`defuse.stages.correct.stage.Repair.summary`, its metrics in manifest.json): the
+    labelled regions, the label issues, every candidate, the choice or why the original was kept."""
+
+    labelled_regions: int
+    chosen: Any  # the chosen candidate's settings, a name, or None when the original weights were kept
+    reason: str
+    chosen_on: str
+    candidates: list[CandidateRecord]
+    moved_for_review: int
+    scoped_classes: list[Any]  # class indices in the summary, names in the report
+    label_issues: int
+    label_issues_of_labelling_bugs: int
+    reviewed_labels: int
+    reviewed_relabelled: int
+    relabelled: int
+    relabelled_training_images: int
+    guard_images: int
+    guard: Any
+    real_bug_images: int
+    real_bug_accuracy_before: float
+    real_bug_accuracy_after: float
+    val_region_accuracy_before: float
+    val_region_accuracy_after: float
+
+
+# ----------------------------------------------------------------------------- check-before, check-after
+
+
+class Interval(TypedDict):
+    """A mean over images with its 95% bootstrap interval (:class:`defuse.stats.Estimate` as JSON)."""
+
+    mean: float
+    low: float
+    high: float
+
+
+class TransformCheck(TypedDict, total=False):
+    """One transform's Effective Invariance figures (:class:`defuse.invariance.ei.TransformEI` as JSON)."""
+
+    transform: str
+    applicable: bool
+    images: int
+    ei: Interval | None
+    agreement: Interval | None
+    confidence: Interval | None
+    accuracy: Interval | None
+    per_class: dict[str, dict[str, Interval | None]]
+
+
+class EIChangeRecord(TypedDict):
+    transform: str
+    change: Interval
+    regression: bool
+
+
+class FamilyCheck(TypedDict, total=False):
+    """One ML4ML variance family: its grid, matrices (file names), features and the assessor's verdict."""
+
+    grid: list[float]
+    counts: dict[str, int]
+    mean: float
+    features: dict[str, float]
+    verdict: str | None
+    probability_invariant: float
+    assessor: str
+    matrices: dict[str, str]
+    heatmap: str
+
+
+class DriftParameter(TypedDict, total=False):
+    """One acquisition parameter's bounds, sensitivity and tolerated range (tolerance_* None where the identity is
+    the bound)."""
+
+    identity: float
+    low: float
+    high: float
+    unit: str
+    sensitivity: float | None
+    sensitivity_per_range: float | None
+    differentiable: bool
+    tolerance_low: float | None
+    tolerance_high: float | None
+    accuracy_at_tolerance_low: float
+    accuracy_at_tolerance_high: float
+    reaches_bound_low: bool
+    reaches_bound_high: bool
+
+
+class DriftCheck(TypedDict, total=False):
+    clean_accuracy: float
+    max_drop: float
+    images: int
+    parameters: dict[str, DriftParameter]
+    worst_direction: dict[str, Any] | None  # the steepest combined direction (defuse.drift.forensics)
+    tolerance_file: str
+    presets_strip: str | None
+
+
+class CheckResult(TypedDict, total=False):
+    """checks/<name>.json (``enabled`` False and nothing else when ``check.enabled`` is off)."""
+
+    model: str
+    enabled: bool
+    images: int
+    seconds: float
+    ei: dict[str, TransformCheck]
+    variance: dict[str, FamilyCheck]
+    ei_change: dict[str, EIChangeRecord | None]
+    variance_mean_change: dict[str, float]
+    drift: DriftCheck
+
+
+# ----------------------------------------------------------------------------- report: report.json
+
+
+class ReportRegion(TypedDict):
+    """One region as the report shows it: what distill found, the person's label, what verify measured."""
+
+    id: int
+    pair: str
+    source_class: str
+    predicted_class: str
+    label: str | None  # a class name, not-a-bug, skip, or None (no answer)
+    label_is_class: bool
+    label_source: str | None
+    label_reason: str | None
+    bug_score: float
+    weight: float
+    n_failures: int
+    error_rate: float
+    validity: float
+    confidence: float
+    purity: float
+    real_neighbours: int
+    real_misread: int
+    real_distance: float | None
+    real_nearest_read: list[str]
+    accuracy_before: float | None
+    accuracy_after: float | None
+    real_test_images: int | None
+    real_accuracy_before: float | None
+    real_accuracy_after: float | None
+    failures_before: int | None
+    failures_after: int | None
+    repaired: bool | None  # None: not labelled a bug, or not verified yet
+    not_repaired_reason: str | None
+    grid: str | None
+    real_grid: str | None
+
+
+class ReportSummary(TypedDict):
+    regions_found: int
+    regions_labelled: int
+    regions_labelled_bug: int
+    regions_repaired: int
+    regions_not_repaired: list[int]
+    repair_admitted: bool | None
+
+
+class Regression(TypedDict):
+    kind: str  # clean_accuracy, class, ei
+    what: str
+    detail: str
+
+
+class EIEntry(TypedDict, total=False):
+    applicable: bool
+    before: float | None
+    after: float | None
+    before_ci95: list[float]
+    after_ci95: list[float]
+    accuracy_before: float | None
+    accuracy_after: float | None
+    change: float
+    change_ci95: list[float]
+    regression: bool
+
+
+class VarianceEntry(TypedDict):
+    mean_before: float | None
+    mean_after: float | None
+    verdict_before: str | None
+    verdict_after: str | None
+    p_invariant_before: float | None
+    p_invariant_after: float | None
+    heatmap_before: str | None
+    heatmap_after: str | None
+
+
+class Tolerance(TypedDict):
+    low: float | None
+    high: float | None
+
+
+class DriftEntry(TypedDict):
+    identity: float
+    bounds: list[float]
+    unit: str
+    tolerance_before: Tolerance
+    tolerance_after: Tolerance | None
+    sensitivity_before: float | None
+    sensitivity_after: float | None
+
+
+class ClassChange(TypedDict):
+    before: float
+    after: float | None
+    change: float | None
+    n: int | None
+
+
+class DriftSummary(TypedDict, total=False):
+    max_drop: float
+    worst_direction_before: dict[str, Any] | None  # the steepest combined direction (defuse.drift.forensics)
+    worst_direction_after: dict[str, Any] | None
+    presets_strip: str | None
+    worst_case_before: dict[str, Any]  # `defuse drift optimize`'s worst case, where it was run
+    worst_case_after: dict[str, Any]
+
+
+class DiscoverySummary(TypedDict):
+    failures: int | None
+    queries: int | None
+    bug_score: str | None  # the formula
+
+
+class ReportMetadata(TypedDict):
+    run_dir: str
+    created: str | None
+    seed: int | None
+    config: dict[str, Any] | None  # the run's config as manifest.json records it (RunConfig.to_dict)
+    versions: dict[str, str] | None
+    split_sizes: dict[str, int] | None
+    classes: list[str]
+
+
+class ReportData(TypedDict):
+    """report.json: every figure of the report, under the keys docs/report.md documents."""
+
+    status: str  # complete, discovery only, awaiting labels
+    status_detail: str
+    summary: ReportSummary
+    clean_accuracy: AccuracyChange | None
+    regions: list[ReportRegion]
+    rediscovery: Rediscovery | None
+    ei: dict[str, EIEntry]
+    variance: dict[str, VarianceEntry]
+    drift: dict[str, DriftEntry]
+    drift_summary: DriftSummary
+    per_class_accuracy: dict[str, ClassChange]
+    repair: RepairSummary | None
+    regressions: list[Regression]
+    bounds: dict[str, float]
+    discovery: DiscoverySummary
+    timings: dict[str, float | None]
+    stages: dict[str, str | None]
+    metadata: ReportMetadata

@@ -66,7 +66,7 @@ def test_user_text_is_escaped_in_html_and_markdown(finished, tmp_path):
     regions["classes"][regions["regions"][0]["source_label"]] = EVIL
     regions["regions"][0]["pair"] = f"{EVIL} -> x"
     run.path("regions.json").write_text(json.dumps(regions))
-    build_report(run).save(run)
+    build_report(run).save(run.path("report"))
     html, md = run.path("report/index.html").read_text(), run.path("report/report.md").read_text()
     assert "<script" not in html and "&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;" in html
     assert "<script" not in md and "&lt;script>alert\\(" in md
@@ -79,14 +79,14 @@ def test_the_report_counts_a_persons_label_review_or_points_to_defuse_review(fin
     correct = manifest["stages"]["correct"]["metrics"]
     correct.update(label_issues=12, label_issues_of_labelling_bugs=7, reviewed_labels=0, reviewed_relabelled=0)
     run.write_manifest(manifest)
-    build_report(run).save(run)
+    build_report(run).save(run.path("report"))
     html = run.path("report/index.html").read_text()
     assert "Label issues listed: 12 (7 of labelling bugs: settle them image by image with <code>defuse review</code>)" \
         in html
     correct.update(reviewed_labels=5, reviewed_relabelled=3)
     run.write_manifest(manifest)
     report = build_report(run)
-    report.save(run)
+    report.save(run.path("report"))
     assert report.data["repair"]["reviewed_labels"] == 5
     assert "Label issues listed: 12 (5 reviewed by a person, 3 relabelled on review)." in \
         run.path("report/index.html").read_text()
@@ -102,7 +102,7 @@ def test_the_report_names_the_classes_a_scoped_repair_may_move_answers_to(finish
         scoped_classes=[1, 7])
     run.write_manifest(manifest)
     report = build_report(run)
-    report.save(run)
+    report.save(run.path("report"))
     classes = report.data["metadata"]["classes"]
     assert report.data["repair"]["scoped_classes"] == [classes[1], classes[7]]
     assert f"it changes answers only to {classes[1]}, {classes[7]} (the classes the person gave)" in \
@@ -123,7 +123,7 @@ def test_a_labelled_region_whose_samples_stay_misread_is_named_not_repaired(fini
     labelled[1]["accuracy_after"] = 0.85
     run.path("verify.json").write_text(json.dumps(verify))
     report = build_report(run)
-    report.save(run)
+    report.save(run.path("report"))
     by_id = {r["id"]: r for r in report.data["regions"]}
     missed, fixed = by_id[labelled[0]["id"]], by_id[labelled[1]["id"]]
     assert missed["repaired"] is False and "reads 3.1% of its fresh samples as" in missed["not_repaired_reason"]
@@ -166,7 +166,7 @@ def test_a_labelled_region_whose_samples_stay_misread_is_named_not_repaired(fini
 def test_importing_and_rendering_the_report_never_imports_torch(finished, tmp_path):
     run = _copy(finished[0], tmp_path)
     code = ("import sys; from defuse.stages.report.build import build_report; from defuse.rundir import RunDir; "
-            f"build_report(RunDir({str(run.root)!r})).save(RunDir({str(run.root)!r})); "
+            f"build_report(RunDir({str(run.root)!r})).save({str(run.root)!r} + '/report'); "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'lightning', "
             "'pytorch_lightning'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -18,7 +18,7 @@ def report_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     from defuse.stages.report.build import build_report
 
     report = build_report(run, config.report)
-    report.save(run)
+    report.save(run.path(REPORT_JSON).parent)
     return report.metrics
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from defuse.artifacts import (
     AWAITING_LABELS,
@@ -36,7 +37,29 @@ from defuse.artifacts import (
     VERIFY_JSON,
 )
 from defuse.config import ReportConfig
+from defuse.records import BUG_SCORE, Region, Regions
 from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
+
+if TYPE_CHECKING:
+    from defuse.records import (
+        AccuracyChange,
+        Answer,
+        CheckResult,
+        ClassChange,
+        DriftEntry,
+        DriftSummary,
+        EIEntry,
+        RegionVerification,
+        Regression,
+        RepairSummary,
+        ReportData,
+        ReportRegion,
+        VarianceEntry,
+        VerifyResult,
+    )
+
+# A stage's figures as manifest.json records them (free-form per stage; the records the report reads are typed).
+Metrics = Mapping[str, Any]
 
 TEMPLATES = Path(__file__).parent / "templates"
 EI_REGRESSION = 0.01  # check-after's rule for an EI regression (defuse.invariance.check), repeated in the text
@@ -53,27 +76,31 @@ class Report:
     """The report stage's artifact: ``data`` is report.json; ``pictures`` maps a picture's run-directory name to
     its PNG bytes (embedded in index.html, left out of report.json)."""
 
-    data: dict[str, Any]
+    data: ReportData
     pictures: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     @property
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> dict[str, object]:
         clean = self.data.get("clean_accuracy") or {}
         return {"status": self.data["status"], "regions": self.data["summary"]["regions_found"],
                 "regions_repaired": self.data["summary"]["regions_repaired"],
                 "clean_accuracy_before": clean.get("before"), "clean_accuracy_after": clean.get("after"),
                 "regressions": len(self.data["regressions"]), "report": REPORT_HTML}
 
-    def save(self, run: RunDir) -> list[str]:
-        """Write report/index.html, report/report.json and report/report.md; return their names."""
-        atomic_write_json(run.path(REPORT_JSON), self.data)
-        atomic_write_bytes(run.path(REPORT_HTML), render_html(self).encode())
-        atomic_write_bytes(run.path(REPORT_MD), render_markdown(self).encode())
-        return [REPORT_HTML, REPORT_JSON, REPORT_MD]
+    def save(self, folder: str | Path) -> list[str]:
+        """Write index.html, report.json and report.md into ``folder`` (a run directory's report/); return their
+        paths."""
+        folder = Path(folder)
+        written = [folder / Path(name).name for name in (REPORT_HTML, REPORT_JSON, REPORT_MD)]
+        atomic_write_bytes(written[0], render_html(self).encode())
+        atomic_write_json(written[1], self.data)
+        atomic_write_bytes(written[2], render_markdown(self).encode())
+        return [str(path) for path in written]
 
     @classmethod
-    def load(cls, run: RunDir) -> "Report":
-        return cls(json.loads(run.path(REPORT_JSON).read_text()))
+    def load(cls, folder: str | Path) -> Report:
+        """report.json from ``folder`` (pictures are not read back)."""
+        return cls(json.loads((Path(folder) / Path(REPORT_JSON).name).read_text()))
 
 
 def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
@@ -89,24 +116,24 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
     if not any(name in stages for name in STAGE_ORDER):
         raise FileNotFoundError(f"{run.root} holds no finished stage (no {run.manifest_path.name} with stages): "
                                 f"there is nothing to report. Run `defuse run --run-dir {run.root}` first.")
-    regions_file = _read_json(run, REGIONS_JSON) or {"regions": [], "classes": [], "stats": {}}
-    classes = [str(c) for c in regions_file.get("classes", [])]
-    verify = _read_json(run, VERIFY_JSON) if _done(stages, "verify") else None
-    check_before = _read_json(run, CHECK_BEFORE) if _done(stages, "check-before") else None
-    check_after = _read_json(run, CHECK_AFTER) if _done(stages, "check-after") else None
+    found = _read_regions(run)
+    classes = [str(c) for c in found.classes]
+    verify: VerifyResult | None = _read_json(run, VERIFY_JSON) if _done(stages, "verify") else None
+    check_before: CheckResult | None = _read_json(run, CHECK_BEFORE) if _done(stages, "check-before") else None
+    check_after: CheckResult | None = _read_json(run, CHECK_AFTER) if _done(stages, "check-after") else None
     answers = _standing_answers(run)
-    label_metrics = stages.get("label", {}).get("metrics", {})
-    repair = stages.get("correct", {}).get("metrics", {}) if _done(stages, "correct") else None
+    label_metrics: Metrics = stages.get("label", {}).get("metrics", {})
+    repair: RepairSummary | None = stages.get("correct", {}).get("metrics", {}) if _done(stages, "correct") else None
 
     repaired = bool(repair and repair.get("chosen"))
-    regions = [_region_entry(r, answers.get(int(r["id"])), verify, classes, repair) for r in regions_file["regions"]]
+    regions = [_region_entry(r, answers.get(r.id), verify, classes, repair) for r in found.regions]
     if label_metrics.get("pending"):
         status = AWAITING_LABELS
     elif verify is not None:
         status = COMPLETE
     else:
         status = DISCOVERY_ONLY
-    data: dict[str, Any] = {
+    data: ReportData = {
         "status": status,
         "status_detail": _status_detail(status, label_metrics, repair, run, regions),
         "summary": {
@@ -129,9 +156,9 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
         "regressions": find_regressions(verify, check_after, config),
         "bounds": {"max_clean_drop": config.max_clean_drop, "max_class_drop": config.max_class_drop,
                    "ei_drop": EI_REGRESSION},
-        "discovery": {"failures": regions_file.get("stats", {}).get("failures"),
+        "discovery": {"failures": found.stats.get("failures"),
                       "queries": stages.get("identify", {}).get("metrics", {}).get("queries"),
-                      "bug_score": regions_file.get("bug_score")},
+                      "bug_score": BUG_SCORE if run.path(REGIONS_JSON).exists() else None},
         "timings": {name: stages[name].get("seconds") for name in STAGE_ORDER if name in stages},
         "stages": {name: stages[name].get("status") for name in STAGE_ORDER if name in stages},
         "metadata": {
@@ -147,12 +174,12 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
     return Report(data, _pictures(run, regions, check_before, check_after))
 
 
-def find_regressions(verify: dict[str, Any] | None, check_after: dict[str, Any] | None,
-                     config: ReportConfig) -> list[dict[str, Any]]:
+def find_regressions(verify: VerifyResult | None, check_after: CheckResult | None,
+                     config: ReportConfig) -> list[Regression]:
     """What the repaired model does worse than the original, by the bounds of ``config`` and check-after's EI rule.
 
     Each entry: ``kind`` (clean_accuracy, class, ei), ``what`` and a sentence ``detail`` with the figures."""
-    found: list[dict[str, Any]] = []
+    found: list[Regression] = []
     if verify:
         clean = verify["clean_accuracy"]
         low, high = clean["change_ci95"]
@@ -220,7 +247,19 @@ def render_markdown(report: Report) -> str:
 _WRITERS = {REGIONS_JSON: "distill", VERIFY_JSON: "verify", CHECK_BEFORE: "check-before", CHECK_AFTER: "check-after"}
 
 
-def _read_json(run: RunDir, name: str) -> dict[str, Any] | None:
+def _read_regions(run: RunDir) -> Regions:
+    """distill's regions, or none before distill ran."""
+    if not run.path(REGIONS_JSON).exists():
+        return Regions([], {}, ())
+    try:
+        return Regions.load(run.path(REGIONS_JSON))
+    except (json.JSONDecodeError, KeyError, TypeError, FileNotFoundError) as err:
+        raise ValueError(f"{run.path(REGIONS_JSON)} is not what distill writes ({type(err).__name__}: {err}): re-run "
+                         f"the stage that writes it (`defuse run --run-dir {run.root} --force distill`).") from None
+
+
+def _read_json(run: RunDir, name: str) -> Any:
+    """A JSON artifact as written (its record type is the caller's annotation), or None when it is absent."""
     path = run.path(name)
     if not path.exists():
         return None
@@ -232,11 +271,11 @@ def _read_json(run: RunDir, name: str) -> dict[str, Any] | None:
                          f"(`defuse run --run-dir {run.root} --force {stage}`).") from None
 
 
-def _done(stages: dict[str, Any], name: str) -> bool:
+def _done(stages: Metrics, name: str) -> bool:
     return stages.get(name, {}).get("status") == "done"
 
 
-def _standing_answers(run: RunDir) -> dict[int, Any]:
+def _standing_answers(run: RunDir) -> dict[int, Answer]:
     if not run.path(LABELS_FILE).exists():
         return {}
     from defuse.records import LabelBook
@@ -244,34 +283,34 @@ def _standing_answers(run: RunDir) -> dict[int, Any]:
     return LabelBook(run.path(LABELS_FILE)).answers()
 
 
-def _region_entry(region: dict[str, Any], answer: Any, verify: dict[str, Any] | None,
-                  classes: list[str], repair: dict[str, Any] | None = None) -> dict[str, Any]:
-    measured = next((r for r in (verify or {}).get("regions", []) if r["id"] == region["id"]), {})
+def _region_entry(region: Region, answer: Answer | None, verify: VerifyResult | None,
+                  classes: list[str], repair: RepairSummary | None = None) -> ReportRegion:
+    measured: RegionVerification = next((r for r in (verify or {}).get("regions", []) if r["id"] == region.id), {})
     label = None if answer is None else answer.label
     is_class = answer is not None and answer.is_bug
     name = (lambda k: classes[k] if 0 <= k < len(classes) else str(k))
     repaired, why = _region_repaired(is_class, measured.get("accuracy_after"), repair,
                                      name(int(label)) if is_class else None)
     return {
-        "id": region["id"],
-        "pair": region["pair"],
-        "source_class": name(region["source_label"]),
-        "predicted_class": name(region["predicted_label"]),
+        "id": region.id,
+        "pair": region.pair,
+        "source_class": name(region.source_label),
+        "predicted_class": name(region.predicted_label),
         "label": name(int(label)) if is_class else label,
         "label_is_class": is_class,
         "label_source": None if answer is None else answer.source,
-        "label_reason": None if answer is None else getattr(answer, "reason", None),
-        "bug_score": region["bug_score"],
-        "weight": region["weight"],
-        "n_failures": region["n_failures"],
-        "error_rate": region["error_rate"],
-        "validity": region["validity"],
-        "confidence": region["confidence"],
-        "purity": region["purity"],
-        "real_neighbours": region.get("real_neighbours", 0),
-        "real_misread": region.get("real_misread", 0),
-        "real_distance": region.get("real_distance"),
-        "real_nearest_read": [name(k) for k in region.get("real_nearest_read", [])],
+        "label_reason": None if answer is None else answer.reason,
+        "bug_score": region.bug_score,
+        "weight": region.weight,
+        "n_failures": region.n_failures,
+        "error_rate": region.error_rate,
+        "validity": region.validity,
+        "confidence": region.confidence,
+        "purity": region.purity,
+        "real_neighbours": region.real_neighbours,
+        "real_misread": region.real_misread,
+        "real_distance": region.real_distance,
+        "real_nearest_read": [name(k) for k in region.real_nearest_read],
         "accuracy_before": measured.get("accuracy_before"),
         "accuracy_after": measured.get("accuracy_after"),
         "real_test_images": measured.get("real_n"),
@@ -281,12 +320,12 @@ def _region_entry(region: dict[str, Any], answer: Any, verify: dict[str, Any] | 
         "failures_after": measured.get("failures_after"),
         "repaired": repaired,
         "not_repaired_reason": why,
-        "grid": region.get("grid"),
-        "real_grid": region.get("real_grid"),
+        "grid": region.grid,
+        "real_grid": region.real_grid,
     }
 
 
-def _region_repaired(is_class: bool, accuracy_after: float | None, repair: dict[str, Any] | None,
+def _region_repaired(is_class: bool, accuracy_after: float | None, repair: RepairSummary | None,
                      label: str | None) -> tuple[bool | None, str | None]:
     """Whether a region labelled a bug is repaired (None: not labelled a bug, or not verified yet), and why not."""
     if not is_class or accuracy_after is None:
@@ -299,7 +338,7 @@ def _region_repaired(is_class: bool, accuracy_after: float | None, repair: dict[
                    f"{100 * REGION_REPAIRED:.0f}%: {_why_not_learnt(repair)}")
 
 
-def _why_not_learnt(repair: dict[str, Any] | None) -> str:
+def _why_not_learnt(repair: RepairSummary | None) -> str:
     """Why the chosen fine-tune left a labelled region misread, from the candidates' table: none learnt the regions'
     decoded samples, or those that did were refused by the guard (with the figures that refused them)."""
     candidates = (repair or {}).get("candidates") or []
@@ -318,8 +357,8 @@ def _why_not_learnt(repair: dict[str, Any] | None) -> str:
             f"correct.max_class_drop)")
 
 
-def _status_detail(status: str, label_metrics: dict[str, Any], repair: dict[str, Any] | None, run: RunDir,
-                   regions: list[dict[str, Any]] | None = None) -> str:
+def _status_detail(status: str, label_metrics: Metrics, repair: RepairSummary | None, run: RunDir,
+                   regions: list[ReportRegion] | None = None) -> str:
     detail = _repair_detail(status, label_metrics, repair, run, regions)
     moved = (repair or {}).get("moved_for_review") or 0
     if moved:
@@ -329,8 +368,8 @@ def _status_detail(status: str, label_metrics: dict[str, Any], repair: dict[str,
     return detail
 
 
-def _repair_detail(status: str, label_metrics: dict[str, Any], repair: dict[str, Any] | None, run: RunDir,
-                   regions: list[dict[str, Any]] | None = None) -> str:
+def _repair_detail(status: str, label_metrics: Metrics, repair: RepairSummary | None, run: RunDir,
+                   regions: list[ReportRegion] | None = None) -> str:
     if status == AWAITING_LABELS:
         return (f"{label_metrics.get('pending')} of {label_metrics.get('regions')} regions await a label; nothing "
                 f"was repaired. Label them with `defuse label --run-dir {run.root}` (or --labels FILE, or --labels "
@@ -350,7 +389,7 @@ def _repair_detail(status: str, label_metrics: dict[str, Any], repair: dict[str,
     return "Repaired: the figures below compare the repaired classifier with the original on the test split."
 
 
-def _clean_before(stages: dict[str, Any]) -> dict[str, Any] | None:
+def _clean_before(stages: Metrics) -> AccuracyChange | None:
     metrics = stages.get("fit-classifier", {}).get("metrics", {})
     if "test_accuracy" not in metrics:
         return None
@@ -358,10 +397,10 @@ def _clean_before(stages: dict[str, Any]) -> dict[str, Any] | None:
             "change_ci95": None, "n": metrics.get("test_n")}
 
 
-def _ei(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _ei(before: CheckResult | None, after: CheckResult | None) -> dict[str, EIEntry]:
+    out: dict[str, EIEntry] = {}
     for transform, e in (before or {}).get("ei", {}).items():
-        entry: dict[str, Any] = {"applicable": e["applicable"], "before": None, "after": None}
+        entry: EIEntry = {"applicable": e["applicable"], "before": None, "after": None}
         if e["applicable"]:
             entry.update(before=e["ei"]["mean"], before_ci95=[e["ei"]["low"], e["ei"]["high"]],
                          accuracy_before=(e.get("accuracy") or {}).get("mean"))
@@ -378,8 +417,8 @@ def _ei(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str
     return out
 
 
-def _variance(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _variance(before: CheckResult | None, after: CheckResult | None) -> dict[str, VarianceEntry]:
+    out: dict[str, VarianceEntry] = {}
     for family, v in (before or {}).get("variance", {}).items():
         a = (after or {}).get("variance", {}).get(family, {})
         out[family] = {"mean_before": v.get("mean"), "mean_after": a.get("mean"),
@@ -391,13 +430,13 @@ def _variance(before: dict[str, Any] | None, after: dict[str, Any] | None) -> di
     return out
 
 
-def _drift(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+def _drift(before: CheckResult | None, after: CheckResult | None) -> dict[str, DriftEntry]:
     """Per acquisition parameter (DESIGN.md's ``drift.<parameter>`` keys), the tolerated range before and after
     (``{"low": ..., "high": ...}``; null on a side where the identity is the physical bound) and the sensitivity."""
     b, a = (before or {}).get("drift"), (after or {}).get("drift")
     if not b:
         return {}
-    out: dict[str, Any] = {}
+    out: dict[str, DriftEntry] = {}
     for name, entry in b["parameters"].items():
         other = (a or {}).get("parameters", {}).get(name)
         out[name] = {"identity": entry["identity"], "bounds": [entry["low"], entry["high"]], "unit": entry["unit"],
@@ -409,7 +448,7 @@ def _drift(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[
     return out
 
 
-def _drift_summary(before: dict[str, Any] | None, after: dict[str, Any] | None) -> dict[str, Any]:
+def _drift_summary(before: CheckResult | None, after: CheckResult | None) -> DriftSummary:
     """The allowed drop, each model's worst direction and the presets' picture, beside the per-parameter table."""
     b, a = (before or {}).get("drift"), (after or {}).get("drift")
     if not b:
@@ -419,9 +458,9 @@ def _drift_summary(before: dict[str, Any] | None, after: dict[str, Any] | None) 
             "presets_strip": f"{CHECKS_DIR}/{b['presets_strip']}" if b.get("presets_strip") else None}
 
 
-def _worst_cases(run: RunDir) -> dict[str, Any]:
+def _worst_cases(run: RunDir) -> DriftSummary:
     """The worst-case drift of `defuse drift optimize`, where it was run for the original or the repaired model."""
-    out = {}
+    out: DriftSummary = {}
     for name in ("before", "after"):
         found = _read_json(run, f"{CHECKS_DIR}/drift_optimize_{name}.json")
         if found:
@@ -430,7 +469,7 @@ def _worst_cases(run: RunDir) -> dict[str, Any]:
     return out
 
 
-def _per_class(verify: dict[str, Any] | None, stages: dict[str, Any]) -> dict[str, Any]:
+def _per_class(verify: VerifyResult | None, stages: Metrics) -> dict[str, ClassChange]:
     if verify:
         return {name: {**c, "change": round(c["after"] - c["before"], 4)}
                 for name, c in verify.get("per_class_accuracy", {}).items()}
@@ -438,7 +477,7 @@ def _per_class(verify: dict[str, Any] | None, stages: dict[str, Any]) -> dict[st
     return {name: {"before": acc, "after": None, "change": None, "n": None} for name, acc in before.items()}
 
 
-def _repair(repair: dict[str, Any] | None, classes: list[str]) -> dict[str, Any] | None:
+def _repair(repair: RepairSummary | None, classes: list[str]) -> RepairSummary | None:
     if repair is None:
         return None
     if repair.get("scoped_classes"):  # class names, as the person gave them
@@ -452,8 +491,8 @@ def _repair(repair: dict[str, Any] | None, classes: list[str]) -> dict[str, Any]
     return {k: repair[k] for k in keys if k in repair}
 
 
-def _pictures(run: RunDir, regions: list[dict[str, Any]], before: dict[str, Any] | None,
-              after: dict[str, Any] | None) -> dict[str, bytes]:
+def _pictures(run: RunDir, regions: list[ReportRegion], before: CheckResult | None,
+              after: CheckResult | None) -> dict[str, bytes]:
     names = [UMAP_PNG]
     names += [r[key] for r in regions for key in ("grid", "real_grid") if r.get(key)]
     for check in (before, after):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from defuse.records import ClassChange
 
 
-def per_class_figure(per_class: dict[str, dict[str, Any]]) -> bytes | None:
+def per_class_figure(per_class: dict[str, ClassChange]) -> bytes | None:
     """A bar per class: test accuracy change after the repair, in points (PNG bytes); None before a repair."""
     rows = [(name, c["change"]) for name, c in per_class.items() if c.get("change") is not None]
     if not rows:
