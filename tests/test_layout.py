@@ -98,3 +98,10 @@ def test_no_circle_of_imports():
 def test_each_subcommand_is_found_at_stages_name_in_one_hop(name):
     module = PACKAGE / "stages" / name.replace("-", "_")
     assert module.with_suffix(".py").is_file() or (module / "__init__.py").is_file()
+
+
+def test_each_stage_is_declared_beside_its_adapter_at_stages_name():
+    from defuse.pipeline import STAGES
+
+    for stage in STAGES:
+        assert stage.run.__module__ == f"defuse.stages.{stage.name.replace('-', '_')}", stage.name
