@@ -213,3 +213,33 @@ def test_a_regions_reach_is_the_median_distance_of_its_failures_sources_and_trav
     assert all(r.source_radius == 0.0 for r in _distill(failures).regions)  # no sources given: no reach
     regions.save(tmp_path / "regions.json")
     assert [r.source_radius for r in Regions.load(tmp_path / "regions.json").regions] == [r.source_radius for r in regions.regions]
+
+
+def test_refinement_weights_as_small_as_a_tiny_models_validities_neither_warn_nor_turn_a_region_to_nan():
+    """Validities of 1e-200 once made the effective-sample-size check 0 / 0 (a RuntimeWarning, then a refit on
+    whatever it said); a NaN validity made the region's mean NaN. Now the first refits (the size is scale-free) and
+    the second keeps its Gaussian."""
+    import warnings
+
+    import torch
+
+    from defuse.config import DistillConfig
+    from defuse.stages.distill.mixture import _refine
+
+    class Validity:
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def scores(self, z):
+            return np.full((len(z), 2), self.value)
+
+    evaluate = lambda z: torch.tensor([[0.0, 5.0]]).repeat(len(z), 1)  # noqa: E731  (everything read as class 1)
+    config = DistillConfig(refine_steps=1, fresh_samples=64)
+    for value, moves in ((1e-200, True), (float("nan"), False)):
+        start = {"mean": np.array([3.0, 3.0]), "cov": np.eye(2) * 0.01, "source": 0, "predicted": 1}
+        candidate = {**start}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            _refine([candidate], evaluate, Validity(value), config, np.random.default_rng(0))
+        assert np.isfinite(candidate["mean"]).all() and np.isfinite(candidate["cov"]).all()
+        assert (candidate["cov"] is not start["cov"]) == moves

@@ -206,7 +206,13 @@ def _refine(candidates: list[dict[str, Any]], evaluate, validity: ValidityModel,
         for i, c in enumerate(candidates):
             block = slice(i * n, (i + 1) * n)
             w = (pred[block] == c["predicted"]) * valid[block, c["source"]]
-            if w.sum() <= 0 or w.sum() ** 2 / (w**2).sum() < d + 1:  # effective sample size
+            peak = w.max()
+            if not peak > 0:  # no sample read as the predicted class and valid (or a NaN score): keep the Gaussian
+                continue
+            # The effective sample size is scale-free: computed on w / peak, validities as small as 1e-200 (a tiny
+            # model's) cannot underflow into 0 / 0.
+            share = w / peak
+            if share.sum() ** 2 / (share**2).sum() < d + 1:
                 continue
             w = w / w.sum()
             mean = w @ z[block]
