@@ -233,7 +233,7 @@ def test_refinement_weights_as_small_as_a_tiny_models_validities_neither_warn_no
         def scores(self, z):
             return np.full((len(z), 2), self.value)
 
-    evaluate = lambda z: torch.tensor([[0.0, 5.0]]).repeat(len(z), 1)  # noqa: E731  (everything read as class 1)
+    evaluate = lambda z: torch.tensor([[0.0, 5.0]]).repeat(len(z), 1)  # everything read as class 1
     config = DistillConfig(refine_steps=1, fresh_samples=64)
     for value, moves in ((1e-200, True), (float("nan"), False)):
         start = {"mean": np.array([3.0, 3.0]), "cov": np.eye(2) * 0.01, "source": 0, "predicted": 1}

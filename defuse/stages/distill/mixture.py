@@ -81,7 +81,7 @@ class RealEvidence:
     images: torch.Tensor | None = field(default=None, repr=False)  # (N, C, H, W), for the report's pictures
 
     @classmethod
-    def observe(cls, classifier: nn.Module, generator: nn.Module, images: "ImageSet") -> "RealEvidence":
+    def observe(cls, classifier: nn.Module, generator: nn.Module, images: ImageSet) -> RealEvidence:
         """Encode and classify real labelled images (the audit split in the pipeline; never the test split)."""
         x = images.float_images()
         return cls(latent_means(generator, x).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy(), x)
