@@ -114,6 +114,7 @@ SHARED_GENERATOR = ("generator.checkpoint (planted cases)",
                     "every image and the seed, so each would train these very weights (checked: the same sha256 in "
                     "all cases when each trained its own)"))
 PRECISION_SAMPLES = 256
+TOP_SHOWN = 3  # the regions a person sees first: the discovery bar asks for the planted pair among them
 VOTE_SAMPLES = 128
 GAP_SAMPLES = 256
 
@@ -471,32 +472,41 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
     (``region_misreadings``) that the reference reads as the source class while the model reads the planted class
     (``planted_precision_gaussian``: the same share on plain draws of its Gaussian). Reversed: the share of the
     real images shown beside it (its nearest audit images labelled as the planted class) that the reference reads
-    as the source class, i.e. mislabelled images of the bug (Gaussian: None)."""
+    as the source class, i.e. mislabelled images of the bug (Gaussian: None).
+
+    Beside the first region, ``planted_top3``: every region of the pair among the three a person sees first, with
+    its rank, orientation and precision (the same rule), and ``planted_best_precision_top3``, the best of them: the
+    pair's first region may be its hybrids with the planted class while the next is the bug itself (seen on squat,
+    seed 1), and the person labels all three."""
     model = inference_copy(load_classifier(run.path("classifier.ckpt")).model)
     generator, regions = load_generator(run.path("generator.ckpt")), Regions.load(run.path(REGIONS_JSON))
     source, planted = case_spec(case)[:2]
     out: dict = {"planted_rank": None, "planted_orientation": None, "planted_rank_direct": None,
                  "planted_rank_reversed": None, "planted_precision": None, "planted_precision_gaussian": None,
-                 "planted_precision_direct": None, "planted_precision_reversed": None, "planted_bug_score": None}
+                 "planted_precision_direct": None, "planted_precision_reversed": None, "planted_bug_score": None,
+                 "planted_top3": [], "planted_best_precision_top3": None}
     auto = auto_labels(regions, regions.classes, min_real_misread=config.label.auto_min_real_misread)
     audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split).float_images()
     for region in regions.regions:
         pair = (region.source_label, region.predicted_label)
         orientation = "direct" if pair == (source, planted) else "reversed" if pair == (planted, source) else None
-        if orientation is None or out[f"planted_rank_{orientation}"] is not None:
+        if orientation is None:
+            continue
+        if region.id <= TOP_SHOWN and out[f"planted_rank_{orientation}"] is not None:  # a later one of the top 3
+            out["planted_top3"].append({"rank": region.id, "orientation": orientation, "precision": _precision(
+                region, orientation, model, reference, generator, audit, config, source, planted)})
+            continue
+        if out[f"planted_rank_{orientation}"] is not None:
             continue
         out[f"planted_rank_{orientation}"] = region.id
-        precision = {"planted_precision_gaussian": None}
-        if orientation == "direct":
-            for name, classifier in (("planted_precision", model), ("planted_precision_gaussian", None)):
-                decoded = region_misreadings(region, PRECISION_SAMPLES, config.distill.tau,
-                                             numpy_rng(config.seed, "bench.precision"), generator, classifier)
-                hit = (predict_labels(reference, decoded) == source) & (predict_labels(model, decoded) == planted)
-                precision[name] = round(float(hit.float().mean()), 4)
-        else:
-            beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
-            precision["planted_precision"] = (round(float((predict_labels(reference, audit[beside]) == source)
-                                                          .float().mean()), 4) if len(beside) else None)
+        precision = {"planted_precision": _precision(region, orientation, model, reference, generator, audit, config,
+                                                     source, planted),
+                     "planted_precision_gaussian": _precision(region, orientation, None, reference, generator, audit,
+                                                              config, source, planted, judged_by=model)
+                     if orientation == "direct" else None}
+        if region.id <= TOP_SHOWN:
+            out["planted_top3"].append({"rank": region.id, "orientation": orientation,
+                                        "precision": precision["planted_precision"]})
         # Each orientation's first region has its precision (a reversed first region may sit among genuine images
         # of the planted class while the direct one, a rank below, is the bug itself); the headline is the first.
         out[f"planted_precision_{orientation}"] = precision["planted_precision"]
@@ -506,7 +516,25 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
                     "planted_bug_score": region.bug_score,
                     "planted_real_misread": f"{region.real_misread}/{region.real_neighbours}",
                     "planted_auto_label": auto[region.id].label})
+    found = [entry["precision"] for entry in out["planted_top3"] if entry["precision"] is not None]
+    out["planted_best_precision_top3"] = max(found) if found else None
     return out
+
+
+def _precision(region, orientation: str, shown_by, reference, generator, audit: torch.Tensor, config: RunConfig,
+               source: int, planted: int, judged_by=None) -> float | None:
+    """A region of the planted pair's precision (:func:`planted_region_figures`): direct, the share of its shown
+    samples (``shown_by`` orders its misreadings first; None: plain draws) that the reference reads as the source
+    class while the model (``shown_by``, else ``judged_by``) reads the planted class; reversed, the share of the real
+    images shown beside it that the reference reads as the source class."""
+    if orientation == "direct":
+        model = shown_by if shown_by is not None else judged_by
+        decoded = region_misreadings(region, PRECISION_SAMPLES, config.distill.tau,
+                                     numpy_rng(config.seed, "bench.precision"), generator, shown_by)
+        hit = (predict_labels(reference, decoded) == source) & (predict_labels(model, decoded) == planted)
+        return round(float(hit.float().mean()), 4)
+    beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
+    return round(float((predict_labels(reference, audit[beside]) == source).float().mean()), 4) if len(beside) else None
 
 
 @torch.no_grad()
@@ -797,8 +825,8 @@ NATURAL_BARS = {"planted_rank": ("max", 5), "subgroup_gain": ("min", 0.15),
 def summarise(per_seed: dict[int, dict]) -> dict:
     """Mean and worst of each figure per case over the seeds, and whether each bar holds on the worst seed."""
     figures = ("visibility", "planted_rank", "planted_precision", "planted_precision_gaussian",
-               "planted_precision_direct", "planted_precision_reversed", "planted_bug_score",
-               "valid_failures_per_1000_queries", "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
+               "planted_precision_direct", "planted_precision_reversed", "planted_best_precision_top3",
+               "planted_bug_score", "valid_failures_per_1000_queries", "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
     repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "subgroup_gain", "subgroup_accuracy_clean_model",
               "decoded_accuracy_before", "decoded_accuracy_after",
               "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
@@ -814,7 +842,8 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         for name in figures + repair:
             # The discovery bar holds where the generator can show the bug at all (visibility >= 0.5: the direct
             # pair's reconstructions), or where the bug was found from its labels' side (the reversed pair).
-            counted = [r for r in rows if name not in ("planted_rank", "planted_precision", "planted_precision_gaussian")
+            counted = [r for r in rows if name not in ("planted_rank", "planted_precision", "planted_precision_gaussian",
+                                                       "planted_best_precision_top3")
                        or (r.get("visibility") or 0) >= 0.5 or r.get("planted_orientation") == "reversed"]
             values = [r.get(name, r.get("repair", {}).get(name)) for r in counted]
             values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -844,6 +873,35 @@ def summarise(per_seed: dict[int, dict]) -> dict:
     return out
 
 
+REGRADED = ("planted_rank", "planted_orientation", "planted_precision", "planted_precision_direct",
+            "planted_precision_reversed", "planted_bug_score", "planted_top3", "planted_best_precision_top3")
+
+
+def regrade(keep: Path, seeds: list[int], cases: list[str]) -> dict:
+    """The discovery figures of kept runs (``--keep DIR`` of an earlier run), graded again by
+    :func:`planted_region_figures` with each seed's kept reference; nothing is trained, run or written. A kept run
+    made before a config key was retired still reads: the retired keys touch no stage that discovery depends on."""
+    from defuse.config import RETIRED_KEYS, config_from_mapping
+
+    out: dict = {"regraded": str(keep), "cases": {}}
+    for seed in seeds:
+        folder = keep / f"seed{seed}"
+        reference = load_classifier(folder / "reference" / "classifier.ckpt").model
+        for case in cases:
+            run = RunDir(folder / case)
+            if not run.path(REGIONS_JSON).exists():
+                out["cases"].setdefault(str(seed), {})[case] = None  # not kept (or not distilled) for this seed
+                continue
+            raw = run.manifest()["config"]
+            for key in RETIRED_KEYS:
+                section, _, name = key.partition(".")
+                if name and isinstance(raw.get(section), dict):
+                    raw[section].pop(name, None)
+            figures = planted_region_figures(run, config_from_mapping(raw, []), case, reference)
+            out["cases"].setdefault(str(seed), {})[case] = {k: figures[k] for k in REGRADED}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES), help="planted cases to run (the clean control "
@@ -868,7 +926,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="correct.KEY=VALUE", dest="experiment",
                         help="with --replay-correct: an experiment on the repair, not the product as shipped (listed "
                         "under deviations); repeatable, correct.* keys only, e.g. --set correct.epochs=10")
+    parser.add_argument("--regrade", action="store_true",
+                        help="with --keep DIR of an earlier run: re-grade only the discovery of its kept runs (the "
+                             "planted pair's regions, their ranks and precision, by this script's grader); runs and "
+                             "trains nothing, changes no file")
     args = parser.parse_args(argv)
+    if args.regrade:
+        if not args.keep:
+            parser.error("--regrade reads kept runs: give --keep DIR (an earlier run's directory)")
+        return emit(regrade(Path(args.keep), [int(s) for s in args.seeds.split(",") if s.strip()],
+                            [c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean"]), args.out)
     bad = [item for item in args.experiment if not item.startswith("correct.") or "=" not in item]
     if bad or (args.experiment and not args.replay_correct):
         parser.error("--set takes correct.KEY=VALUE and goes with --replay-correct (an experiment on the repair of "
