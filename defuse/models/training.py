@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from defuse.config import ClassifierConfig, GeneratorConfig, TrainerConfig
+from defuse.config import ClassifierConfig, DataConfig, GeneratorConfig, TrainerConfig
 from defuse.data import ImageDataModule
 from defuse.models.classifiers import ClassifierModule
 from defuse.models.generators import ConvVAE, VAEModule
@@ -87,4 +87,15 @@ def train_vae(
     return module.vae.to(memory_format=torch.contiguous_format).eval(), dict(module.hparams)
 
 
-__all__ = ["accuracy_report", "make_trainer", "train_classifier", "train_vae"]
+
+def training_data(config: DataConfig, seed: int) -> ImageDataModule:
+    """The run's data, split and checked for enough images of every class, with Lightning seeded: what both fit
+    stages start from."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    data = ImageDataModule(config, seed)
+    data.setup()
+    data.require_enough_images()
+    return data
+
+
+__all__ = ["accuracy_report", "make_trainer", "train_classifier", "train_vae", "training_data"]

@@ -7,11 +7,8 @@ import logging
 import time
 from typing import Any
 
-import pytorch_lightning as pl
-
 from defuse.artifacts import CLASSIFIER_CKPT
 from defuse.config import RunConfig
-from defuse.data import ImageDataModule
 from defuse.models.inference import predict_labels
 from defuse.models.loading import (
     load_classifier,
@@ -20,7 +17,7 @@ from defuse.models.loading import (
     save_classifier,
     save_classifier_pointer,
 )
-from defuse.models.training import accuracy_report, train_classifier
+from defuse.models.training import accuracy_report, train_classifier, training_data
 from defuse.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -32,10 +29,7 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
     Returns:
         metrics: test accuracy and per-class accuracy on the test split, train time.
     """
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    data = ImageDataModule(config.data, config.seed)
-    data.setup()
-    data.require_enough_images()
+    data = training_data(config.data, config.seed)
     c = config.classifier
     start = time.perf_counter()
     if c.user_supplied:

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytorch_lightning as pl
 from torch import nn
 
 from defuse.artifacts import GENERATOR_CKPT
@@ -15,7 +14,7 @@ from defuse.config import RunConfig
 from defuse.data import ImageDataModule
 from defuse.models.inference import reconstruct
 from defuse.models.loading import load_generator, save_generator
-from defuse.models.training import train_vae
+from defuse.models.training import train_vae, training_data
 from defuse.rundir import RunDir, atomic_write_bytes
 
 
@@ -27,10 +26,7 @@ def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
     (``reconstruction_accuracy``, the ceiling of the search) is measured by identify on the images it searches;
     here, the label-free ``reconstruction_mse`` of the audit split.
     """
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    data = ImageDataModule(config.data, config.seed)
-    data.setup()
-    data.require_enough_images()
+    data = training_data(config.data, config.seed)
     g = config.generator
     start = time.perf_counter()
     if g.checkpoint:
