@@ -149,6 +149,10 @@ def test_a_labelled_region_whose_samples_stay_misread_is_named_not_repaired(fini
     assert "the 2 fine-tunes that learnt the labelled regions' decoded samples" in none["status_detail"]
     assert "at best a 95% lower bound of -2.00 points on held-out accuracy and a largest class drop of 5.5%" in \
         none["status_detail"]
+    # Two regions missed for the same cause: the status names both and says the cause once.
+    assert none["status_detail"].count("fine-tunes that learnt") == 1
+    assert f"#{labelled[0]['id']} " in none["status_detail"] and f"#{labelled[1]['id']} " in none["status_detail"]
+    assert "(50.0% of its fresh samples read as" in none["status_detail"]
     # Images a candidate moved under a mistaken label: the status says how to settle them.
     manifest["stages"]["correct"]["metrics"]["moved_for_review"] = 7
     run.write_manifest(manifest)

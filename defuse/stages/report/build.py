@@ -380,7 +380,14 @@ def _repair_detail(status: str, label_metrics: Metrics, repair: RepairSummary | 
         return f"The original weights were kept: {repair.get('reason', 'no candidate was admitted')}."
     missed = [r for r in regions or () if r["repaired"] is False]
     if missed:
-        named = "; ".join(f"#{r['id']} {r['pair']} labelled {r['label']}: {r['not_repaired_reason']}" for r in missed)
+        cause = _why_not_learnt(repair)
+        if all((r["not_repaired_reason"] or "").endswith(cause) for r in missed):  # one cause, said once
+            named = ", ".join(f"#{r['id']} {r['pair']} labelled {r['label']} ({100 * r['accuracy_after']:.1f}% of its "
+                              f"fresh samples read as {r['label']})" for r in missed)
+            named += f", each under {100 * REGION_REPAIRED:.0f}%: {cause}"
+        else:
+            named = "; ".join(f"#{r['id']} {r['pair']} labelled {r['label']}: {r['not_repaired_reason']}"
+                              for r in missed)
         done = sum(bool(r["repaired"]) for r in regions)
         opening = (f"Partly repaired: {done} of {done + len(missed)} regions labelled a bug are repaired." if done else
                    f"None of the {len(missed)} regions labelled a bug is repaired.")
