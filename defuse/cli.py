@@ -60,11 +60,13 @@ _DESCRIPTIONS = {
     "frozen features (correct.layers), each epoch a candidate, chosen on real held-out val and audit images; a candidate must show, by a paired bootstrap 95% lower bound, that held-out accuracy drops by at most "
     "correct.max_clean_drop, else the original weights stay. Writes repaired.ckpt and label_issues.csv. An "
     "interrupted fine-tune resumes from its last checkpoint.",
-    "review": "Review the label issues your region labels revealed, image by image, before "
+    "review": "Review the label issues your region labels revealed, a page of pictures at a time, before "
     "correct: the training, validation and audit images whose given label is a labelled region's mistake and which "
     "the judges doubt or contradict or the region reaches (e.g. short 2s labelled 7), and after it those a "
-    "candidate repair moved to your label. At a terminal each image is shown with "
-    "its given label, the region's label and what the two judges (latent, image) give that label; answer with its class (Enter skips, q stops). Answers go to "
+    "candidate repair moved to your label. At a terminal they come in pages of up to 16 numbered pictures that "
+    "share a given label and the region's label; answer which are the region's label: all, none (they keep their "
+    "label) or their numbers (the rest keep theirs); o answers one image at a time, with what the two judges "
+    "(latent, image) give that label, any class as the answer (Enter skips, q stops). Answers go to "
     "<run-dir>/label_review.csv at once (run again to resume); without a terminal the images to review are written "
     "to <run-dir>/label_review_todo.csv, whose label column you fill. Use them with `defuse run --reviewed-labels "
     "FILE`: each answer decides its image's label (relabelled or standing), whatever the rules say.",
@@ -106,7 +108,7 @@ def _options_epilog() -> str:
         "  defuse run --force fit-generator             # re-train the VAE and re-run every stage after it\n"
         "  defuse label --run-dir runs/digits           # label a run's regions (its config is read from the run)\n"
         "  defuse run --labels auto                     # accept the conservative suggestions, then repair\n"
-        "  defuse review --run-dir runs/digits          # settle the doubted labels image by image, then:\n"
+        "  defuse review --run-dir runs/digits          # settle the doubted labels, a page at a time:\n"
         "  defuse run --reviewed-labels runs/digits/label_review.csv\n"
     )
 

@@ -96,7 +96,11 @@ from defuse.rundir import RunDir
 from defuse.search import make_evaluate, select_sources
 from defuse.seeding import int_seed, numpy_rng, torch_generator
 from defuse.stages.label.labelling import auto_labels
-from defuse.stages.review import label_issues_to_review, moved_for_review
+from defuse.stages.review import (
+    label_issues_to_review,
+    moved_for_review,
+    review_pages_of,
+)
 from defuse.stats import paired_change
 from defuse.validity import ValidityModel
 
@@ -674,13 +678,23 @@ def simulated_review(run: RunDir, config: RunConfig, reference: torch.nn.Module)
                for name, rows in todo.groupby("split")]
     path = run.path("review.csv")
     (pd.concat(answers) if answers else pd.DataFrame(columns=["image", "label"])).to_csv(path, index=False)
+    _record_pages(path, todo, first=True)
     return path
+
+
+def _record_pages(review: Path, todo: pd.DataFrame, first: bool = False) -> None:
+    """How many answers the person gave at this look: `defuse review` asks a page of up to 16 images at a time
+    (:func:`review_pages_of`), one answer a page; kept beside the review file, one entry a look."""
+    record = review.with_name(REVIEW_PAGES)
+    looks = [] if first or not record.exists() else json.loads(record.read_text())
+    record.write_text(json.dumps([*looks, len(review_pages_of(todo)) if len(todo) else 0]))
 
 
 # The simulated person looks at what the repair moves after each correct stage until it moves nothing unanswered,
 # at most this many times (a safety bound: each look after training answers retrains). Seed-0 records before
 # 2026-12-05 21:00 stopped after 3 looks.
 REVIEW_ROUNDS = 8
+REVIEW_PAGES = "review_pages.json"  # beside the review file: the person's answers (pages) at each look
 
 
 @torch.no_grad()
@@ -699,6 +713,7 @@ def review_moved(run: RunDir, config: RunConfig, reference: torch.nn.Module) -> 
                    reference, data.split(name).float_images()[torch.as_tensor(rows["position"].to_numpy())]).numpy()})
                for name, rows in todo.groupby("split")]
     pd.concat([earlier, *answers]).to_csv(path, index=False)
+    _record_pages(path, todo)
     return len(todo)
 
 
@@ -708,7 +723,10 @@ def review_figures(review: Path, clean_labels: np.ndarray, given_labels: np.ndar
     answers = pd.read_csv(review)
     image, label = answers["image"].to_numpy(dtype=np.int64), answers["label"].to_numpy(dtype=np.int64)
     changed, poisoned = label != given_labels[image], clean_labels[image] != given_labels[image]
-    return {"reviewed": len(answers), "review_changed": int(changed.sum()),
+    pages = review.with_name(REVIEW_PAGES)
+    looks = json.loads(pages.read_text()) if pages.exists() else None
+    return {"reviewed": len(answers), **({"review_pages": sum(looks), "review_pages_by_look": looks} if looks else {}),
+            "review_changed": int(changed.sum()),
             "review_changed_poisoned": int((changed & poisoned).sum()), "reviewed_poisoned": int(poisoned.sum()),
             "review_wrong_answers": int((label != clean_labels[image]).sum())}
 

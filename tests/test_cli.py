@@ -432,7 +432,7 @@ def test_run_in_a_terminal_shows_one_progress_bar_across_stages_and_a_summary(tm
     assert f"report: {tmp_path}/report/index.html" in text.replace("\r", "").replace("\n", "")
 
 
-def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resumes(tmp_path, monkeypatch):
+def test_review_asks_a_page_at_a_time_writes_each_answer_at_once_and_resumes(tmp_path, monkeypatch):
     from defuse.config import load_config
     from defuse.data import ImageDataModule
     from defuse.label_issues import read_reviewed_labels
@@ -441,8 +441,10 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
     config = load_config(None, [])  # the embedded digits
     data = ImageDataModule(config.data, config.seed)
     images = data.indices("train").numpy()[:3]
-    todo = pd.DataFrame({"split": "train", "position": [0, 1, 2], "image": images, "given_class": "7",
-                         "person_class": "2", "judge_validity": 0.81, "image_judge": [0.974, np.nan, 0.5]})
+    # Two issues labelled 7 whose region says 2 (one page), one labelled 1 whose region says 4 (another page).
+    todo = pd.DataFrame({"split": "train", "position": [0, 1, 2], "image": images, "kind": "neighbour",
+                         "given_label": [7, 7, 1], "given_class": ["7", "7", "1"], "person_label": [2, 2, 4],
+                         "person_class": ["2", "2", "4"], "judge_validity": 0.81, "image_judge": [0.974, np.nan, 0.5]})
     asked_with = []
 
     def to_review(config, run):  # the label issues of the labelled regions, less those already answered
@@ -452,7 +454,8 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
 
     monkeypatch.setattr(reviewing, "label_issues_to_review", to_review)
     run, said = RunDir(tmp_path), []
-    answers, prompts = iter(["seven?", "7", "", "q"]), []  # not a class (asked again), an answer, a skip, stop
+    # Page 1: not an answer (asked again), then image 2 is a 2 and image 1 keeps its label; page 2: stop.
+    answers, prompts = iter(["seven?", "2", "q"]), []
 
     def ask(prompt):
         prompts.append(prompt)
@@ -460,18 +463,28 @@ def test_review_asks_about_each_label_issue_writes_each_answer_at_once_and_resum
 
     done = reviewing.review_command(config, run, interactive=True, ask=ask, say=said.append)
     review = tmp_path / "label_review.csv"
-    assert done == {"to_review": 3, "answered": 1, "file": str(review)}
-    assert review.read_text() == f"image,label\n{images[0]},7\n"  # written at once, before the person stopped
-    assert any("'seven?' is not a class" in line for line in said) and len(prompts) == 4
-    # Each image comes with what the two witnesses give the region's label (the image judge's only where it judged).
-    assert prompts[0] == (f"[1/3] image {images[0]} (train, labelled '7'; its region says '2'; the judges give '2': "
-                          f"latent 0.81, image 0.97). What is it? ")
-    assert prompts[2].endswith("latent 0.81). What is it? ")  # image 1, without an image judge, after the re-ask
+    assert done == {"to_review": 3, "answered": 2, "file": str(review)}
+    # Written at once, page by page, before the person stopped: the number named is the person's label, the other
+    # keeps its given label (an answer too: the label stands).
+    assert review.read_text() == f"image,label\n{images[0]},7\n{images[1]},2\n"
+    assert any("'seven?' is not an answer" in line for line in said) and len(prompts) == 3
+    assert prompts[0] == ("[page 1/2] 2 images labelled '7'; their region says '2'. Which are '2'? "
+                          "(all / none: they are '7' / numbers / o / Enter / q) ")
+    assert prompts[2].startswith("[page 2/2] 1 images labelled '1'; their region says '4'.")
     assert f"--reviewed-labels {review}" in said[-1]
-    answers = iter(["2", "3"])  # again: the answered image is not asked about, the others are
-    reviewing.review_command(config, run, interactive=True, ask=lambda _: next(answers), say=said.append)
+    # Again: the answered images are not asked about. One by one (o), each image with what the two witnesses give
+    # the region's label (the image judge's only where it judged), any class as the answer.
+    answers, prompts = iter(["o", "3"]), []
+    reviewing.review_command(config, run, interactive=True, ask=ask, say=said.append)
     assert asked_with == [None, str(review)]
+    assert prompts[1] == (f"[1/1] image {images[2]} (train, labelled '1'; its region says '4'; the judges give '4': "
+                          f"latent 0.81, image 0.50). What is it? ")
     assert read_reviewed_labels(review, data) == {int(images[0]): 7, int(images[1]): 2, int(images[2]): 3}
+    # "all" and "none" answer a whole page.
+    review.unlink()
+    answers = iter(["all", "none"])
+    assert reviewing.review_command(config, run, interactive=True, ask=ask, say=said.append)["answered"] == 3
+    assert read_reviewed_labels(review, data) == {int(images[0]): 2, int(images[1]): 2, int(images[2]): 1}
     # Without a terminal: the list to fill in, with an empty label column, and what to do with it.
     review.unlink()
     assert reviewing.review_command(config, run, interactive=False, say=said.append)["to_review"] == 3

@@ -1,4 +1,4 @@
-"""``defuse review``: a person's answer on each label issue of a labelled region, image by image, before correct
+"""``defuse review``: a person's answer on each label issue of a labelled region, a page of pictures at a time, before correct
 (and, after it, on the held-out images a candidate repair moved to their label). Not a stage of the run: its
 answers reach correct through ``--reviewed-labels`` (``correct.reviewed_labels``). The label issues themselves:
 :mod:`defuse.label_issues`."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,13 +104,143 @@ def review_command(config: RunConfig, run: RunDir, out: Path | None = None, *, i
             f"column (empty skips), then `defuse run --run-dir {run.root} --reviewed-labels {listing}`.")
         return {"to_review": len(todo), "answered": 0, "file": str(listing)}
     data = ImageDataModule(config.data, config.seed)
-    items = [(int(row.image), f"{row.split}, labelled {row.given_class!r}; its region says {row.person_class!r}"
-              f"{_witnesses(row)}",
-              data.split(row.split).images[row.position : row.position + 1].float() / 255)
-             for row in todo.itertuples(index=False)]
-    answered = review_prompt(items, data.classes, out, ask=ask, out=say)
+    answered = review_pages(_pages(todo, data), data.classes, out, ask=ask, out=say)
     say(use)
     return {"to_review": len(todo), "answered": answered, "file": str(out)}
+
+
+def review_pages_of(todo: pd.DataFrame) -> list[pd.DataFrame]:
+    """The label issues to review, page by page (the rows of each): grouped by given label, the person's label and
+    whether a repair moved them (the images a person can answer together), in the order listed, ``PAGE`` to a page.
+    A page costs the person one answer (:func:`review_pages`)."""
+    import pandas as pd
+
+    from defuse.label_issues import MOVED
+
+    moved = todo["kind"] == MOVED if "kind" in todo else pd.Series(False, index=todo.index)
+    groups = todo.groupby([todo["given_label"].astype(int), todo["person_label"].astype(int), moved], sort=False)
+    return [group.iloc[start : start + PAGE] for _, group in groups for start in range(0, len(group), PAGE)]
+
+
+def _pages(todo: pd.DataFrame, data) -> list[ReviewPage]:
+    """:func:`review_pages_of` with each page's images and what to say about them."""
+    import torch
+
+    from defuse.label_issues import MOVED
+
+    pages = []
+    for rows in review_pages_of(todo):
+        given, person = int(rows["given_label"].iloc[0]), int(rows["person_label"].iloc[0])
+        by_repair = "kind" in rows and (rows["kind"] == MOVED).all()
+        about = (f"labelled {data.classes[given]!r}; " + (
+            f"the repair would read them as {data.classes[person]!r}" if by_repair else
+            f"their region says {data.classes[person]!r}"))
+        pages.append(ReviewPage(
+            [int(i) for i in rows["image"]], given, person, about,
+            [f"{row.split}, labelled {row.given_class!r}; its region says {row.person_class!r}{_witnesses(row)}"
+             for row in rows.itertuples(index=False)],
+            torch.cat([data.split(split).images[position : position + 1] for split, position in
+                       zip(rows["split"], rows["position"])]).float() / 255))
+    return pages
+
+
+PAGE = 16  # images a person looks at together: two rows of eight in a terminal 140 characters wide
+
+
+@dataclass(frozen=True)
+class ReviewPage:
+    """Up to ``PAGE`` label issues that share a given label and the person's label for them: their source image
+    numbers, the two labels, what to say about them together and about each, and the images (N, C, H, W) in [0, 1]."""
+
+    images: list[int]
+    given: int
+    person: int
+    about: str
+    about_each: list[str]
+    pixels: torch.Tensor
+
+
+def review_pages(pages: Sequence[ReviewPage], classes: Sequence[str], path: str | Path, *,
+                 ask: Callable[[str], str] = input, out: Callable[[str], None] = print) -> int:
+    """Ask a person about label issues a page at a time: the page's images side by side, numbered, and one
+    question, which of them are the person's label. ``all``; ``none`` (each keeps its given label, which is an
+    answer too: the label stands); the numbers of those that are (the rest keep their given label); ``o`` to
+    answer each image of the page by itself (any class, :func:`review_prompt`); Enter skips the page, ``q`` stops.
+    Every image still gets a person's look; a page of 16 costs one answer where they agree. Answers are appended
+    to ``path`` and fsynced page by page. Returns how many answers were written."""
+    path = Path(path)
+    total = sum(len(page.images) for page in pages)
+    out(f"{total} images to review, {len(pages)} pages of up to {PAGE}. For each page: which are the class asked "
+        f"about: all, none, their numbers (e.g. 2 5 11; the rest keep their label), o to answer one by one, Enter to "
+        f"skip the page, q to stop.")
+    answered = 0
+    for number, page in enumerate(pages, 1):
+        out(_numbered_preview(page.pixels, columns=8))
+        person, given = classes[page.person], classes[page.given]
+        prompt = (f"[page {number}/{len(pages)}] {len(page.images)} images {page.about}. Which are {person!r}? "
+                  f"(all / none: they are {given!r} / numbers / o / Enter / q) ")
+        while True:
+            try:
+                answer = ask(prompt).strip().lower()
+            except EOFError:  # stdin closed: as good as q
+                return answered
+            if answer in ("q", "quit"):
+                return answered
+            if answer in ("", "s", "skip"):
+                break
+            if answer in ("o", "one"):
+                each, stopped = _ask_each(list(zip(page.images, page.about_each, page.pixels[:, None])), classes,
+                                          path, ask, out)
+                answered += each
+                if stopped:
+                    return answered
+                break
+            chosen = _chosen(answer, len(page.images))
+            if chosen is None:
+                out(f"{answer!r} is not an answer: all, none, the numbers 1 to {len(page.images)} of the images that "
+                    f"are {person!r}, o, Enter to skip the page, or q to stop.")
+                continue
+            _append(path, [(image, page.person if i in chosen else page.given)
+                           for i, image in enumerate(page.images, 1)])
+            answered += len(page.images)
+            break
+    return answered
+
+
+def _chosen(answer: str, n: int) -> set[int] | None:
+    """The image numbers (1-based) an answer names as the person's class: all, none, or numbers; None if neither."""
+    if answer in ("a", "all"):
+        return set(range(1, n + 1))
+    if answer in ("n", "none"):
+        return set()
+    parts = answer.replace(",", " ").split()
+    if parts and all(part.isdigit() and 1 <= int(part) <= n for part in parts):
+        return {int(part) for part in parts}
+    return None
+
+
+def _numbered_preview(pixels: torch.Tensor, columns: int) -> str:
+    """:func:`render_preview` of ``pixels``, ``columns`` to a row, each row followed by the numbers (from 1) of its
+    images, centred under them."""
+    height, width = pixels.shape[-2:]
+    drawn = max(1, round(width * min(1.0, 16 / max(height, width))))  # render_preview's default max_side of 16
+    rows = []
+    for start in range(0, len(pixels), columns):
+        numbers = range(start + 1, min(start + columns, len(pixels)) + 1)
+        rows.append(render_preview(pixels[start : start + columns], columns=columns) + "\n"
+                    + " ".join(f"{i:^{drawn}}" for i in numbers).rstrip())
+    return "\n".join(rows)
+
+
+def _append(path: Path, answers: Sequence[tuple[int, int]]) -> None:
+    """Append ``answers`` (image, label) to the review file, with its header if new, and fsync them."""
+    fresh = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", encoding="utf-8") as handle:
+        if fresh:
+            handle.write("image,label\n")
+        handle.write("".join(f"{image},{label}\n" for image, label in answers))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def _witnesses(row) -> str:
@@ -126,32 +257,31 @@ def review_prompt(items: Sequence[tuple[int, str, torch.Tensor]], classes: Seque
     (1, C, H, W) tensor in [0, 1]). Each answer (a class name or index) is appended to ``path`` (a CSV of
     image,label, the review file ``correct.reviewed_labels`` reads) and fsynced at once, so stopping at any moment
     loses nothing; Enter skips, ``q`` stops. Returns how many answers were written."""
-    path = Path(path)
-    fresh = not path.exists() or path.stat().st_size == 0
+    out(f"{len(items)} images to review. For each: its class (name or index), Enter to skip, q to stop.")
+    return _ask_each(items, classes, Path(path), ask, out)[0]
+
+
+def _ask_each(items: Sequence[tuple[int, str, torch.Tensor]], classes: Sequence[str], path: Path,
+              ask: Callable[[str], str], out: Callable[[str], None]) -> tuple[int, bool]:
+    """:func:`review_prompt`'s questions: (answers written, whether the person stopped)."""
     answered = 0
-    with open(path, "a", encoding="utf-8") as handle:
-        if fresh:
-            handle.write("image,label\n")
-        out(f"{len(items)} images to review. For each: its class (name or index), Enter to skip, q to stop.")
-        for done, (image, about, pixels) in enumerate(items):
-            out(render_preview(pixels, columns=1))
-            prompt = f"[{done + 1}/{len(items)}] image {image} ({about}). What is it? "
-            while True:
-                try:
-                    answer = ask(prompt).strip()
-                except EOFError:  # stdin closed: as good as q
-                    return answered
-                if answer in ("q", "quit"):
-                    return answered
-                if answer in ("", "s", "skip"):
-                    break
-                label = parse_label(answer, classes)
-                if isinstance(label, int):
-                    handle.write(f"{image},{label}\n")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                    answered += 1
-                    break
-                out(f"{answer!r} is not a class: answer with one of {', '.join(classes)} (or its index), "
-                    f"Enter to skip, q to stop.")
-    return answered
+    for done, (image, about, pixels) in enumerate(items):
+        out(render_preview(pixels, columns=1))
+        prompt = f"[{done + 1}/{len(items)}] image {image} ({about}). What is it? "
+        while True:
+            try:
+                answer = ask(prompt).strip()
+            except EOFError:  # stdin closed: as good as q
+                return answered, True
+            if answer in ("q", "quit"):
+                return answered, True
+            if answer in ("", "s", "skip"):
+                break
+            label = parse_label(answer, classes)
+            if isinstance(label, int):
+                _append(path, [(image, label)])
+                answered += 1
+                break
+            out(f"{answer!r} is not a class: answer with one of {', '.join(classes)} (or its index), "
+                f"Enter to skip, q to stop.")
+    return answered, False
