@@ -742,7 +742,8 @@ def labelled_config(config: RunConfig, labels: Path, consent: bool) -> RunConfig
 
 
 def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, consent: bool,
-             clean_audit: bool, review: bool = False, replay: bool = False, experiment: tuple[str, ...] = ()) -> dict:
+             clean_audit: bool, review: bool = False, replay: bool = False, experiment: tuple[str, ...] = (),
+             rechoose: bool = False) -> dict:
     start = time.perf_counter()
     npz, info, poisoned_rows = write_case_data(folder, case, seed, clean_audit)
     # Planted cases share every image with the clean case, and so its generator; a natural case's images differ.
@@ -750,7 +751,7 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
     config = case_config(npz, seed, shared, experiment)
     run = RunDir(folder / case)
     if replay:
-        return replay_correct(run, config, case, info, poisoned_rows, reference, consent, review, start)
+        return replay_correct(run, config, case, info, poisoned_rows, reference, consent, review, start, rechoose)
     # A directory kept from an earlier run (--keep) holds the simulated person's answers already: an unlabelled first
     # call would go on to repair without the consent to relabel, and the labelled call would repair again.
     answered = do_repair and run.path("person.yaml").exists()
@@ -787,22 +788,39 @@ def run_case(case: str, folder: Path, seed: int, reference, do_repair: bool, con
 
 
 def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poisoned_rows: np.ndarray, reference,
-                   consent: bool, review: bool, start: float) -> dict:
+                   consent: bool, review: bool, start: float, rechoose: bool = False) -> dict:
     """``--replay-correct``: the simulated person asked again (the running code's pictures of the kept regions), then
     the label, correct and verify stages again, forced, on a kept run (and a fresh simulated review, which the
-    running code's rules decide), graded as :func:`run_case` grades, with the planted region's figures."""
+    running code's rules decide), graded as :func:`run_case` grades, with the planted region's figures.
+
+    ``rechoose`` (``--rechoose``): no new review; the kept run's review file as its person left it (their answers
+    after the last look), label, correct and verify once. The fine-tune's checkpoints stand wherever what it trains
+    on is unchanged (only settings that choose among candidates differ: ``stages.correct.stage.CHOICE_ONLY``), so
+    an experiment on the choice re-grades the same candidates in about a minute a case. It leaves out what the
+    changed choice would have moved for the person's next look."""
     if not run.path("person.yaml").exists() or not run.path("regions.json").exists():
         raise SystemExit(f"{run.root} holds no finished run with the simulated person's labels to replay: run "
                          f"`python scripts/bench_planted.py --keep {run.root.parent.parent}` first.")
+    if rechoose and review and not run.path("review.csv").exists():
+        raise SystemExit(f"{run.root} holds no review file to re-choose with: replay it with --review first.")
     labelled = labelled_config(config, simulated_person(run, config, reference), consent)
     reviewed = {}
-    if review:
+    if rechoose:
+        if review:
+            labelled = reviewed_config(labelled, run.path("review.csv"))
+            reviewed = review_figures(run.path("review.csv"), np.load(run.root.parent / "clean.npz")["y"],
+                                      np.load(labelled.data.root)["y"])
+        for name in ("label", "correct", "verify"):
+            run_stage(stage_named(name), labelled, run, force=True)
+        review = False  # the kept answers stand; nobody looks again
+    elif review:
         answers = simulated_review(run, labelled, reference)
         labelled = reviewed_config(labelled, answers)
         reviewed = review_figures(answers, np.load(run.root.parent / "clean.npz")["y"],
                                   np.load(labelled.data.root)["y"])
-    for name in ("label", "correct", "verify"):
-        run_stage(stage_named(name), labelled, run, force=True)
+    if not rechoose:
+        for name in ("label", "correct", "verify"):
+            run_stage(stage_named(name), labelled, run, force=True)
     if review:
         moved = []
         while len(moved) < REVIEW_ROUNDS and (count := review_moved(run, labelled, reference)):
@@ -819,7 +837,7 @@ def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poison
         x = reconstruct(load_generator(run.path("generator.ckpt")), test.float_images()[group])
         discovery = {"visibility": round(float((predict_labels(model, x) == case_spec(case)[1]).float().mean()), 4),
                      **planted_region_figures(run, config, case, reference)}
-    return {**info, "replayed": ["label", "correct", "verify"], **discovery,
+    return {**info, "replayed": ["label", "correct", "verify"], **({"rechosen": True} if rechoose else {}), **discovery,
             "repair": {"labels": "simulated person (independent clean reference's vote)",
                        "relabel_consent": labelled.correct.relabel, **reviewed,
                        **repair_figures(run, labelled, case, group, poisoned_rows)},
@@ -944,6 +962,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="correct.KEY=VALUE", dest="experiment",
                         help="with --replay-correct: an experiment on the repair, not the product as shipped (listed "
                         "under deviations); repeatable, correct.* keys only, e.g. --set correct.epochs=10")
+    parser.add_argument("--rechoose", action="store_true", help="with --replay-correct (and --review): no new "
+                        "review; each kept run's review file as its person left it, then label, correct and verify "
+                        "once: an experiment on how candidates are chosen (--set correct.layers=[all], "
+                        "correct.scoped=false, correct.lambdas=[0], ...) re-grades the kept checkpoints in about a "
+                        "minute a case")
     parser.add_argument("--regrade", action="store_true",
                         help="with --keep DIR of an earlier run: re-grade only the discovery of its kept runs (the "
                              "planted pair's regions, their ranks and precision, by this script's grader); runs and "
@@ -962,6 +985,8 @@ def main(argv: list[str] | None = None) -> int:
         case_config(Path("unused.npz"), 0, extra=tuple(args.experiment))
     except ValueError as error:
         parser.error(f"--set: {error}")
+    if args.rechoose and not args.replay_correct:
+        parser.error("--rechoose re-grades the kept candidates of a replay: it goes with --replay-correct --keep DIR")
     if args.replay_correct and (not args.keep or args.no_repair):
         parser.error("--replay-correct re-runs the repair of kept runs: give --keep DIR (an earlier run's "
                      "directory), and not --no-repair")
@@ -985,7 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
         deviations[key] = {"value": value, "reason": "an experiment (--set): not the product as shipped"}
     result: dict = {"config": str(SHIPPED.name), "deviations": deviations, "seeds": seeds,
                     "clean_audit": args.clean_audit, "consent": not args.no_consent, "review": args.review,
-                    "replay_correct": args.replay_correct,
+                    "replay_correct": args.replay_correct, "rechoose": args.rechoose,
                     "cases": {}}
     per_seed: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -1000,7 +1025,8 @@ def main(argv: list[str] | None = None) -> int:
             clean_max = 0.0
             for case in cases:
                 out = run_case(case, folder, seed, reference, not args.no_repair, not args.no_consent,
-                               args.clean_audit, args.review, args.replay_correct, tuple(args.experiment))
+                               args.clean_audit, args.review, args.replay_correct, tuple(args.experiment),
+                               args.rechoose)
                 if args.replay_correct:
                     pass  # no discovery figures to compare with the clean control
                 elif case == "clean":

@@ -110,9 +110,17 @@ def test_replay_correct_needs_a_kept_run_to_replay(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bp.main(["--without-control"])  # a fresh run always grades against its clean control
     assert "--without-control goes with --replay-correct" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bp.main(["--rechoose", "--keep", str(tmp_path)])  # re-choosing needs a replay's kept candidates
+    assert "--rechoose re-grades the kept candidates of a replay" in capsys.readouterr().err
     run = bp.RunDir(tmp_path / "seed0" / "short")
     with pytest.raises(SystemExit, match=r"holds no finished run with the simulated person's labels to replay"):
         bp.replay_correct(run, None, "short", {}, None, None, True, False, 0.0)
+    for name in ("person.yaml", "regions.json"):
+        run.path(name).parent.mkdir(parents=True, exist_ok=True)
+        run.path(name).write_text("{}")
+    with pytest.raises(SystemExit, match=r"holds no review file to re-choose with"):  # before anything runs
+        bp.replay_correct(run, None, "short", {}, None, None, True, True, 0.0, rechoose=True)
 
 
 def test_an_experiment_on_the_repair_is_a_replay_of_correct_settings_and_reaches_the_config(tmp_path, capsys):

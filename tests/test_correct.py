@@ -665,6 +665,24 @@ def test_the_fine_tunes_cache_key_follows_what_the_data_file_holds_not_where_it_
     assert section_by_content(DataConfig()) == asdict(DataConfig())  # no file named: the section as it is
 
 
+def test_settings_that_only_choose_among_candidates_keep_the_fine_tunes_checkpoints():
+    """How candidates are chosen, and which families are candidates (each trains in its own folder from the same
+    seed), leave the checkpoints standing; what the fine-tune trains with does not."""
+    model = torch.nn.Linear(2, 2)
+    data = SimpleNamespace(config=DataConfig())
+
+    def key(**changed) -> str:
+        return _inputs_key(model, {1: 0}, Regions([_region(1)], {}), quadrant_validity(), data,
+                           CorrectConfig(**changed), 0.25, 0, None, "trained-on")
+
+    shipped = key()
+    for choice in ({"scoped": False}, {"layers": ["all"]}, {"lambdas": [0.0]}, {"max_clean_drop": 0.01},
+                   {"max_class_drop": 0.05}, {"reviewed_labels": "answers.csv"}):
+        assert key(**choice) == shipped, choice
+    for training in ({"lr": 1e-3}, {"epochs": 3}, {"head_lr": 1e-3}, {"relabelled_repeats": 3}, {"keep": 0.5}):
+        assert key(**training) != shipped, training
+
+
 def test_answers_on_held_out_images_re_grade_the_same_checkpoints_and_answers_on_training_images_retrain(digits):
     issues = pd.DataFrame({"split": ["train", "val"], "position": [0, 0], "person_label": [7, 7],
                            "given_label": [1, 1], "relabelled": [True, True]})

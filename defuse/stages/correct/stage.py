@@ -185,6 +185,14 @@ def repair(
                                                    **summary})
 
 
+# Correct settings that leave the fine-tune's checkpoints as they are: how candidates are judged and chosen
+# (`scoped`, the guard's bounds), the person's answers on held-out images (`reviewed_labels`; answers on training
+# images are in what it trains on), and which (layers, lambda) families are candidates: each trains in its own
+# folder (lambda_<l>, head_lambda_<l>) from the same seed, so a family dropped from `layers` or `lambdas` and
+# brought back, or one added, leaves the others' epochs standing. A changed choice re-grades the same checkpoints.
+CHOICE_ONLY = ("scoped", "reviewed_labels", "layers", "lambdas", "max_clean_drop", "max_class_drop")
+
+
 def _without_pairs_shown_by_real_images(samples: RegionSamples, regions: Regions, bug_labels: dict[int, int],
                                         issues: pd.DataFrame) -> RegionSamples:
     """The decoded training samples, less those of regions whose (person's label, mistake) pair has at least
@@ -230,10 +238,11 @@ def _inputs_key(model: nn.Module, bug_labels: dict[int, int], regions: Regions, 
     return fingerprint({
         "weights": weights.hexdigest(), "labels": {str(k): v for k, v in sorted(bug_labels.items())},
         "regions": [(r.id, r.source_label, r.predicted_label, r.mean, r.cov) for r in regions.regions],
-        # `scoped` only changes how candidates are judged, not how they are trained: their checkpoints stand. The
-        # review file's answers on training images are in `trained_on`; those on held-out images only re-grade.
+        # Settings that only choose among the candidates or name which families train (each family in a folder of
+        # its own, seeded alike whatever else trains) leave every checkpoint standing: see CHOICE_ONLY. The review
+        # file's answers on training images are in `trained_on`; those on held-out images only re-grade.
         "judge": judge_hash, "data": section_by_content(data.config),
-        "config": {k: v for k, v in section_by_content(config).items() if k not in ("scoped", "reviewed_labels")},
+        "config": {k: v for k, v in section_by_content(config).items() if k not in CHOICE_ONLY},
         "tau": tau, "seed": seed, "trainer": trainer_fields,
         # What the fine-tune trains on and leaves out (new witnesses or answers change them, not the inputs).
         "trained_on": trained_on,
