@@ -32,6 +32,7 @@ from defuse.pipeline import (
     run_stage,
     stage_named,
 )
+from defuse.quiet import quiet_libraries
 from defuse.rundir import RunDir, ctrl_c_latch
 from defuse.stages.check import check_file
 from defuse.stages.drift import DRIFT_ACTIONS, drift_command
@@ -381,15 +382,18 @@ def _main(args: argparse.Namespace, console: Console, errors: Console) -> int:
             with _StageProgress(console, errors, enabled=config.trainer.progress_bar) as progress:
                 results = run_pipeline(config, run, force=tuple(args.force), on_stage=progress.update)
         elif args.command == "review":
-            return _review(args, config, run, console)
+            with quiet_libraries(enabled=not config.trainer.verbose):  # as a stage of the run is (the image judge)
+                return _review(args, config, run, console)
         elif args.command == "drift":
             start = time.perf_counter()
-            metrics = drift_command(config, run, args.action, args.model)
+            with quiet_libraries(enabled=not config.trainer.verbose):
+                metrics = drift_command(config, run, args.action, args.model)
             results = [StageResult(f"drift {args.action} {args.model}", False, time.perf_counter() - start,
                                    metrics)]
         elif args.command == "check" and args.model not in ("before", "after"):
             start = time.perf_counter()
-            metrics = check_file(config, run, args.model)
+            with quiet_libraries(enabled=not config.trainer.verbose):
+                metrics = check_file(config, run, args.model)
             results = [StageResult(f"check {args.model}", False, time.perf_counter() - start, metrics)]
         elif args.command == "check":
             results = [run_stage(stage_named(f"check-{args.model}"), config, run, force=args.force)]

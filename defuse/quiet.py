@@ -37,6 +37,9 @@ CHATTY_LOGGERS = (
 EXPECTED_WARNINGS = (
     # Data are in memory tensors; worker processes would only add start-up time on a 2-core machine.
     r".*does not have many workers.*",
+    # The fine-tunes of correct and the image judge train without a validation loop on purpose (they are read on
+    # held-out images after each epoch, by a callback): Lightning notes the module's unused validation_step.
+    r".*You defined a `validation_step` but have no `val_dataloader`.*",
     # Lightning's own use of a torch API that torch has deprecated; nothing the user can act on.
     r".*treespec.*",
     # umap-learn: distill passes precomputed distances (faster below 4,096 points) and never inverts the map.

@@ -48,6 +48,8 @@ def test_expected_library_warnings_are_hidden_but_a_users_own_warning_is_not():
             warnings.warn("using precomputed metric; inverse_transform will be unavailable", UserWarning)
             warnings.warn("n_jobs value 1 overridden to 1 by setting random_state. Use no seed for parallelism.",
                           UserWarning)
+            warnings.warn("You defined a `validation_step` but have no `val_dataloader`. Skipping val loop.",
+                          UserWarning)  # correct's fine-tunes and the image judge: no validation loop on purpose
             warnings.warn("my model's own warning", UserWarning)
         warnings.warn("using precomputed metric; inverse_transform will be unavailable", UserWarning)
     assert [str(w.message) for w in caught] == [
