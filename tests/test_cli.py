@@ -604,3 +604,17 @@ def test_a_second_run_directory_adopts_the_models_the_first_trained_and_says_so(
     assert main(["fit-classifier", *_args(tiny_overrides, tmp_path / "fifth")]) == 0
     assert "fit-classifier: done (" in capsys.readouterr().out
     assert not list((tmp_path / "cache").rglob(".partial-*"))  # entries are written whole
+
+
+def test_review_pages_group_what_a_person_can_answer_together_sixteen_to_a_page():
+    from defuse.stages.review import PAGE, review_pages_of
+
+    rows = [{"image": i, "given_label": 1, "person_label": 7, "kind": "neighbour"} for i in range(PAGE + 3)]
+    rows += [{"image": 100 + i, "given_label": 1, "person_label": 7, "kind": "moved"} for i in range(2)]
+    rows += [{"image": 200, "given_label": 9, "person_label": 4, "kind": "doubted"}]
+    pages = review_pages_of(pd.DataFrame(rows).sample(frac=1.0, random_state=0))  # listed in any order
+    assert sorted(len(page) for page in pages) == [1, 2, 3, PAGE]
+    for page in pages:  # one given label, one person's label, and the repair's moves apart from the rest
+        assert page["given_label"].nunique() == page["person_label"].nunique() == 1
+        assert page["kind"].eq("moved").all() or not page["kind"].eq("moved").any()
+    assert sum(len(page) for page in pages) == len(rows)
