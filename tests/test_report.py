@@ -81,7 +81,7 @@ def test_the_report_counts_a_persons_label_review_or_points_to_defuse_review(fin
     run.write_manifest(manifest)
     build_report(run).save(run.path("report"))
     html = run.path("report/index.html").read_text()
-    assert "Label issues listed: 12 (7 of labelling bugs: settle them image by image with <code>defuse review</code>)" \
+    assert "Label issues listed: 12 (7 of labelling bugs: settle them with <code>defuse review</code>, a page of pictures at a time)" \
         in html
     correct.update(reviewed_labels=5, reviewed_relabelled=3)
     run.write_manifest(manifest)
