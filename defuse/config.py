@@ -20,7 +20,8 @@ from typing import Any
 import yaml
 
 TORCHVISION_SOURCES = ("mnist", "fashion-mnist", "kmnist", "svhn", "cifar10", "gtsrb")
-SOURCES = ("digits", *TORCHVISION_SOURCES, "idx", "folder", "npz")
+SOURCES = ("digits", "signs", *TORCHVISION_SOURCES, "idx", "folder", "npz")
+SIGN_SIZES = (32, 48, 64)  # what defuse.signs renders
 CLASSIFIER_ARCHS = ("small_cnn", "resnet18")
 SPLITS = ("train", "val", "audit", "test")
 DISCOVERY_SPLITS = ("train", "val", "audit")  # what identify may search and fit its judge on: never test
@@ -32,6 +33,27 @@ FAIL_ON = ("never", "regression")
 # so editing the data file (relabelling, say) or replacing a model file re-runs what read it.
 PATH = {"path": True}
 GENERATOR_SIZES = (28, 32, 64)
+
+
+@dataclass
+class SignsConfig:
+    """The built-in traffic-sign source (``data.source: signs``, :mod:`defuse.signs`): rendered here, no download."""
+
+    images_per_class: int = 600  # the labelled pool that train, val and audit are split from
+    test_per_class: int = 150  # the test split, rendered from a stream of its own: fresh signs, same distribution
+    seed: int = 0  # the data set's own seed: the same signs whatever the run's seed
+    classes: list[str] | None = None  # a subset of defuse.signs.CLASSES (e.g. the speed limits); None: all 12
+
+    def validate(self) -> None:
+        if self.classes is not None:
+            from defuse.signs import CLASSES
+
+            unknown = [name for name in self.classes if name not in CLASSES]
+            if unknown or len(set(self.classes)) < 2:
+                raise ValueError(f"`data.signs.classes` must list at least 2 of {', '.join(CLASSES)}; got "
+                                 f"{self.classes} instead (unknown: {unknown or 'none'}).")
+        _check_range("data.signs.images_per_class", self.images_per_class, 10, 1 << 20)
+        _check_range("data.signs.test_per_class", self.test_per_class, 1, 1 << 20)
 
 
 @dataclass
@@ -51,9 +73,15 @@ class DataConfig:
     shuffle: bool = True  # False: keep file order, the *last* test_size images are the test split
     batch_size: int = 128
     num_workers: int = 0  # in-memory tensors: worker processes only add start-up cost on small data
+    signs: SignsConfig = field(default_factory=SignsConfig)  # source `signs` only
 
     def validate(self) -> None:
         _check_choice("data.source", self.source, SOURCES)
+        self.signs.validate()
+        if self.source == "signs" and self.image_size not in SIGN_SIZES:
+            raise ValueError(f"`data.image_size` must be one of {', '.join(map(str, SIGN_SIZES))} for the signs "
+                             f"source (they are rendered at that size), got {self.image_size} instead. "
+                             f"Set --set data.image_size=32.")
         _check_range("data.image_size", self.image_size, 8, 512)
         _check_positive("data.test_size", self.test_size)
         if self.val_size < 0:

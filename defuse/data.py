@@ -5,7 +5,7 @@ Images are stored as uint8 ``(N, C, H, W)`` tensors and handed out as float
 tensors in [0, 1]; labels are int64 ``(N,)`` in ``[0, K)``.
 
 Sources (``data.source``): ``digits`` (scikit-learn's bundled 8x8 digits, the
-embedded default), the torchvision datasets in :data:`defuse.config.TORCHVISION_SOURCES`,
+embedded default), ``signs`` (traffic signs rendered by :mod:`defuse.signs`), the torchvision datasets in :data:`defuse.config.TORCHVISION_SOURCES`,
 ``idx`` (a folder of MNIST-format IDX files), ``folder`` (an ImageFolder tree) and
 ``npz`` (arrays ``x`` and ``y``).
 """
@@ -81,6 +81,8 @@ def load_source(config: DataConfig) -> LoadedSource:
     source = config.source
     if source == "digits":
         loaded = _load_digits()
+    elif source == "signs":
+        loaded = _load_signs(config)
     elif source in TORCHVISION_SOURCES:
         loaded = _load_torchvision(source, Path(config.root or "data"), config.download)
     elif source == "idx":
@@ -105,6 +107,15 @@ def _load_digits() -> LoadedSource:
     images = torch.from_numpy(np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     return LoadedSource(_checked(images, labels, tuple(str(c) for c in bunch.target_names), "sklearn digits"))
+
+
+def _load_signs(config: DataConfig) -> LoadedSource:
+    from defuse.signs import CLASSES, sign_sets
+
+    classes = tuple(config.signs.classes or CLASSES)
+    pool, test = sign_sets(config.signs.images_per_class, config.signs.test_per_class, config.signs.seed,
+                           config.image_size, classes)
+    return LoadedSource(ImageSet(pool.images, pool.labels, classes), ImageSet(test.images, test.labels, classes))
 
 
 def _load_torchvision(name: str, root: Path, download: bool) -> LoadedSource:
