@@ -36,6 +36,39 @@ GENERATOR_SIZES = (28, 32, 64)
 
 
 @dataclass
+class RareSignsConfig:
+    """A natural bug built into the signs source: the images of one sign under one factor combination (e.g. 50 km/h
+    at night) kept only at ``keep`` of their share in the labelled pool; the test split renders them as often as
+    ever. No label is touched: the data just barely shows them."""
+
+    sign: str | None = None  # e.g. "50kmh"; None: none is rare
+    factor: str = "illumination"  # a factor of defuse.signs.FACTORS
+    values: list[str] = field(default_factory=lambda: ["night"])  # its values; a numeric factor: [low, high]
+    keep: float = 0.03
+
+    def validate(self) -> None:
+        if self.sign is None:
+            return
+        from defuse.signs import CLASSES, FACTORS, NUMERIC_FACTORS
+
+        if self.sign not in CLASSES:
+            raise ValueError(f"`data.signs.rare.sign` must be one of {', '.join(CLASSES)}, got {self.sign!r} instead.")
+        if self.factor not in FACTORS:
+            raise ValueError(f"`data.signs.rare.factor` must be one of {', '.join(FACTORS)}, got {self.factor!r} "
+                             "instead.")
+        if self.factor in NUMERIC_FACTORS:
+            try:
+                low, high = (float(v) for v in self.values)
+            except ValueError:
+                raise ValueError(f"`data.signs.rare.values` must be [low, high] for the numeric factor "
+                                 f"{self.factor}, got {self.values} instead.") from None
+            if low > high:
+                raise ValueError(f"`data.signs.rare.values` must be [low, high] with low <= high, got {self.values}.")
+        if not 0 <= self.keep <= 1:
+            raise ValueError(f"`data.signs.rare.keep` must be a fraction in [0, 1], got {self.keep} instead.")
+
+
+@dataclass
 class SignsConfig:
     """The built-in traffic-sign source (``data.source: signs``, :mod:`defuse.signs`): rendered here, no download."""
 
@@ -43,8 +76,13 @@ class SignsConfig:
     test_per_class: int = 150  # the test split, rendered from a stream of its own: fresh signs, same distribution
     seed: int = 0  # the data set's own seed: the same signs whatever the run's seed
     classes: list[str] | None = None  # a subset of defuse.signs.CLASSES (e.g. the speed limits); None: all 12
+    rare: RareSignsConfig = field(default_factory=RareSignsConfig)  # a natural bug, off unless rare.sign is set
 
     def validate(self) -> None:
+        self.rare.validate()
+        if self.rare.sign is not None and self.classes is not None and self.rare.sign not in self.classes:
+            raise ValueError(f"`data.signs.rare.sign` {self.rare.sign!r} is not among `data.signs.classes` "
+                             f"{self.classes}: add it, or choose one of them.")
         if self.classes is not None:
             from defuse.signs import CLASSES
 

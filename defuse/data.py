@@ -110,11 +110,12 @@ def _load_digits() -> LoadedSource:
 
 
 def _load_signs(config: DataConfig) -> LoadedSource:
-    from defuse.signs import CLASSES, sign_sets
+    from defuse.signs import CLASSES, Rare, sign_sets
 
-    classes = tuple(config.signs.classes or CLASSES)
+    classes, rare = tuple(config.signs.classes or CLASSES), config.signs.rare
     pool, test = sign_sets(config.signs.images_per_class, config.signs.test_per_class, config.signs.seed,
-                           config.image_size, classes)
+                           config.image_size, classes,
+                           Rare(rare.sign, rare.factor, tuple(rare.values), rare.keep) if rare.sign else None)
     return LoadedSource(ImageSet(pool.images, pool.labels, classes), ImageSet(test.images, test.labels, classes))
 
 

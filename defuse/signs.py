@@ -35,9 +35,11 @@ BACKGROUNDS = ("sky", "foliage", "wall")
 JPEG_QUALITIES = (0, 30, 50, 70, 90)  # 0: stored raw
 MOTION_LENGTHS = (0, 3, 5, 7)  # pixels at the output size; 0: still
 SIZES = (32, 48, 64)
+CATEGORICAL_FACTORS = ("background", "illumination")
 # The factors, in the order the pipeline applies them; each is a column of the factor table.
 FACTORS = ("rotation", "yaw", "scale", "offset_x", "offset_y", "background", "occlusion", "illumination",
            "cast_red", "cast_blue", "defocus", "motion", "motion_angle", "noise", "jpeg")
+NUMERIC_FACTORS = tuple(f for f in FACTORS if f not in CATEGORICAL_FACTORS)
 # What each illumination does to the scene's linear light: gain, gamma, and a tint (red, green, blue).
 _LIGHT = {"day": (1.0, 1.0, (1.0, 1.0, 1.0)), "dusk": (0.62, 1.15, (1.08, 0.95, 0.80)),
           "night": (0.28, 1.35, (0.85, 0.92, 1.15)), "glare": (1.05, 0.85, (1.0, 1.0, 1.0))}
@@ -56,21 +58,43 @@ class SignSet:
     factors: pd.DataFrame
 
 
+@dataclass(frozen=True)
+class Rare:
+    """A factor combination the labelled pool keeps only ``keep`` of: ``sign`` with ``factor`` among ``values``
+    (a categorical factor) or within [low, high] (a numeric one). The test split keeps all of it."""
+
+    sign: str
+    factor: str
+    values: tuple[str, ...]
+    keep: float = 0.03
+
+    def matches(self, factors: pd.DataFrame) -> np.ndarray:
+        """(N,) booleans: the rows of ``factors`` in the combination."""
+        column = factors[self.factor].to_numpy()
+        if self.factor in NUMERIC_FACTORS:
+            low, high = (float(v) for v in self.values)
+            inside = (column >= low) & (column <= high)
+        else:
+            inside = np.isin(column, list(self.values))
+        return inside & (factors["sign"].to_numpy() == CLASSES.index(self.sign))
+
+
 def sign_sets(images_per_class: int, test_per_class: int, seed: int = 0, size: int = 32,
-              classes: tuple[str, ...] = CLASSES) -> tuple[SignSet, SignSet]:
+              classes: tuple[str, ...] = CLASSES, rare: Rare | None = None) -> tuple[SignSet, SignSet]:
     """The source's labelled pool and its test split: every class of ``classes`` (a subset of :data:`CLASSES`, in
     its order; the labels index it) equally often, each split from its own stream of ``seed`` (the data set's seed,
-    not the run's), so the test signs are fresh renders of the same distribution. Kept in memory for the process:
-    every stage of a run reads the same source."""
+    not the run's), so the test signs are fresh renders of the same distribution. With ``rare``, the pool keeps
+    only ``rare.keep`` of that combination's images (a seeded choice; the class has that many fewer): a natural
+    bug no label shows. Kept in memory for the process: every stage of a run reads the same source."""
     unknown = [name for name in classes if name not in CLASSES]
     if unknown or len(set(classes)) < 2:
         raise ValueError(f"Sign classes must be at least 2 of {', '.join(CLASSES)}; got {list(classes)} instead.")
-    return _sign_sets(int(images_per_class), int(test_per_class), int(seed), int(size), tuple(classes))
+    return _sign_sets(int(images_per_class), int(test_per_class), int(seed), int(size), tuple(classes), rare)
 
 
 @lru_cache(maxsize=2)
-def _sign_sets(images_per_class: int, test_per_class: int, seed: int, size: int,
-               classes: tuple[str, ...]) -> tuple[SignSet, SignSet]:
+def _sign_sets(images_per_class: int, test_per_class: int, seed: int, size: int, classes: tuple[str, ...],
+               rare: Rare | None) -> tuple[SignSet, SignSet]:
     from defuse.seeding import numpy_rng
 
     kinds = np.array([CLASSES.index(name) for name in classes])
@@ -79,6 +103,10 @@ def _sign_sets(images_per_class: int, test_per_class: int, seed: int, size: int,
         rng = numpy_rng(seed, f"signs.{split}")
         labels = rng.permutation(np.repeat(np.arange(len(classes)), count))
         factors = draw_factors(kinds[labels], rng)
+        if rare is not None and split == "pool":
+            inside = rare.matches(factors)
+            dropped = inside & (numpy_rng(seed, "signs.rare").random(len(factors)) >= rare.keep)
+            labels, factors = labels[~dropped], factors[~dropped].reset_index(drop=True)
         out.append(SignSet(render(factors, size), torch.from_numpy(labels.astype(np.int64)), factors))
     return out[0], out[1]
 
@@ -351,18 +379,22 @@ def _hash(x: np.ndarray) -> np.ndarray:
 
 
 def _uniform(seeds: np.ndarray, stream: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Uniforms in [0, 1), (B, *shape), a function of (seed, stream, position) only: an image's textures do not
-    depend on which batch renders it."""
+    """Uniforms in [0, 1) as float32, (B, *shape), a function of (seed, stream, position) only: an image's textures
+    do not depend on which batch renders it."""
+    return _uniform64(seeds, stream, shape).astype(np.float32)
+
+
+def _uniform64(seeds: np.ndarray, stream: int, shape: tuple[int, ...]) -> np.ndarray:
     count = int(np.prod(shape))
     with np.errstate(over="ignore"):
         key = _hash(seeds.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(stream << 40))
         z = _hash(key[:, None] + np.arange(count, dtype=np.uint64)[None] * np.uint64(0xD1B54A32D192ED03))
-    return ((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).astype(np.float32).reshape(len(seeds), *shape)
+    return ((z >> np.uint64(11)).astype(np.float64) * 2.0**-53).reshape(len(seeds), *shape)
 
 
 def _normal(seeds: np.ndarray, stream: int, shape: tuple[int, ...]) -> np.ndarray:
-    """Standard normals (B, *shape) by Box-Muller from two :func:`_uniform` draws."""
-    u = _uniform(seeds, stream, (2, *shape)).astype(np.float64)
+    """Standard normals (B, *shape) by Box-Muller from two uniforms in [0, 1) (float64: 1 - u never rounds to 0)."""
+    u = _uniform64(seeds, stream, (2, *shape))
     return (np.sqrt(-2.0 * np.log1p(-u[:, 0])) * np.cos(2 * np.pi * u[:, 1])).astype(np.float32)
 
 
@@ -375,5 +407,6 @@ def _value_noise(seeds: np.ndarray, stream: int, size: int) -> torch.Tensor:
     return total[:, 0].clamp(0.0, 1.0)
 
 
-__all__ = ["BACKGROUNDS", "CLASSES", "FACTORS", "ILLUMINATIONS", "JPEG_QUALITIES", "MOTION_LENGTHS", "SIZES", "SignSet",
-           "draw_factors", "render", "render_layers", "sign_sets", "templates"]
+__all__ = ["BACKGROUNDS", "CATEGORICAL_FACTORS", "CLASSES", "FACTORS", "ILLUMINATIONS", "JPEG_QUALITIES",
+           "MOTION_LENGTHS", "NUMERIC_FACTORS", "SIZES", "Rare", "SignSet", "draw_factors", "render", "render_layers",
+           "sign_sets", "templates"]

@@ -57,7 +57,7 @@ def test_wrong_type_names_key_value_and_file(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("data.source=mnsit", "`data.source` must be one of digits, mnist, fashion-mnist, kmnist, svhn, cifar10, gtsrb, "
+        ("data.source=mnsit", "`data.source` must be one of digits, signs, mnist, fashion-mnist, kmnist, svhn, cifar10, gtsrb, "
                               "idx, folder, npz; got 'mnsit' instead. Did you mean 'mnist'?"),
         ("classifier.epochs=0", "`classifier.epochs` must be an int in the range [1, 10000], got 0 instead."),
         ("data.image_size=30", "`data.image_size` must be one of (28, 32, 64) for the VAE, got 30 instead."),

@@ -197,6 +197,32 @@ def test_torchvision_source_missing_files_says_where_and_how(tmp_path):
         load_source(DataConfig(source="mnist", root=str(tmp_path)))
 
 
+def test_gtsrb_reads_torchvision_s_folder_layout_at_any_image_size_with_its_own_test_split(tmp_path):
+    """A tiny fake of torchvision's GTSRB layout (PPM files of varied sizes, the test labels in a CSV): read without
+    a download, every image resized to the module's 32 px, the official test split kept apart."""
+    from PIL import Image
+
+    base = tmp_path / "gtsrb"
+    rng = np.random.default_rng(0)
+    for k in range(2):
+        folder = base / "GTSRB" / "Training" / f"{k:05d}"
+        folder.mkdir(parents=True)
+        for i, size in enumerate((29, 41, 35)):
+            Image.fromarray(rng.integers(0, 256, (size, size + 3, 3), dtype=np.uint8)).save(folder / f"{i}.ppm")
+    test_folder = base / "GTSRB" / "Final_Test" / "Images"
+    test_folder.mkdir(parents=True)
+    rows = ["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"]
+    for i, k in enumerate((0, 1, 1)):
+        Image.fromarray(rng.integers(0, 256, (30, 30, 3), dtype=np.uint8)).save(test_folder / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;30;30;0;0;29;29;{k}")
+    (base / "GT-final_test.csv").write_text("\n".join(rows) + "\n")
+    loaded = load_source(DataConfig(source="gtsrb", root=str(tmp_path), image_size=32))
+    assert loaded.pool.images.shape == (6, 3, 32, 32) and loaded.pool.labels.tolist().count(1) == 3
+    assert loaded.test.images.shape == (3, 3, 32, 32) and loaded.test.labels.tolist() == [0, 1, 1]
+    with pytest.raises(FileNotFoundError, match="gtsrb dataset.*data.download=true"):
+        load_source(DataConfig(source="gtsrb", root=str(tmp_path / "elsewhere")))
+
+
 def test_splits_are_disjoint_complete_and_seeded():
     config = DataConfig(source="digits")
     a, b, c = ImageDataModule(config, seed=0), ImageDataModule(config, seed=0), ImageDataModule(config, seed=1)

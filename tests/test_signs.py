@@ -33,7 +33,7 @@ quick = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCh
 
 def test_the_source_is_the_same_for_a_seed_and_differs_between_seeds():
     first, test = signs.sign_sets(12, 3, seed=5)
-    again, _ = signs._sign_sets.__wrapped__(12, 3, 5, 32, signs.CLASSES)  # rendered anew, not the process's memo
+    again, _ = signs._sign_sets.__wrapped__(12, 3, 5, 32, signs.CLASSES, None)  # rendered anew, not the process's memo
     other, _ = signs.sign_sets(12, 3, seed=6)
     assert torch.equal(first.images, again.images) and torch.equal(first.labels, again.labels)
     assert not torch.equal(first.images, other.images)
@@ -160,6 +160,25 @@ def test_a_subset_of_classes_is_labelled_in_its_own_order_and_unknown_names_are_
                                                         signs.CLASSES.index("30kmh"))).all()
     with pytest.raises(ValueError, match="at least 2 of 20kmh"):
         load_config(None, ["data.source=signs", 'data.signs.classes=["stop", "stop sign"]'])
+
+
+def test_a_rare_combination_is_kept_at_its_share_in_the_pool_and_whole_in_the_test_split():
+    rare = signs.Rare("50kmh", "illumination", ("night",), keep=0.1)
+    pool, test = signs.sign_sets(200, 200, seed=3, classes=("30kmh", "50kmh", "stop"), rare=rare)
+    full, full_test = signs.sign_sets(200, 200, seed=3, classes=("30kmh", "50kmh", "stop"))
+    assert rare.matches(full.factors).sum() > 15  # about 15% of the 200 50 km/h signs are at night
+    assert rare.matches(pool.factors).sum() <= 0.25 * rare.matches(full.factors).sum()
+    assert len(full.labels) - len(pool.labels) == rare.matches(full.factors).sum() - rare.matches(pool.factors).sum()
+    assert torch.equal(test.images, full_test.images)  # the test split shows the combination as often as ever
+    # Nothing else moved: the other classes' images are the same images.
+    others = (full.labels != 1).numpy()
+    assert torch.equal(full.images[torch.from_numpy(others)], pool.images[(pool.labels != 1)])
+    wide = signs.Rare("50kmh", "yaw", ("30", "45"))
+    assert (full.factors["yaw"][wide.matches(full.factors)] >= 30).all()
+    with pytest.raises(ValueError, match=r"rare.values` must be \[low, high\]"):
+        load_config(None, ["data.source=signs", "data.signs.rare.sign=50kmh", "data.signs.rare.factor=yaw"])
+    with pytest.raises(ValueError, match="not among `data.signs.classes`"):
+        load_config(None, ["data.source=signs", "data.signs.rare.sign=50kmh", 'data.signs.classes=["stop", "yield"]'])
 
 
 def test_the_signs_source_splits_like_any_other_with_its_own_test_split():
