@@ -23,6 +23,7 @@ TORCHVISION_SOURCES = ("mnist", "fashion-mnist", "kmnist", "svhn", "cifar10", "g
 SOURCES = ("digits", "signs", *TORCHVISION_SOURCES, "idx", "folder", "npz")
 SIGN_SIZES = (32, 48, 64)  # what defuse.signs renders
 CLASSIFIER_ARCHS = ("small_cnn", "resnet18")
+GENERATOR_KINDS = ("vae", "gan")
 SPLITS = ("train", "val", "audit", "test")
 DISCOVERY_SPLITS = ("train", "val", "audit")  # what identify may search and fit its judge on: never test
 # Field metadata of keys that change how a run looks, never what it computes: left out of stage fingerprints, so
@@ -190,8 +191,10 @@ class ClassifierConfig:
 
 @dataclass
 class GeneratorConfig:
-    """The convolutional beta-VAE whose latent space is searched."""
+    """The generative model whose latent space is searched: a convolutional beta-VAE, or a GAN with an inverter."""
 
+    # vae: defuse.models.generators.ConvVAE; gan: a DCGAN with an inverter (defuse.models.gan), sharp samples
+    kind: str = "vae"
     latent_dim: int = 16
     beta: float = 1.0  # weight of the KL term; >1 gives smoother, blurrier latents
     width: int = 32  # channels of the first conv layer; doubled at each down-sampling
@@ -199,11 +202,14 @@ class GeneratorConfig:
     # 0.967/0.974, valid failures 1,600/256 against 1,088/320, the same top region on seed 0; a third less time.
     # 30 lost reconstruction accuracy (0.948 on seed 0). The MNIST config sets its own.
     epochs: int = 40
-    lr: float = 2e-3
+    lr: float = 2e-3  # the VAE's
+    gan_lr: float = 2e-4  # the GAN's generator and discriminator (DCGAN's); its inverter learns at 5x this
     # Adopt a generator.ckpt that defuse wrote (e.g. another run's on the same images) instead of training one.
     checkpoint: str | None = field(default=None, metadata=PATH)
 
     def validate(self) -> None:
+        _check_choice("generator.kind", self.kind, GENERATOR_KINDS)
+        _check_positive("generator.gan_lr", self.gan_lr)
         _check_range("generator.latent_dim", self.latent_dim, 1, 4096)
         if self.beta < 0:
             raise ValueError(f"`generator.beta` must be >= 0, got {self.beta} instead.")

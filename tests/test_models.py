@@ -73,3 +73,47 @@ def test_reconstruction_term_is_the_bernoulli_negative_log_likelihood():
     assert recon.item() > 0
     # a perfect reconstruction of a binary image costs ~0; the loss is summed over pixels, not averaged
     assert recon.item() > 28 * 28 * 0.1
+
+
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32), (3, 64)])
+def test_the_gan_with_its_inverter_is_a_generator_of_every_size(channels, size):
+    from defuse.models.gan import InvertedGAN
+
+    gan = InvertedGAN(channels, size, latent_dim=6, width=8).eval()
+    assert isinstance(gan, Generator)
+    mu, logvar = gan.encode(torch.rand(2, channels, size, size))
+    assert mu.shape == logvar.shape == (2, 6)
+    with torch.no_grad():
+        x = gan.decode(torch.randn(4, 6) * 3)
+    assert x.shape == (4, channels, size, size) and float(x.min()) >= 0 and float(x.max()) <= 1
+    with pytest.raises(ValueError, match="`image_size` must be one of 28, 32, 64; got 30 instead."):
+        InvertedGAN(1, 30)
+
+
+def test_the_gan_trains_its_inverter_measures_its_width_and_round_trips_through_generator_ckpt(tmp_path):
+    """generator.kind=gan through the fit-generator code path: the inverter learns (its latent error falls below
+    the prior's spread), encode's width is that error, and generator.ckpt loads the same generator back."""
+    from conftest import TINY_OVERRIDES
+
+    from defuse.config import load_config
+    from defuse.models.gan import InvertedGAN
+    from defuse.models.loading import load_generator, save_generator
+    from defuse.models.training import train_vae, training_data
+
+    config = load_config(None, [*TINY_OVERRIDES, "generator.kind=gan", "generator.epochs=2", "generator.width=8",
+                                "generator.latent_dim=4"])
+    data = training_data(config.data, config.seed)
+    gan, hparams = train_vae(data, config.generator, config.trainer, str(tmp_path))
+    assert isinstance(gan, InvertedGAN) and hparams["kind"] == "gan" and not gan.training
+    sigma2 = gan.log_sigma2.exp()
+    assert (sigma2 < 1.0).all() and (sigma2 > 0).all()  # below the prior's unit variance: E(G(z)) tracks z
+    images = data.split("audit").float_images()[:8]
+    mu, logvar = gan.encode(images)
+    assert torch.equal(logvar[0], gan.log_sigma2) and torch.isfinite(mu).all()
+    save_generator(tmp_path / "generator.ckpt", gan, hparams)
+    loaded = load_generator(tmp_path / "generator.ckpt")
+    assert isinstance(loaded, InvertedGAN)
+    with torch.no_grad():
+        assert torch.allclose(loaded.reconstruct(images), gan.reconstruct(images))
+    with pytest.raises(ValueError, match="`generator.kind` must be one of vae, gan"):
+        load_config(None, ["generator.kind=flow"])

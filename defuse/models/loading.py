@@ -189,16 +189,22 @@ def _load_state_dict(path: Path) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------- generators
 
 
-def save_generator(path: str | Path, vae: ConvVAE, hparams: dict[str, Any]) -> None:
+def save_generator(path: str | Path, vae: nn.Module, hparams: dict[str, Any]) -> None:
     atomic_torch_save(Path(path), {"format": GENERATOR_FORMAT, "hparams": _plain(hparams), "state_dict": vae.state_dict()})
 
 
-def load_generator(path: str | Path) -> ConvVAE:
+def load_generator(path: str | Path) -> nn.Module:
+    """The generator a generator.ckpt holds: a ConvVAE, or (``kind: gan``) an InvertedGAN."""
     payload = _expect_format(safe_load(path), GENERATOR_FORMAT, path)
     h = payload["hparams"]
-    vae = ConvVAE(h["in_channels"], h["image_size"], h["latent_dim"], h["width"])
-    vae.load_state_dict(payload["state_dict"])
-    return vae.eval()
+    if h.get("kind", "vae") == "gan":
+        from defuse.models.gan import InvertedGAN
+
+        generator = InvertedGAN(h["in_channels"], h["image_size"], h["latent_dim"], h["width"])
+    else:
+        generator = ConvVAE(h["in_channels"], h["image_size"], h["latent_dim"], h["width"])
+    generator.load_state_dict(payload["state_dict"])
+    return generator.eval()
 
 
 def _expect_format(payload: Any, expected: str, path: str | Path) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from torch import nn
 from defuse.config import ClassifierConfig, DataConfig, GeneratorConfig, TrainerConfig
 from defuse.data import ImageDataModule
 from defuse.models.classifiers import ClassifierModule
-from defuse.models.generators import ConvVAE, VAEModule
+from defuse.models.generators import VAEModule
 from defuse.seeding import int_seed
 
 
@@ -76,8 +76,20 @@ def train_classifier(
 
 def train_vae(
     data: ImageDataModule, config: GeneratorConfig, trainer: TrainerConfig, root: str = "."
-) -> tuple[ConvVAE, dict[str, Any]]:
-    """Train the beta-VAE on the images of ``data`` (labels unused); returns it and its hparams."""
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Train the configured generator (``config.kind``: the beta-VAE, or the GAN with its inverter) on the images
+    of ``data`` (labels unused); returns it and its hparams (with ``kind``)."""
+    if config.kind == "gan":
+        from defuse.models.gan import GANModule
+
+        gan = GANModule(in_channels=data.channels, image_size=int(data.split("train").images.shape[-1]),
+                        latent_dim=config.latent_dim, width=config.width, lr=config.gan_lr,
+                        inverter_lr=5 * config.gan_lr)
+        # No validation loop: a GAN's losses on held-out images say little; fit-generator measures the result.
+        make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(
+            gan, train_dataloaders=data.train_dataloader())
+        return gan.gan.eval(), {"kind": "gan", **{k: v for k, v in gan.hparams.items()
+                                                  if k in ("in_channels", "image_size", "latent_dim", "width")}}
     module = VAEModule(
         in_channels=data.channels, image_size=int(data.split("train").images.shape[-1]),
         latent_dim=config.latent_dim, width=config.width, beta=config.beta, lr=config.lr,
