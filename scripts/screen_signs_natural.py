@@ -20,16 +20,15 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from defuse.config import load_config
+from defuse.data import ImageDataModule
+from defuse.models.inference import predict_labels
+from defuse.models.loading import load_classifier
+from defuse.pipeline import run_stage, stage_named
+from defuse.rundir import RunDir
+from defuse.signs import CLASSES, Rare, sign_sets
 
-from defuse.config import load_config  # noqa: E402
-from defuse.data import ImageDataModule  # noqa: E402
-from defuse.models.inference import predict_labels  # noqa: E402
-from defuse.models.loading import load_classifier  # noqa: E402
-from defuse.pipeline import run_stage, stage_named  # noqa: E402
-from defuse.rundir import RunDir  # noqa: E402
-from defuse.signs import CLASSES, Rare, sign_sets  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # (sign, factor, values): about 10-20% of the sign each, the kinds of condition a data set under-samples.
 CANDIDATES = (
