@@ -201,7 +201,7 @@ def test_every_stage_runs_on_colour_signs_and_the_pictures_stay_in_colour(tmp_pa
 
     from defuse.pipeline import run_pipeline
     from defuse.rundir import RunDir
-    from tests.conftest import TINY_OVERRIDES, label_every_region, with_overrides
+    from conftest import TINY_OVERRIDES, label_every_region, with_overrides
 
     run = RunDir(tmp_path / "signs")
     config = load_config(None, [*TINY_OVERRIDES, "data.source=signs", "data.image_size=32",
