@@ -221,4 +221,7 @@ def test_every_stage_runs_on_colour_signs_and_the_pictures_stay_in_colour(tmp_pa
     regions = json.loads(run.path("regions.json").read_text())["regions"]
     picture = np.asarray(Image.open(run.path(f"regions/region_{regions[0]['id']:02d}.png")).convert("RGB"), float)
     assert np.abs(picture[..., 0] - picture[..., 2]).mean() > 1  # not grey: red and blue differ
-    assert json.loads(run.path("verify.json").read_text())["clean_accuracy"]["before"] is not None
+    # verify grades the same 3 x 10 rendered test signs that fit-classifier graded
+    verified = json.loads(run.path("verify.json").read_text())["clean_accuracy"]
+    assert verified["n"] == 30
+    assert verified["before"] == run.manifest()["stages"]["fit-classifier"]["metrics"]["test_accuracy"]
