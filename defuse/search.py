@@ -510,6 +510,7 @@ def identify(
     *,
     seed: int = 0,
     trainer: TrainerConfig | None = None,
+    warn_weak_generator: bool = True,
 ) -> Failures:
     """Search for failures around the eligible images of one split.
 
@@ -521,13 +522,15 @@ def identify(
         config: search settings (budget in classifier queries per source, mode, radii...).
         seed: the search's random stream.
         trainer: accelerator settings for Lightning's predict.
+        warn_weak_generator: warn when few sources keep their class through the generator (identify's warning;
+            verify's searches of the test split leave it to identify, which said it once already).
     """
     # Work on copies: the search freezes and switches modules to eval mode, which must not leak to the caller.
     classifier, generator = inference_copy(classifier), copy.deepcopy(generator).eval()
     selection = select_sources(classifier, generator, images, labels, config.max_sources, seed)
     stats: dict[str, Any] = dict(selection.stats)
     correct = stats["images"] - stats["excluded_misclassified"]
-    if correct and stats["eligible"] / correct < WEAK_RECONSTRUCTION:
+    if warn_weak_generator and correct and stats["eligible"] / correct < WEAK_RECONSTRUCTION:
         log.warning(
             "Only %d of %d correctly classified images keep their class through the generator's reconstruction "
             "(< %.0f%%): the generator is too weak to search with reliably, and a bug it cannot draw cannot be found. "

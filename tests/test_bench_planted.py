@@ -202,3 +202,25 @@ def test_the_summary_counts_a_planted_pair_found_reversed_whatever_the_direct_vi
     table = bp.summarise({0: seed, 1: hidden})["thin"]
     assert table["planted_rank"]["values"] == [1] and table["planted_rank"]["bar"] == 3 and table["planted_rank"]["met"]
     assert table["planted_precision"]["values"] == [0.875]
+
+
+def test_the_sign_case_thins_its_combination_by_config_and_grades_it_from_the_recorded_factors(monkeypatch):
+    """--dataset signs: the night-50 case reaches the shipped signs config as data.signs.rare (the clean control
+    and the reference have none), its test subgroup is the test signs rendered at night, and its pair is the one
+    the screen measured (50 km/h read as 80 km/h)."""
+    from defuse.signs import CLASSES
+
+    monkeypatch.setattr(bp, "DATASET", "signs")
+    config = bp.sign_case_config("night50", 0, ("data.signs.images_per_class=20", "data.signs.test_per_class=30"))
+    assert (config.data.signs.rare.sign, config.data.signs.rare.factor, config.data.signs.rare.values) == \
+        ("50kmh", "illumination", ["night"])
+    assert bp.sign_case_config("clean", 0).data.signs.rare.sign is None
+    assert bp.case_spec("night50")[:2] == (CLASSES.index("50kmh"), CLASSES.index("80kmh"))
+    group = bp.sign_subgroup(config, "night50")
+    from defuse.signs import sign_sets
+
+    _, test = sign_sets(20, 30, 0, 32)
+    expected = (test.factors["sign"] == CLASSES.index("50kmh")) & (test.factors["illumination"] == "night")
+    assert group.tolist() == expected.tolist() and 0 < int(group.sum()) < 30
+    with pytest.raises(SystemExit):
+        bp.main(["--dataset", "signs", "--cases", "slant"])  # an MNIST case is no sign case

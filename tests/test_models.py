@@ -119,3 +119,38 @@ def test_the_gan_trains_its_inverter_measures_its_width_and_round_trips_through_
         assert torch.allclose(loaded.reconstruct(images), gan.reconstruct(images))
     with pytest.raises(ValueError, match="`generator.kind` must be one of vae, gan"):
         load_config(None, ["generator.kind=flow"])
+
+
+def test_the_perceptual_term_trains_a_frozen_reference_network_kept_out_of_the_generator(tmp_path):
+    """generator.perceptual > 0: a reference CNN is trained on the train split, its features stay frozen and in eval
+    mode through the VAE's training (Lightning's train() must not reach its batch norms), the VAE's loss carries
+    the perceptual term, and generator.ckpt holds the VAE alone."""
+    from conftest import TINY_OVERRIDES
+
+    from defuse.config import load_config
+    from defuse.models.generators import VAEModule
+    from defuse.models.loading import load_generator, save_generator
+    from defuse.models.training import (
+        make_trainer,
+        reference_features,
+        train_vae,
+        training_data,
+    )
+
+    config = load_config(None, [*TINY_OVERRIDES, "generator.perceptual=1", "generator.perceptual_epochs=1",
+                                "generator.epochs=1"])
+    data = training_data(config.data, config.seed)
+    features = reference_features(data, 1, config.trainer, str(tmp_path), config.seed)
+    frozen = {k: v.clone() for k, v in features.state_dict().items()}
+    module = VAEModule(in_channels=1, image_size=28, latent_dim=4, width=8, perceptual=1.0, features=features)
+    make_trainer(config.trainer, 1, str(tmp_path), num_sanity_val_steps=0).fit(module, datamodule=data)
+    assert not features.training and all(not p.requires_grad for p in features.parameters())
+    assert all(torch.equal(frozen[k], v) for k, v in features.state_dict().items())  # running stats included
+    assert module.trainer.callback_metrics["train_perceptual"] > 0
+    assert not any(key.startswith("_features") for key in module.state_dict())
+
+    vae, hparams = train_vae(data, config.generator, config.trainer, str(tmp_path), config.seed)
+    save_generator(tmp_path / "generator.ckpt", vae, hparams)
+    assert set(load_generator(tmp_path / "generator.ckpt").state_dict()) == set(vae.state_dict())
+    with pytest.raises(ValueError, match="`generator.perceptual` must be >= 0"):
+        load_config(None, ["generator.perceptual=-1"])

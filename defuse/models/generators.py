@@ -94,13 +94,14 @@ class ConvVAE(nn.Module):
 
 
 def elbo_terms(
-    vae: ConvVAE, x: torch.Tensor, generator: torch.Generator | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    vae: ConvVAE, x: torch.Tensor, generator: torch.Generator | None = None, return_reconstruction: bool = False
+) -> tuple[torch.Tensor, ...]:
     """Per-batch mean reconstruction loss and KL divergence of a Bernoulli-decoder VAE.
 
     Both are summed over pixels / latent dims and averaged over the batch, so
     ``recon + beta * kl`` is the negative beta-ELBO per image. The sample uses the
-    reparameterisation trick, so both terms carry gradient to the encoder.
+    reparameterisation trick, so both terms carry gradient to the encoder. ``return_reconstruction`` adds the
+    decoded sample as a third value.
     """
     mu, logvar = vae.encode(x)
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
@@ -108,16 +109,21 @@ def elbo_terms(
     logits = vae.decode_logits(z)
     recon = F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
     kl = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / x.shape[0]
+    if return_reconstruction:  # the sampled reconstruction in [0, 1], for losses on top of the ELBO
+        return recon, kl, torch.sigmoid(logits)
     return recon, kl
 
 
 class VAEModule(pl.LightningModule):
-    """Trains a :class:`ConvVAE` on the negative beta-ELBO.
+    """Trains a :class:`ConvVAE` on the negative beta-ELBO, plus an optional perceptual term.
 
     Args:
         in_channels, image_size, latent_dim, width: see :class:`ConvVAE`.
         beta: weight of the KL term.
         lr: Adam learning rate (cosine-annealed to zero).
+        perceptual: weight of ``|f(x) - f(x_hat)|^2`` (mean over features, times H*W so it weighs like one
+            channel's pixel loss) for the frozen ``features`` network f; 0 or no network: off.
+        features: images in [0, 1] -> feature maps; frozen and kept in eval mode, never saved with the VAE.
     """
 
     def __init__(
@@ -128,15 +134,27 @@ class VAEModule(pl.LightningModule):
         width: int = 32,
         beta: float = 1.0,
         lr: float = 2e-3,
+        perceptual: float = 0.0,
+        features: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["features"])
         self.vae = ConvVAE(in_channels, image_size, latent_dim, width)
+        # A plain attribute in a tuple, not a submodule: Lightning's train() must not switch its batch norms to
+        # training mode, and the optimiser and the checkpoint must not see it.
+        self._features = (features.eval().requires_grad_(False),) if features is not None and perceptual else ()
 
     def _common_step(self, batch, stage: str) -> torch.Tensor:
         x = as_input(batch[0], is_channels_last(self.vae))  # trained channels-last: see defuse.models.training.train_vae
-        recon, kl = elbo_terms(self.vae, x)
+        recon, kl, x_hat = elbo_terms(self.vae, x, return_reconstruction=True)
         loss = recon + self.hparams.beta * kl
+        if self._features:
+            features = self._features[0]
+            with torch.no_grad():
+                target = features(x)
+            perceptual = (features(x_hat) - target).pow(2).mean() * x.shape[-1] * x.shape[-2]
+            loss = loss + self.hparams.perceptual * perceptual
+            self.log(f"{stage}_perceptual", perceptual, on_epoch=True, on_step=False)
         self.log(f"{stage}_loss", loss, prog_bar=True, on_epoch=True, on_step=False)
         self.log(f"{stage}_recon", recon, on_epoch=True, on_step=False)
         self.log(f"{stage}_kl", kl, on_epoch=True, on_step=False)

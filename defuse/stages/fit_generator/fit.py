@@ -21,8 +21,8 @@ from defuse.rundir import RunDir, atomic_write_bytes
 def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Train the VAE (or adopt ``generator.checkpoint``) and write ``generator.ckpt``.
 
-    It reads images only: no label and no classifier, so relabelling the data's classes or retraining the
-    classifier leaves the generator current. How well it draws the data *as the classifier sees it*
+    It reads images only (no classifier, and no label unless ``generator.perceptual`` trains its reference
+    network on the train split), so retraining the classifier leaves the generator current. How well it draws the data *as the classifier sees it*
     (``reconstruction_accuracy``, the ceiling of the search) is measured by identify on the images it searches;
     here, the label-free ``reconstruction_mse`` of the audit split.
     """
@@ -33,7 +33,7 @@ def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
         vae = adopt_generator(g.checkpoint, data)
         atomic_write_bytes(run.path(GENERATOR_CKPT), Path(g.checkpoint).read_bytes())
     else:
-        vae, hparams = train_vae(data, g, config.trainer, str(run.root))
+        vae, hparams = train_vae(data, g, config.trainer, str(run.root), config.seed)
         save_generator(run.path(GENERATOR_CKPT), vae, hparams)
     seconds = time.perf_counter() - start
     measured = next(name for name in ("audit", "val", "train") if len(data.split(name)))

@@ -72,11 +72,13 @@ def verify(
     failures_before = failures_after = None
     if search is not None:
         images = test.float_images()
-        for_before = identify(before, generator, images, test.labels, judge, search, seed=seed, trainer=trainer)
+        for_before = identify(before, generator, images, test.labels, judge, search, seed=seed, trainer=trainer,
+                              warn_weak_generator=False)
         # The original kept (no region labelled a bug, or the guard refused every candidate): the same search of
         # the same weights finds the same failures, so it is not run twice (34 of the MNIST run's 36 s of verify).
         for_after = for_before if same_weights(before, after) else identify(
-            after, generator, images, test.labels, judge, search, seed=seed, trainer=trainer)
+            after, generator, images, test.labels, judge, search, seed=seed, trainer=trainer,
+            warn_weak_generator=False)
         failures_before, failures_after = (for_before.table, for_before.z), (for_after.table, for_after.z)
     result = compare(before, after, test.float_images(), test.labels, test.classes, regions, bug_labels, generator,
                      tau=tau, samples_per_region=samples_per_region, failures_before=failures_before,
