@@ -995,9 +995,11 @@ def summarise(per_seed: dict[int, dict]) -> dict:
         for name in figures + repair:
             # The discovery bar holds where the generator can show the bug at all (visibility >= 0.5: the direct
             # pair's reconstructions), or where the bug was found from its labels' side (the reversed pair).
+            # A sign case's bars (issue 36) count on every seed: its grade is the whole chain, generator included.
             counted = [r for r in rows if name not in ("planted_rank", "planted_precision", "planted_precision_gaussian",
                                                        "planted_best_precision_top3")
-                       or (r.get("visibility") or 0) >= 0.5 or r.get("planted_orientation") == "reversed"]
+                       or (r.get("visibility") or 0) >= 0.5 or r.get("planted_orientation") == "reversed"
+                       or case in SIGN_CASES]
             values = [r.get(name, r.get("repair", {}).get(name)) for r in counted]
             values = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
             if len(values) < len(counted):
