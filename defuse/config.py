@@ -228,6 +228,9 @@ class GeneratorConfig:
             raise ValueError(f"`generator.perceptual` must be >= 0 (0 turns the perceptual term off), got "
                              f"{self.perceptual} instead.")
         _check_range("generator.perceptual_epochs", self.perceptual_epochs, 1, 10_000)
+        if self.perceptual and self.kind != "vae":
+            raise ValueError(f"`generator.perceptual` = {self.perceptual} is a term of the VAE's loss; "
+                             f"generator.kind = {self.kind!r} has none. Set it to 0, or generator.kind to vae.")
 
 
 @dataclass

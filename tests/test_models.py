@@ -154,3 +154,5 @@ def test_the_perceptual_term_trains_a_frozen_reference_network_kept_out_of_the_g
     assert set(load_generator(tmp_path / "generator.ckpt").state_dict()) == set(vae.state_dict())
     with pytest.raises(ValueError, match="`generator.perceptual` must be >= 0"):
         load_config(None, ["generator.perceptual=-1"])
+    with pytest.raises(ValueError, match="is a term of the VAE's loss"):
+        load_config(None, ["generator.perceptual=1", "generator.kind=gan"])
