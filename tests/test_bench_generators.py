@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import bench_generators as bg  # noqa: E402
+import bench_generators as bg
 
 
 def test_the_frechet_distance_is_zero_for_one_set_and_grows_with_a_shift_and_a_spread():
