@@ -59,7 +59,12 @@ figures, only visibility and the planted region's are then given).
 ``--set correct.KEY=VALUE`` (with ``--replay-correct``) replays the repair with a changed setting: an experiment,
 listed under ``deviations``, never the shipped figures.
 
-Run: ``python scripts/bench_planted.py [--seeds 0,1,2] [--cases slant,thin,...] [--no-repair] [--no-consent]
+``--dataset signs``: the rendered traffic signs (configs/signs.yaml) instead of MNIST. Natural cases only
+(``SIGN_CASES``: a factor combination kept at 3% in the labelled pool through ``data.signs.rare``); the reference is
+trained on the full distribution; the subgroup is graded on the test split and on FRESH_SUBGROUP freshly rendered
+signs of the combination (``fresh_subgroup_*``), against issue 36's bars (``SIGN_BARS``).
+
+Run: ``python scripts/bench_planted.py [--dataset mnist|signs] [--seeds 0,1,2] [--cases slant,thin,...] [--no-repair] [--no-consent]
 [--review] [--clean-audit] [--keep DIR [--replay-correct [--set correct.KEY=VALUE ...]]] [--out FILE]``. Prints
 JSON.
 """
