@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a generator setting to measure (repeatable); default: {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    variants = dict(VARIANTS) if not args.variant else {"shipped": ()} | {
-        item.split(":", 1)[0]: tuple(item.split(":", 1)[1].split(",")) for item in args.variant}
+    variants = bng.parse_variants(args.variant, VARIANTS)
     folder = Path(args.keep) / f"seed{args.seed}"
     kept = folder / args.case
     if not (kept / "generator.ckpt").exists() or not (folder / "reference" / "classifier.ckpt").exists():

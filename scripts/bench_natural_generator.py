@@ -140,6 +140,14 @@ def measure(folder: Path, case: str, seed: int, variants: dict[str, tuple[str, .
     return out
 
 
+def parse_variants(items: list[str], defaults: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """``--variant NAME:KEY=VALUE[,KEY=VALUE]`` items as {name: overrides}, after the kept run's own (``shipped``);
+    none given: ``defaults``."""
+    if not items:
+        return dict(defaults)
+    return {"shipped": ()} | {item.split(":", 1)[0]: tuple(item.split(":", 1)[1].split(",")) for item in items}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", required=True, help="a kept bench_planted.py directory holding seed<S>/<case>")
@@ -149,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"a generator setting to measure (repeatable); default: {', '.join(VARIANTS)}")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    variants = dict(VARIANTS) if not args.variant else {"shipped": ()} | {
-        item.split(":", 1)[0]: tuple(item.split(":", 1)[1].split(",")) for item in args.variant}
+    variants = parse_variants(args.variant, VARIANTS)
     folder = Path(args.keep) / f"seed{args.seed}"
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     missing = [c for c in cases if c not in bp.NATURAL_CASES or not (folder / c / "classifier.ckpt").exists()]
