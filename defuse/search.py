@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -469,7 +469,7 @@ class SourceSelection:
     """Which images of the split the search starts from, and why the others were left out."""
 
     index: torch.Tensor  # (S,) rows of the split
-    stats: dict[str, int]
+    stats: dict[str, Any]
 
 
 def select_sources(
@@ -485,6 +485,10 @@ def select_sources(
     correct = pred == labels
     eligible = correct & (pred_recon == labels)
     index = torch.nonzero(eligible).flatten()
+    # Per class, the share of correctly read images that keep their class through the generator: a class the
+    # generator cannot draw has no sources, so its bugs are out of the search's reach whatever the budget.
+    reach = {str(k): round(float(eligible[correct & (labels == k)].float().mean()), 4)
+             for k in torch.unique(labels[correct]).tolist()}
     if max_sources is not None and len(index) > max_sources:
         keep = torch.randperm(len(index), generator=torch_generator(seed, "identify.sources"))[:max_sources]
         index = index[keep].sort().values
@@ -496,8 +500,16 @@ def select_sources(
         "excluded_reconstruction_misclassified": int((correct & ~eligible).sum()),
         "eligible": int(eligible.sum()),
         "sources": int(len(index)),
+        "reconstruction_by_class": reach,
     }
     return SourceSelection(index, stats)
+
+
+def least_drawn(reach: dict[str, float], classes: Sequence[str] = (), shown: int = 3) -> str:
+    """The ``shown`` classes whose correctly read images least often keep their class through the generator, as
+    "name NN%", worst first (``reach``: a search's ``reconstruction_by_class``, class index as text -> share)."""
+    worst = sorted(((share, int(k)) for k, share in reach.items()))[:shown]
+    return ", ".join(f"{classes[k] if k < len(classes) else k} {share:.0%}" for share, k in worst)
 
 
 def identify(
@@ -511,6 +523,7 @@ def identify(
     seed: int = 0,
     trainer: TrainerConfig | None = None,
     warn_weak_generator: bool = True,
+    classes: Sequence[str] = (),
 ) -> Failures:
     """Search for failures around the eligible images of one split.
 
@@ -524,6 +537,7 @@ def identify(
         trainer: accelerator settings for Lightning's predict.
         warn_weak_generator: warn when few sources keep their class through the generator (identify's warning;
             verify's searches of the test split leave it to identify, which said it once already).
+        classes: the class names, for that warning (indices without them).
     """
     # Work on copies: the search freezes and switches modules to eval mode, which must not leak to the caller.
     classifier, generator = inference_copy(classifier), copy.deepcopy(generator).eval()
@@ -533,9 +547,9 @@ def identify(
     if warn_weak_generator and correct and stats["eligible"] / correct < WEAK_RECONSTRUCTION:
         log.warning(
             "Only %d of %d correctly classified images keep their class through the generator's reconstruction "
-            "(< %.0f%%): the generator is too weak to search with reliably, and a bug it cannot draw cannot be found. "
-            "Train it longer (generator.epochs) or larger (generator.width, generator.latent_dim).",
-            stats["eligible"], correct, 100 * WEAK_RECONSTRUCTION,
+            "(< %.0f%%): the generator is too weak to search with reliably, and a bug it cannot draw cannot be found "
+            "(least kept: %s). Train it longer (generator.epochs) or larger (generator.width, generator.latent_dim).",
+            stats["eligible"], correct, 100 * WEAK_RECONSTRUCTION, least_drawn(stats["reconstruction_by_class"], classes),
         )
     d = int(generator.latent_dim)
     if len(selection.index) == 0:

@@ -13,6 +13,7 @@ from defuse.search import (
     Screening,
     gradient_search,
     identify,
+    least_drawn,
     make_evaluate,
     select_sources,
     shell_radii,
@@ -31,7 +32,14 @@ def test_sources_exclude_misclassified_images_and_reconstruction_artefacts():
     selection = select_sources(LineClassifier(), scrambled, images, labels)
     assert 0 not in selection.index.tolist() and 1 not in selection.index.tolist()
     assert selection.stats == {"images": 10, "reconstruction_accuracy": 0.8, "excluded_misclassified": 1,
-                               "excluded_reconstruction_misclassified": 1, "eligible": 8, "sources": 8}
+                               "excluded_reconstruction_misclassified": 1, "eligible": 8, "sources": 8,
+                               "reconstruction_by_class": {"0": round(8 / 9, 4)}}
+
+
+def test_the_reach_of_each_class_names_the_classes_the_generator_draws_worst():
+    assert least_drawn({"0": 0.95, "1": 0.15, "2": 0.4, "3": 0.15}, ("20kmh", "50kmh", "stop", "yield"), shown=3) == (
+        "50kmh 15%, yield 15%, stop 40%")
+    assert least_drawn({"4": 0.5}, ()) == "4 50%"  # without names, the class index
 
 
 def test_max_sources_takes_a_seeded_subset():
@@ -179,7 +187,7 @@ def test_a_generator_that_cannot_reconstruct_draws_a_warning(caplog):
     images[:, 0, 0, 0] = -1.5  # every reconstruction through the scrambling generator crosses the boundary
     with caplog.at_level(logging.WARNING, logger="defuse.search"):
         failures = _identify(images, labels, generator=LineGenerator(scramble=True))
-    assert "too weak to search with" in caplog.text
+    assert "too weak to search with" in caplog.text and "(least kept: 0 0%)" in caplog.text
     assert failures.stats["sources"] == 0
     caplog.clear()  # verify's searches of the test split leave the warning to identify, which gave it once
     with caplog.at_level(logging.WARNING, logger="defuse.search"):

@@ -252,3 +252,21 @@ def test_the_report_opens_in_a_real_browser_without_errors(finished, tmp_path):
     assert page["region_cards"] == [str(r["id"]) for r in regions]
     assert page["images"] > 0 and page["broken_images"] == 0
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
+
+
+def test_the_report_names_the_classes_the_generator_draws_worst_only_when_one_falls_short(finished, tmp_path):
+    run = _copy(finished[0], tmp_path)
+    manifest = run.manifest()
+    identify = manifest["stages"]["identify"]["metrics"]
+    assert set(identify["reconstruction_by_class"]) <= {str(k) for k in range(10)}  # written by the real stage
+    identify["reconstruction_by_class"] = {"0": 0.99, "3": 0.97}
+    run.write_manifest(manifest)
+    assert build_report(run).data["discovery"]["least_drawn"] is None  # every class drawn well: nothing to say
+    identify["reconstruction_by_class"] = {"0": 0.99, "3": 0.15, "5": 0.6}
+    run.write_manifest(manifest)
+    report = build_report(run)
+    report.save(run.path("report"))
+    classes = report.data["metadata"]["classes"]
+    assert report.data["discovery"]["least_drawn"] == f"{classes[3]} 15%, {classes[5]} 60%, {classes[0]} 99%"
+    assert f"least kept: {classes[3]} 15%" in run.path("report/index.html").read_text()
+    assert f"least kept: {classes[3]} 15%" in run.path("report/report.md").read_text()

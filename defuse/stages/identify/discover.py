@@ -73,5 +73,5 @@ def discover(
     judge = ValidityModel.fit(latent_means(generator, judged.float_images()).numpy(), judged.labels.numpy(),
                               len(judged.classes), seed=int_seed(seed, "identify.judge"))
     failures = identify(classifier, generator, searched.float_images(), searched.labels, judge, config,
-                        seed=seed, trainer=trainer)
+                        seed=seed, trainer=trainer, classes=searched.classes)
     return Discovery(failures, judge)

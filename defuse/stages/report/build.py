@@ -158,6 +158,7 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
                    "ei_drop": EI_REGRESSION},
         "discovery": {"failures": found.stats.get("failures"),
                       "queries": stages.get("identify", {}).get("metrics", {}).get("queries"),
+                      "least_drawn": _least_drawn(stages.get("identify", {}).get("metrics", {}), classes),
                       "bug_score": BUG_SCORE if run.path(REGIONS_JSON).exists() else None},
         "timings": {name: stages[name].get("seconds") for name in STAGE_ORDER if name in stages},
         "stages": {name: stages[name].get("status") for name in STAGE_ORDER if name in stages},
@@ -245,6 +246,17 @@ def render_markdown(report: Report) -> str:
 
 
 _WRITERS = {REGIONS_JSON: "distill", VERIFY_JSON: "verify", CHECK_BEFORE: "check-before", CHECK_AFTER: "check-after"}
+
+
+def _least_drawn(identify_metrics: Mapping[str, Any], classes: list[str]) -> str | None:
+    """The classes the generator least often draws as themselves (the search's reach), when any falls below the
+    identify stage's warning bar; None when all are drawn well or the run predates the figure."""
+    from defuse.search import WEAK_RECONSTRUCTION, least_drawn
+
+    reach = identify_metrics.get("reconstruction_by_class") or {}
+    if not reach or min(reach.values()) >= WEAK_RECONSTRUCTION:
+        return None
+    return least_drawn(reach, classes)
 
 
 def _read_regions(run: RunDir) -> Regions:
