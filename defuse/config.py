@@ -211,9 +211,6 @@ class GeneratorConfig:
     # weight 1 (speed limits: 0.18-0.20 against 0.46-0.56). 0 (the default) turns it off: the digits need none.
     perceptual: float = 0.0
     perceptual_epochs: int = 10
-    # Extra 3x3 conv blocks at each of the VAE decoder's resolutions (defuse.models.generators.ConvVAE): room to
-    # draw small parts (a sign's digits) that one transposed conv per resolution blurs away. 0: the plain decoder.
-    decoder_blocks: int = 0
     gan_lr: float = 2e-4  # the GAN's generator and discriminator (DCGAN's); its inverter learns at 5x this
     # Adopt a generator.ckpt that defuse wrote (e.g. another run's on the same images) instead of training one.
     checkpoint: str | None = field(default=None, metadata=PATH)
@@ -231,10 +228,6 @@ class GeneratorConfig:
             raise ValueError(f"`generator.perceptual` must be >= 0 (0 turns the perceptual term off), got "
                              f"{self.perceptual} instead.")
         _check_range("generator.perceptual_epochs", self.perceptual_epochs, 1, 10_000)
-        _check_range("generator.decoder_blocks", self.decoder_blocks, 0, 16)
-        if self.decoder_blocks and self.kind != "vae":
-            raise ValueError(f"`generator.decoder_blocks` = {self.decoder_blocks} shapes the VAE's decoder; "
-                             f"generator.kind = {self.kind!r} has none. Set it to 0, or generator.kind to vae.")
         if self.perceptual and self.kind != "vae":
             raise ValueError(f"`generator.perceptual` = {self.perceptual} is a term of the VAE's loss; "
                              f"generator.kind = {self.kind!r} has none. Set it to 0, or generator.kind to vae.")

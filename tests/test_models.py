@@ -156,28 +156,3 @@ def test_the_perceptual_term_trains_a_frozen_reference_network_kept_out_of_the_g
         load_config(None, ["generator.perceptual=-1"])
     with pytest.raises(ValueError, match="is a term of the VAE's loss"):
         load_config(None, ["generator.perceptual=1", "generator.kind=gan"])
-
-
-def test_decoder_blocks_add_convs_at_every_resolution_and_round_trip_through_the_checkpoint(tmp_path):
-    """generator.decoder_blocks > 0: 3x3 conv blocks at each decoder resolution, the image drawn by a last 3x3 conv;
-    0 keeps the plain decoder's weights exactly (older generator.ckpt files load as before)."""
-    from defuse.config import load_config
-    from defuse.models.generators import ConvVAE
-    from defuse.models.loading import load_generator, save_generator
-
-    plain, refined = ConvVAE(3, 32, 8, 8), ConvVAE(3, 32, 8, 8, decoder_blocks=2)
-    convs = lambda m: [c for c in m.decoder_conv if isinstance(c, torch.nn.Conv2d)]  # noqa: E731
-    assert len(convs(plain)) == 0 and len(convs(refined)) == 2 * 2 + 1  # 2 up-samplings (8 -> 32 px), + the output
-    assert {k: v.shape for k, v in plain.state_dict().items()} == {
-        k: v.shape for k, v in ConvVAE(3, 32, 8, 8, decoder_blocks=0).state_dict().items()}
-    assert refined.decode(torch.zeros(2, 8)).shape == (2, 3, 32, 32)
-    save_generator(tmp_path / "generator.ckpt", refined.eval(), {"in_channels": 3, "image_size": 32, "latent_dim": 8,
-                                                                 "width": 8, "decoder_blocks": 2})
-    loaded = load_generator(tmp_path / "generator.ckpt")
-    z = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(loaded.decode(z), refined.decode(z))
-    with pytest.raises(ValueError, match="shapes the VAE's decoder"):
-        load_config(None, ["generator.decoder_blocks=1", "generator.kind=gan"])
-    with pytest.raises(ValueError, match="generator.decoder_blocks"):
-        load_config(None, ["generator.decoder_blocks=-1"])

@@ -41,20 +41,15 @@ class ConvVAE(nn.Module):
         image_size: H = W, one of 28, 32, 64.
         latent_dim: size of z.
         width: channels after the first stride-2 conv; doubled at each further one.
-        decoder_blocks: extra 3x3 conv blocks at each of the decoder's resolutions, the full one included (where
-            the last up-sampling then keeps ``width`` channels and a 3x3 conv draws the image). 0: the plain
-            decoder, one transposed conv per resolution.
     """
 
-    def __init__(self, in_channels: int = 1, image_size: int = 28, latent_dim: int = 16, width: int = 32,
-                 decoder_blocks: int = 0) -> None:
+    def __init__(self, in_channels: int = 1, image_size: int = 28, latent_dim: int = 16, width: int = 32) -> None:
         super().__init__()
         if in_channels not in (1, 3):
             raise ValueError(f"`in_channels` must be 1 or 3, got {in_channels} instead.")
         if image_size not in _DOWNSAMPLINGS:
             raise ValueError(f"`image_size` must be one of 28, 32, 64; got {image_size} instead.")
         self.latent_dim = latent_dim
-        self.decoder_blocks = decoder_blocks
         self.in_channels = in_channels
         self.image_size = image_size
         n = _DOWNSAMPLINGS[image_size]
@@ -73,16 +68,10 @@ class ConvVAE(nn.Module):
 
         up: list[nn.Module] = []
         reversed_channels = channels[::-1]
-        if decoder_blocks:  # the full resolution gets feature maps to refine, not the image at once
-            reversed_channels[-1] = width
         for i, (c_in, c_out) in enumerate(zip(reversed_channels[:-1], reversed_channels[1:])):
             up.append(nn.ConvTranspose2d(c_in, c_out, 4, stride=2, padding=1))
-            if i < n - 1 or decoder_blocks:
+            if i < n - 1:
                 up += [nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
-            for _ in range(decoder_blocks):
-                up += [nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
-        if decoder_blocks:
-            up.append(nn.Conv2d(width, in_channels, 3, padding=1))
         self.decoder_fc = nn.Sequential(
             nn.Linear(latent_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, flat), nn.LeakyReLU(0.2)
         )
@@ -147,11 +136,10 @@ class VAEModule(pl.LightningModule):
         lr: float = 2e-3,
         perceptual: float = 0.0,
         features: nn.Module | None = None,
-        decoder_blocks: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["features"])
-        self.vae = ConvVAE(in_channels, image_size, latent_dim, width, decoder_blocks)
+        self.vae = ConvVAE(in_channels, image_size, latent_dim, width)
         # A plain attribute in a tuple, not a submodule: Lightning's train() must not switch its batch norms to
         # training mode, and the optimiser and the checkpoint must not see it.
         self._features = (features.eval().requires_grad_(False),) if features is not None and perceptual else ()

@@ -202,7 +202,7 @@ def load_generator(path: str | Path) -> nn.Module:
 
         generator = InvertedGAN(h["in_channels"], h["image_size"], h["latent_dim"], h["width"])
     else:
-        generator = ConvVAE(h["in_channels"], h["image_size"], h["latent_dim"], h["width"], h.get("decoder_blocks", 0))
+        generator = ConvVAE(h["in_channels"], h["image_size"], h["latent_dim"], h["width"])
     generator.load_state_dict(payload["state_dict"])
     return generator.eval()
 
