@@ -44,6 +44,7 @@ from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.models.inference import (
     BATCH,
     as_input,
+    encode,
     inference_copy,
     is_channels_last,
     latent_means,
@@ -429,7 +430,7 @@ class SearchModule(pl.LightningModule):
         cfg = self.config
         batch_seed = np.random.SeedSequence([self._stream, int(index[0])]).generate_state(1, np.uint32)[0]
         rng = torch.Generator(device=x.device).manual_seed(int(batch_seed))
-        mu, logvar = self.generator.encode(x)
+        mu, logvar = encode(self.generator, x, labels)
         sigma = torch.exp(0.5 * logvar)
         evaluate = make_evaluate(self.generator, self.classifier)
         if cfg.mode == "gradient":
@@ -481,7 +482,7 @@ def select_sources(
     With ``max_sources`` a seeded random subset of those is kept (sorted, for stable output).
     """
     pred = predict_labels(classifier, images)
-    pred_recon = predict_labels(classifier, reconstruct(generator, images))
+    pred_recon = predict_labels(classifier, reconstruct(generator, images, labels=labels))
     correct = pred == labels
     eligible = correct & (pred_recon == labels)
     index = torch.nonzero(eligible).flatten()
@@ -555,7 +556,7 @@ def identify(
     if len(selection.index) == 0:
         log.warning("No eligible source images: nothing to search.")
         return _assemble([], validity, d, stats, config)
-    mu = latent_means(generator, images[selection.index])
+    mu = latent_means(generator, images[selection.index], labels=labels[selection.index])
     if not torch.isfinite(mu).all():
         raise ValueError("The generator's encoder returned NaN or infinite latents for some sources: "
                          "its weights are broken. Re-train it with `defuse fit-generator --force`.")

@@ -40,7 +40,8 @@ from scipy import linalg
 from defuse.artifacts import VALIDITY_MODEL
 from defuse.data import ImageDataModule
 from defuse.models import load_classifier
-from defuse.models.inference import predict_labels, reconstruct
+from defuse.models.generators import prior_latents
+from defuse.models.inference import encode, predict_labels, reconstruct
 from defuse.models.loading import load_generator
 from defuse.pipeline import run_stage, stage_named
 from defuse.rundir import RunDir
@@ -77,12 +78,12 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 def figures(generator, model, reference, subgroup: torch.Tensor, source: int, val, seed: int) -> dict:
     read = predict_labels(model, subgroup)
     misread = read != source
-    read_recon = predict_labels(model, reconstruct(generator, subgroup))
+    read_recon = predict_labels(model, reconstruct(generator, subgroup, labels=torch.full((len(subgroup),), source)))
     images = val.float_images()
-    recon = reconstruct(generator, images)
+    recon = reconstruct(generator, images, labels=val.labels)
     rng = torch_generator(seed, "bench.generator_samples")
-    prior = generator.decode(torch.randn(SAMPLES, generator.latent_dim, generator=rng))
-    mu, logvar = generator.encode(images)
+    prior = generator.decode(prior_latents(generator, SAMPLES, rng))
+    mu, logvar = encode(generator, images, val.labels)
     posterior = generator.decode(mu + torch.randn(mu.shape, generator=rng) * (0.5 * logvar).exp())
     return {
         "visibility": round(float((read_recon[misread] == read[misread]).float().mean()), 4) if misread.any() else None,

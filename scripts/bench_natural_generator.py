@@ -42,7 +42,7 @@ from defuse.artifacts import VALIDITY_MODEL
 from defuse.config import DataConfig
 from defuse.data import ImageDataModule, ImageSet, load_source
 from defuse.models import load_classifier
-from defuse.models.inference import predict_labels, reconstruct
+from defuse.models.inference import encode, predict_labels, reconstruct
 from defuse.models.loading import load_generator
 from defuse.pipeline import run_stage, stage_named
 from defuse.rundir import RunDir
@@ -58,12 +58,14 @@ VARIANTS = {  # the shipped MNIST setting first; each other changes one thing to
 
 
 @torch.no_grad()
-def read(model: torch.nn.Module, generator: torch.nn.Module, images: torch.Tensor, target: int) -> tuple[float, float]:
-    """(share of ``images`` the model reads as ``target``, the same on their reconstructions)."""
+def read(model: torch.nn.Module, generator: torch.nn.Module, images: torch.Tensor, target: int,
+         source: int) -> tuple[float, float]:
+    """(share of ``images`` (of class ``source``) the model reads as ``target``, the same on their reconstructions)."""
     if len(images) == 0:
         return float("nan"), float("nan")
     return (float((predict_labels(model, images) == target).float().mean()),
-            float((predict_labels(model, reconstruct(generator, images)) == target).float().mean()))
+            float((predict_labels(model, reconstruct(generator, images, labels=torch.full((len(images),), source)))
+                   == target).float().mean()))
 
 
 @torch.no_grad()
@@ -73,8 +75,8 @@ def search_reach(generator: torch.nn.Module, judge: ValidityModel, images: torch
     docstring), and whether the judge would let it count."""
     if len(images) == 0 or len(sources) == 0:
         return {}
-    mu, _ = generator.encode(images)
-    mu_s, logvar_s = generator.encode(sources)
+    mu, _ = encode(generator, images, torch.full((len(images),), source))
+    mu_s, logvar_s = encode(generator, sources, torch.full((len(sources),), source))
     sigma_s = torch.exp(0.5 * logvar_s)
     d = mu.shape[1]
     radius = (((mu[:, None] - mu_s[None]) / sigma_s[None]) ** 2).sum(-1).sqrt().min(dim=1).values / d**0.5
@@ -125,10 +127,10 @@ def measure(folder: Path, case: str, seed: int, variants: dict[str, tuple[str, .
         else:
             run_stage(stage_named("fit-generator"), bp.case_config(npz, seed, extra=overrides), run)
             generator = load_generator(run.path("generator.ckpt"))
-        misread_test, visibility_test = read(model, generator, x[test], mistake)
-        misread_unseen, visibility_unseen = read(model, generator, x[unseen], mistake)
+        misread_test, visibility_test = read(model, generator, x[test], mistake, source)
+        misread_unseen, visibility_unseen = read(model, generator, x[unseen], mistake, source)
         images = val.float_images()
-        recon = reconstruct(generator, images)
+        recon = reconstruct(generator, images, labels=val.labels)
         out["variants"][name] = {
             "overrides": list(overrides),
             "visibility_test": round(visibility_test, 4), "misread_test": round(misread_test, 4),

@@ -93,6 +93,7 @@ from defuse.config import (
 )
 from defuse.data import ImageDataModule, ImageSet, load_source
 from defuse.models import inference_copy, load_classifier, load_generator
+from defuse.models.generators import prior_latents
 from defuse.models.inference import latent_means, predict_labels, reconstruct
 from defuse.pipeline import run_pipeline, run_stage, stage_named
 from defuse.records import Failures, Regions
@@ -331,7 +332,8 @@ def fresh_subgroup_figures(run: RunDir, config: RunConfig, case: str, models: di
     x = fresh_subgroup_images(config, case)
     out: dict = {"fresh_subgroup_size": len(x)}
     if generator is not None:
-        read, read_recon = predict_labels(models["before"], x), predict_labels(models["before"], reconstruct(generator, x))
+        read, read_recon = predict_labels(models["before"], x), predict_labels(models["before"], reconstruct(
+            generator, x, labels=torch.full((len(x),), source)))
         misread = read != source
         out["fresh_subgroup_visibility"] = (round(float((read_recon[misread] == read[misread]).float().mean()), 4)
                                             if misread.any() else None)
@@ -488,7 +490,7 @@ def random_prior_yield(classifier, generator, judge, queries: int, threshold: fl
     rng = torch_generator(seed, "bench.random_prior")
     kept = []
     while sum(len(z) for z in kept) < queries:
-        z = torch.randn(queries, generator.latent_dim, generator=rng)
+        z = prior_latents(generator, queries, rng)
         if screened:
             z = z[torch.from_numpy(judge.scores(z).max(axis=1) >= threshold)]
         kept.append(z)
@@ -504,7 +506,7 @@ def reference_yield(classifier, generator, judge, images, labels, queries: int, 
                     samples_per_source: int = 10) -> float:
     """The reference implementation's search: z = mu + Beta(50, 50) noise, 10 samples per source, repeated
     over the sources until ``queries`` are spent. A failure counts when our judge calls it valid."""
-    mu = latent_means(generator, images)
+    mu = latent_means(generator, images, labels=labels)
     torch.manual_seed(int(numpy_rng(seed, "bench.reference_search").integers(2**31)))
     beta = torch.distributions.Beta(torch.tensor(50.0), torch.tensor(50.0))
     evaluate = make_evaluate(generator, classifier)
@@ -565,7 +567,8 @@ def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, grou
     out.update({
         "test_subgroup_size": int(group.sum()),
         "subgroup_read_as_planted": round(float((predict_labels(model, x) == planted).float().mean()), 4),
-        "visibility": round(float((predict_labels(model, reconstruct(generator, x)) == planted).float().mean()), 4),
+        "visibility": round(float((predict_labels(model, reconstruct(generator, x, labels=test.labels[group]))
+                                   == planted).float().mean()), 4),
     })
     return {**out, **planted_region_figures(run, config, case, reference)}
 
@@ -949,7 +952,7 @@ def replay_correct(run: RunDir, config: RunConfig, case: str, info: dict, poison
     discovery = {}
     if case != "clean":
         model = load_classifier(run.path("classifier.ckpt")).model
-        x = reconstruct(load_generator(run.path("generator.ckpt")), test.float_images()[group])
+        x = reconstruct(load_generator(run.path("generator.ckpt")), test.float_images()[group], labels=test.labels[group])
         discovery = {"visibility": round(float((predict_labels(model, x) == case_spec(case)[1]).float().mean()), 4),
                      **planted_region_figures(run, config, case, reference)}
     return {**info, "replayed": ["label", "correct", "verify"], **({"rechosen": True} if rechoose else {}), **discovery,

@@ -156,3 +156,38 @@ def test_the_perceptual_term_trains_a_frozen_reference_network_kept_out_of_the_g
         load_config(None, ["generator.perceptual=-1"])
     with pytest.raises(ValueError, match="is a term of the VAE's loss"):
         load_config(None, ["generator.perceptual=1", "generator.kind=gan"])
+
+
+def test_a_conditional_vae_carries_the_given_class_in_fixed_one_hot_latent_dimensions(tmp_path):
+    """generator.conditional: encode needs the labels and appends them one-hot with a posterior scale the search
+    cannot move; the KL term covers the learned dimensions only; the checkpoint keeps the class count."""
+    from defuse.config import load_config
+    from defuse.models.generators import CLASS_LOGVAR, ConvVAE, elbo_terms, prior_latents
+    from defuse.models.inference import latent_means, reconstruct
+    from defuse.models.loading import load_generator, save_generator
+
+    vae = ConvVAE(3, 32, latent_dim=6, width=8, num_classes=4).eval()
+    x = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 3, 1, 1, 2])
+    assert vae.latent_dim == 10 and vae.style_dim == 6
+    with pytest.raises(ValueError, match="encoding an image needs its label"):
+        vae.encode(x)
+    mu, logvar = vae.encode(x, labels)
+    assert torch.equal(mu[:, 6:], torch.nn.functional.one_hot(labels, 4).float())
+    assert (logvar[:, 6:] == CLASS_LOGVAR).all() and (torch.exp(0.5 * logvar[:, 6:]) * 8 < 0.1).all()
+    assert torch.allclose(latent_means(vae, x, batch_size=2, labels=labels), mu, atol=1e-6)  # labels sliced alike
+    assert reconstruct(vae, x, labels=labels).shape == x.shape
+    other = vae.decode(torch.cat([mu[:, :6], torch.nn.functional.one_hot(labels.roll(1), 4).float()], 1))
+    assert not torch.allclose(other, vae.decode(mu))  # the decoder reads the class
+    _, kl = elbo_terms(vae, x, labels=labels, generator=torch.Generator().manual_seed(1))
+    mu6, logvar6 = mu[:, :6], logvar[:, :6]
+    assert torch.isclose(kl, -0.5 * torch.sum(1 + logvar6 - mu6.pow(2) - logvar6.exp()) / 5)
+    z = prior_latents(vae, 50, torch.Generator().manual_seed(0))
+    assert z.shape == (50, 10) and torch.equal(z[:, 6:].sum(1), torch.ones(50)) and len(z[:, 6:].unique()) == 2
+    save_generator(tmp_path / "generator.ckpt", vae, {"in_channels": 3, "image_size": 32, "latent_dim": 6,
+                                                      "width": 8, "num_classes": 4})
+    loaded = load_generator(tmp_path / "generator.ckpt")
+    assert loaded.num_classes == 4 and torch.equal(loaded.encode(x, labels)[0], mu)
+    assert ConvVAE(3, 32, latent_dim=6, width=8).encode(x)[0].shape == (5, 6)  # unconditional: as before
+    with pytest.raises(ValueError, match="has no conditional form"):
+        load_config(None, ["generator.conditional=true", "generator.kind=gan"])

@@ -209,6 +209,7 @@ def test_every_stage_runs_on_colour_signs_and_the_pictures_stay_in_colour(tmp_pa
                                 'data.signs.classes=["stop", "no_entry", "priority"]',
                                 # colour needs a little more generator than the digits' tiny one to draw failures
                                 "generator.epochs=6", "generator.width=16", "generator.latent_dim=8",
+                                "generator.conditional=true",  # as configs/signs.yaml ships
                                 "classifier.epochs=3"])
     run_pipeline(config, run)
     results = run_pipeline(with_overrides(config, f"label.mode={label_every_region(run)}"), run)
@@ -216,6 +217,13 @@ def test_every_stage_runs_on_colour_signs_and_the_pictures_stay_in_colour(tmp_pa
 
     assert {r.name: r.status for r in results if r.status not in (DONE, CURRENT)} == {}
     assert {r.name: r.status for r in results}["correct"] == DONE
+    # The conditional generator's class dimensions hold each failure's source class: the search never moved them.
+    from defuse.records import Failures
+
+    failures = Failures.load(run.path("failures.parquet"))
+    assert len(failures) > 0 and failures.z.shape[1] == 8 + 3
+    assert np.array_equal(failures.z[:, 8:].argmax(axis=1), failures.table["source_label"].to_numpy())
+    assert np.abs(failures.z[:, 8:].max(axis=1) - 1).max() < 0.1
     drift = json.loads(run.path("checks/before_drift_tolerance.json").read_text())
     assert {"wb_red", "wb_blue", "saturation", "mosaic"} <= set(drift["parameters"])
     regions = json.loads(run.path("regions.json").read_text())["regions"]

@@ -255,7 +255,8 @@ def _nearest_relabelled_region(regions: Regions, bug_labels: dict[int, int], lat
 def encode_splits(generator: nn.Module, data: ImageDataModule,
                   names: tuple[str, ...] = ("train", "val", "audit")) -> dict[str, np.ndarray]:
     """Encoder means of every image of the named splits, (N, latent_dim) each: the judge's and the regions' space."""
-    return {name: latent_means(generator, data.split(name).float_images()).numpy() for name in names}
+    return {name: latent_means(generator, data.split(name).float_images(), labels=data.split(name).labels).numpy()
+            for name in names}
 
 
 def find_label_issues(regions: Regions, bug_labels: dict[int, int], latents: dict[str, np.ndarray],

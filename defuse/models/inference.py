@@ -106,10 +106,26 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = BAT
     return torch.cat(chunks)
 
 
-def latent_means(generator: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
-    """The generator's posterior means (N, latent_dim) of ``images`` (N, C, H, W) in [0, 1], batch by batch."""
+def encode(generator: nn.Module, images: torch.Tensor,
+           labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``generator.encode(images)``, with the labels for a class-conditional generator (``num_classes`` > 0),
+    which needs them; an unconditional one never sees them."""
+    if getattr(generator, "num_classes", 0):
+        return generator.encode(images, labels)
+    return generator.encode(images)
+
+
+def latent_means(generator: nn.Module, images: torch.Tensor, batch_size: int = 1024,
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+    """The generator's posterior means (N, latent_dim) of ``images`` (N, C, H, W) in [0, 1], batch by batch
+    (``labels``: the images' classes, which a class-conditional generator needs)."""
     with torch.no_grad():
-        return torch.cat([generator.encode(images[i : i + batch_size])[0] for i in range(0, len(images), batch_size)])
+        return torch.cat([encode(generator, images[i : i + batch_size], _rows(labels, i, batch_size))[0]
+                          for i in range(0, len(images), batch_size)])
+
+
+def _rows(labels: torch.Tensor | None, start: int, size: int) -> torch.Tensor | None:
+    return None if labels is None else torch.as_tensor(labels)[start : start + size]
 
 
 def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
@@ -120,12 +136,14 @@ def predict_labels(model: nn.Module, images: torch.Tensor, batch_size: int = BAT
 
 
 @torch.no_grad()
-def reconstruct(generator: nn.Module, images: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
-    """decode(mu(x)) for float images (N, C, H, W), batch by batch."""
+def reconstruct(generator: nn.Module, images: torch.Tensor, batch_size: int = BATCH,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+    """decode(mu(x)) for float images (N, C, H, W), batch by batch (``labels``: as for :func:`latent_means`)."""
     was_training = generator.training
     generator.eval()
     try:
-        out = [generator.decode(generator.encode(images[i : i + batch_size])[0]) for i in range(0, len(images), batch_size)]
+        out = [generator.decode(encode(generator, images[i : i + batch_size], _rows(labels, i, batch_size))[0])
+               for i in range(0, len(images), batch_size)]
     finally:
         generator.train(was_training)
     return torch.cat(out) if out else images[:0]

@@ -202,7 +202,7 @@ def load_generator(path: str | Path) -> nn.Module:
 
         generator = InvertedGAN(h["in_channels"], h["image_size"], h["latent_dim"], h["width"])
     else:
-        generator = ConvVAE(h["in_channels"], h["image_size"], h["latent_dim"], h["width"])
+        generator = ConvVAE(h["in_channels"], h["image_size"], h["latent_dim"], h["width"], h.get("num_classes", 0))
     generator.load_state_dict(payload["state_dict"])
     return generator.eval()
 

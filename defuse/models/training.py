@@ -97,7 +97,7 @@ def train_vae(
     module = VAEModule(
         in_channels=data.channels, image_size=int(data.split("train").images.shape[-1]),
         latent_dim=config.latent_dim, width=config.width, beta=config.beta, lr=config.lr,
-        perceptual=config.perceptual, features=features,
+        perceptual=config.perceptual, features=features, num_classes=data.num_classes if config.conditional else 0,
     )
     module.vae.to(memory_format=torch.channels_last)  # 43 ms a step against 49 (batch 128, 28 px); as the classifier
     make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)

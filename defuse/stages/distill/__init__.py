@@ -41,7 +41,8 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     # The searched split's latents, for each region's reach among real images (the same as real's when both are
     # the audit split, the default).
     sources = (real.z if config.identify.split == config.identify.validity_split else
-               latent_means(generator, data.split(config.identify.split).float_images()).numpy())
+               latent_means(generator, data.split(config.identify.split).float_images(),
+                            labels=data.split(config.identify.split).labels).numpy())
     regions = distill(failures, loaded.model, generator, judge, loaded.classes or audit.classes,
                       config.distill, seed=config.seed, real=real, sources=sources)
     regions.save(run.path(REGIONS_JSON))

@@ -84,7 +84,7 @@ class RealEvidence:
     def observe(cls, classifier: nn.Module, generator: nn.Module, images: ImageSet) -> RealEvidence:
         """Encode and classify real labelled images (the audit split in the pipeline; never the test split)."""
         x = images.float_images()
-        return cls(latent_means(generator, x).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy(), x)
+        return cls(latent_means(generator, x, labels=images.labels).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy(), x)
 
 
 # ----------------------------------------------------------------------------- fitting

@@ -38,7 +38,7 @@ def fit_generator(config: RunConfig, run: RunDir) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     measured = next(name for name in ("audit", "val", "train") if len(data.split(name)))
     images = data.split(measured).float_images()
-    mse = float((reconstruct(vae, images) - images).pow(2).mean())
+    mse = float((reconstruct(vae, images, labels=data.split(measured).labels) - images).pow(2).mean())
     metrics: dict[str, Any] = {"reconstruction_mse": round(mse, 5), "reconstruction_split": measured,
                                "train_seconds": round(seconds, 2)}
     if g.checkpoint:
@@ -57,5 +57,11 @@ def adopt_generator(path: str, data: ImageDataModule) -> nn.Module:
         raise ValueError(
             f"`generator.checkpoint` {path} draws {vae.in_channels}-channel {vae.image_size}px images, but the data "
             f"has {data.channels} channel(s) at {size}px. Use a generator trained on this data, or remove the key."
+        )
+    classes = int(getattr(vae, "num_classes", 0))
+    if classes and classes != data.num_classes:
+        raise ValueError(
+            f"`generator.checkpoint` {path} is class-conditional on {classes} classes, but the data has "
+            f"{data.num_classes}. Use a generator trained on this data, or remove the key."
         )
     return vae

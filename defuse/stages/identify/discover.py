@@ -70,7 +70,7 @@ def discover(
             f"set data.audit_size > 0 (a fraction, or a count of images), or point identify.split and "
             f"identify.validity_split at a non-empty split."
         )
-    judge = ValidityModel.fit(latent_means(generator, judged.float_images()).numpy(), judged.labels.numpy(),
+    judge = ValidityModel.fit(latent_means(generator, judged.float_images(), labels=judged.labels).numpy(), judged.labels.numpy(),
                               len(judged.classes), seed=int_seed(seed, "identify.judge"))
     failures = identify(classifier, generator, searched.float_images(), searched.labels, judge, config,
                         seed=seed, trainer=trainer, classes=searched.classes)

@@ -137,7 +137,7 @@ def compare(
         for k, name in enumerate(classes) if bool((labels == k).any())
     }
     rng = numpy_rng(seed, "verify.region_samples")
-    z_real = latent_means(generator, images).numpy() if judge is not None and regions.regions else None
+    z_real = latent_means(generator, images, labels=labels).numpy() if judge is not None and regions.regions else None
     labels_np = labels.numpy()
     rows = []
     for region in regions.regions:
