@@ -162,7 +162,12 @@ def test_a_conditional_vae_carries_the_given_class_in_fixed_one_hot_latent_dimen
     """generator.conditional: encode needs the labels and appends them one-hot with a posterior scale the search
     cannot move; the KL term covers the learned dimensions only; the checkpoint keeps the class count."""
     from defuse.config import load_config
-    from defuse.models.generators import CLASS_LOGVAR, ConvVAE, elbo_terms, prior_latents
+    from defuse.models.generators import (
+        CLASS_LOGVAR,
+        ConvVAE,
+        elbo_terms,
+        prior_latents,
+    )
     from defuse.models.inference import latent_means, reconstruct
     from defuse.models.loading import load_generator, save_generator
 
