@@ -40,6 +40,16 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------- identify: failures
 
 
+WEAK_RECONSTRUCTION = 0.9  # below this share of correctly read images surviving reconstruction, identify warns
+
+
+def least_drawn(reach: dict[str, float], classes: Sequence[str] = (), shown: int = 3) -> str:
+    """The ``shown`` classes whose correctly read images least often keep their class through the generator, as
+    "name NN%", worst first (``reach``: a search's ``reconstruction_by_class``, class index as text -> share)."""
+    worst = sorted(((share, int(k)) for k, share in reach.items()))[:shown]
+    return ", ".join(f"{classes[k] if k < len(classes) else k} {share:.0%}" for share, k in worst)
+
+
 @dataclass(frozen=True)
 class Failures:
     """Failures found by the search.

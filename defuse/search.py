@@ -52,11 +52,9 @@ from defuse.models.inference import (
     reconstruct,
     set_requires_grad,
 )
-from defuse.records import Failures
+from defuse.records import WEAK_RECONSTRUCTION, Failures, least_drawn
 from defuse.seeding import int_seed, torch_generator
 from defuse.validity import LatentJudge, ValidityModel
-
-WEAK_RECONSTRUCTION = 0.9  # below this share of correct images surviving reconstruction, warn
 
 log = logging.getLogger(__name__)
 
@@ -504,13 +502,6 @@ def select_sources(
         "reconstruction_by_class": reach,
     }
     return SourceSelection(index, stats)
-
-
-def least_drawn(reach: dict[str, float], classes: Sequence[str] = (), shown: int = 3) -> str:
-    """The ``shown`` classes whose correctly read images least often keep their class through the generator, as
-    "name NN%", worst first (``reach``: a search's ``reconstruction_by_class``, class index as text -> share)."""
-    worst = sorted(((share, int(k)) for k, share in reach.items()))[:shown]
-    return ", ".join(f"{classes[k] if k < len(classes) else k} {share:.0%}" for share, k in worst)
 
 
 def identify(

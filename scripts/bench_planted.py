@@ -505,14 +505,18 @@ def random_prior_yield(classifier, generator, judge, queries: int, threshold: fl
 def reference_yield(classifier, generator, judge, images, labels, queries: int, threshold: float, seed: int,
                     samples_per_source: int = 10) -> float:
     """The reference implementation's search: z = mu + Beta(50, 50) noise, 10 samples per source, repeated
-    over the sources until ``queries`` are spent. A failure counts when our judge calls it valid."""
+    over the sources until ``queries`` are spent. A failure counts when our judge calls it valid. A
+    class-conditional generator's class dimensions are given, not searched: they get no noise."""
     mu = latent_means(generator, images, labels=labels)
+    searched = int(generator.latent_dim) - int(getattr(generator, "num_classes", 0))
     torch.manual_seed(int(numpy_rng(seed, "bench.reference_search").integers(2**31)))
     beta = torch.distributions.Beta(torch.tensor(50.0), torch.tensor(50.0))
     evaluate = make_evaluate(generator, classifier)
     spent, valid = 0, 0
     while spent < queries:
-        z = (mu[:, None] + beta.sample((len(mu), samples_per_source, mu.shape[1]))).reshape(-1, mu.shape[1])
+        noise = beta.sample((len(mu), samples_per_source, mu.shape[1]))
+        noise[..., searched:] = 0.0
+        z = (mu[:, None] + noise).reshape(-1, mu.shape[1])
         source = labels.repeat_interleave(samples_per_source)
         take = min(len(z), queries - spent)
         z, source = z[:take], source[:take]

@@ -37,7 +37,7 @@ from defuse.artifacts import (
     VERIFY_JSON,
 )
 from defuse.config import ReportConfig
-from defuse.records import BUG_SCORE, Region, Regions
+from defuse.records import BUG_SCORE, WEAK_RECONSTRUCTION, Region, Regions, least_drawn
 from defuse.rundir import RunDir, atomic_write_bytes, atomic_write_json
 
 if TYPE_CHECKING:
@@ -251,8 +251,6 @@ _WRITERS = {REGIONS_JSON: "distill", VERIFY_JSON: "verify", CHECK_BEFORE: "check
 def _least_drawn(identify_metrics: Mapping[str, Any], classes: list[str]) -> str | None:
     """The classes the generator least often draws as themselves (the search's reach), when any falls below the
     identify stage's warning bar; None when all are drawn well or the run predates the figure."""
-    from defuse.search import WEAK_RECONSTRUCTION, least_drawn
-
     reach = identify_metrics.get("reconstruction_by_class") or {}
     if not reach or min(reach.values()) >= WEAK_RECONSTRUCTION:
         return None
