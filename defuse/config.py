@@ -216,7 +216,9 @@ class GeneratorConfig:
     # carries over to a class whose labelled images rarely show it. The search, the judge and the regions then run
     # per class, with the labels of the images they start from. Signs, 2026-12-06 (seed 0, night50 case, 16
     # epochs, perceptual 1): the reference read 0.79 of reconstructed night 50s as 50 (0.05 unconditional), and
-    # the classifier under test 0.73 of the VAE's reconstructions of val 50s (0.14); configs/signs.yaml sets it.
+    # the classifier under test 0.73 of the VAE's reconstructions of val 50s (0.14). Off by default, signs
+    # included: its validity judge reads the class off the one-hot dimensions (sure of every sample), and through
+    # the whole product the night-50 bug was still not found (docs/benchmarks.md, "Colour signs").
     conditional: bool = False
     gan_lr: float = 2e-4  # the GAN's generator and discriminator (DCGAN's); its inverter learns at 5x this
     # Adopt a generator.ckpt that defuse wrote (e.g. another run's on the same images) instead of training one.

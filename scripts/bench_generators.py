@@ -48,12 +48,11 @@ from defuse.rundir import RunDir
 from defuse.seeding import torch_generator
 from defuse.validity import ValidityModel
 
-VARIANTS = {  # the shipped signs setting first (the conditional perceptual VAE); each other changes one thing more
+VARIANTS = {  # the shipped signs setting first; each other changes the kind of generator or its loss
     "shipped": (),
-    "vae_unconditional": ("generator.conditional=false",),  # the signs config before the conditional VAE
-    "vae_pixel_loss": ("generator.conditional=false", "generator.perceptual=0", "generator.epochs=40"),
-    "gan": ("generator.kind=gan", "generator.conditional=false", "generator.perceptual=0", "generator.latent_dim=64",
-            "generator.epochs=25"),
+    "vae_conditional": ("generator.conditional=true",),  # the decoder also given the class
+    "vae_pixel_loss": ("generator.perceptual=0", "generator.epochs=40"),  # the signs config before the term
+    "gan": ("generator.kind=gan", "generator.perceptual=0", "generator.latent_dim=64", "generator.epochs=25"),
 }
 SAMPLES = 1000
 

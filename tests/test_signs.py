@@ -209,7 +209,7 @@ def test_every_stage_runs_on_colour_signs_and_the_pictures_stay_in_colour(tmp_pa
                                 'data.signs.classes=["stop", "no_entry", "priority"]',
                                 # colour needs a little more generator than the digits' tiny one to draw failures
                                 "generator.epochs=6", "generator.width=16", "generator.latent_dim=8",
-                                "generator.conditional=true",  # as configs/signs.yaml ships
+                                "generator.conditional=true",  # the class-conditional VAE, on colour
                                 "classifier.epochs=3"])
     run_pipeline(config, run)
     results = run_pipeline(with_overrides(config, f"label.mode={label_every_region(run)}"), run)
