@@ -274,6 +274,11 @@ class IdentifyConfig:
     # labels inherits it (measured: it called real slanted 7s "7" with p=0.17 when their training labels said 1).
     validity_split: str = "audit"  # never test: the test split grades the repair, so nothing is fitted on it
     validity_threshold: float = 0.5  # a failure is valid when the validity model gives its source class >= this
+    # Class transport (a class-conditional generator only, generator.conditional): per class, this many correctly
+    # read images of *other* classes are decoded with the class's one-hot and searched as extra sources, so light,
+    # pose or background that the class's own labelled images lack (50 km/h signs at night) is searched too.
+    # 0: off. Failures from them carry `transported` = true and the row of the image they came from.
+    transport: int = 0
 
     def validate(self) -> None:
         _check_discovery_split("identify.split", self.split)
@@ -283,6 +288,7 @@ class IdentifyConfig:
             _check_range("identify.max_sources", self.max_sources, 1, 1 << 31)
         _check_range("identify.shells", self.shells, 1, 1000)
         _check_range("identify.failures_per_source", self.failures_per_source, 1, 10_000)
+        _check_range("identify.transport", self.transport, 0, 1 << 20)
         _check_range("identify.refine_steps", self.refine_steps, 0, 64)
         _check_range("identify.directions", self.directions, 1, 1 << 20)
         _check_range("identify.oversample", self.oversample, 1, 10_000)

@@ -235,3 +235,23 @@ def test_screened_search_through_identify_flags_every_failure_valid():
     assert (failures.table["walk_step"] > 0).any()
     assert failures.stats["valid_failures_per_1000_queries"] == pytest.approx(
         1000 * len(failures) / failures.stats["queries"], abs=1e-3)
+
+
+def test_class_transport_redraws_other_classes_images_as_each_class_with_a_conditional_generator():
+    from defuse.models.generators import ConvVAE
+    from defuse.stages.identify.discover import transported_sources
+
+    vae = ConvVAE(3, 32, latent_dim=4, width=8, num_classes=3).eval()
+    images = torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    moved, target, origin = transported_sources(vae, images, labels, num_classes=3, per_class=4, seed=1)
+    assert target.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and moved.shape == (12, 3, 32, 32)
+    assert (labels[origin] != target).all()  # always another class's image
+    again = transported_sources(vae, images, labels, num_classes=3, per_class=4, seed=1)
+    assert torch.equal(again[2], origin) and torch.equal(again[0], moved)  # seeded
+    z, _ = vae.encode(images[origin], labels[origin])
+    z[:, 4:] = torch.nn.functional.one_hot(target, 3).float()
+    with torch.no_grad():
+        assert torch.allclose(moved, vae.decode(z), atol=1e-6)  # the image's own learned dims, the new class
+    with pytest.raises(ValueError, match="needs a class-conditional generator"):
+        transported_sources(ConvVAE(3, 32, latent_dim=4, width=8), images, labels, 3, 4)

@@ -210,6 +210,7 @@ def test_every_stage_runs_on_colour_signs_and_the_pictures_stay_in_colour(tmp_pa
                                 # colour needs a little more generator than the digits' tiny one to draw failures
                                 "generator.epochs=6", "generator.width=16", "generator.latent_dim=8",
                                 "generator.conditional=true",  # the class-conditional VAE, on colour
+                                "identify.transport=10",  # and its class transport
                                 "classifier.epochs=3"])
     run_pipeline(config, run)
     results = run_pipeline(with_overrides(config, f"label.mode={label_every_region(run)}"), run)
@@ -224,6 +225,12 @@ def test_every_stage_runs_on_colour_signs_and_the_pictures_stay_in_colour(tmp_pa
     assert len(failures) > 0 and failures.z.shape[1] == 8 + 3
     assert np.array_equal(failures.z[:, 8:].argmax(axis=1), failures.table["source_label"].to_numpy())
     assert np.abs(failures.z[:, 8:].max(axis=1) - 1).max() < 0.1
+    # Transported sources' failures name the real audit image they came from (another class's).
+    audit = ImageDataModule(config.data, config.seed).split("audit")
+    moved = failures.table[failures.table["transported"]]
+    assert run.manifest()["stages"]["identify"]["metrics"]["transported_sources"] == 3 * 10
+    assert (failures.table["source_index"] < len(audit)).all()
+    assert (audit.labels.numpy()[moved["source_index"]] != moved["source_label"]).all()
     drift = json.loads(run.path("checks/before_drift_tolerance.json").read_text())
     assert {"wb_red", "wb_blue", "saturation", "mosaic"} <= set(drift["parameters"])
     regions = json.loads(run.path("regions.json").read_text())["regions"]

@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from defuse.artifacts import FAILURES_TABLE, VALIDITY_MODEL
 from defuse.config import IdentifyConfig, TrainerConfig
 from defuse.data import ImageSet
-from defuse.models.inference import latent_means
+from defuse.models.inference import BATCH, latent_means
 from defuse.records import Failures
 from defuse.search import identify
-from defuse.seeding import int_seed
+from defuse.seeding import int_seed, torch_generator
 from defuse.validity import ValidityModel
 
 
@@ -72,6 +74,46 @@ def discover(
         )
     judge = ValidityModel.fit(latent_means(generator, judged.float_images(), labels=judged.labels).numpy(), judged.labels.numpy(),
                               len(judged.classes), seed=int_seed(seed, "identify.judge"))
-    failures = identify(classifier, generator, searched.float_images(), searched.labels, judge, config,
+    images, labels = searched.float_images(), searched.labels
+    origin = torch.arange(len(labels))
+    if config.transport:
+        moved, moved_labels, moved_origin = transported_sources(generator, images, labels, len(searched.classes),
+                                                                config.transport, seed)
+        images, labels = torch.cat([images, moved]), torch.cat([labels, moved_labels])
+        origin = torch.cat([origin, moved_origin])
+    failures = identify(classifier, generator, images, labels, judge, config,
                         seed=seed, trainer=trainer, classes=searched.classes)
+    if config.transport:
+        # A transported source is not a row of the split: its failures name the real image it was drawn from.
+        rows = failures.table["source_index"].to_numpy()
+        failures.table["transported"] = rows >= len(searched)
+        failures.table["source_index"] = origin.numpy()[rows]
+        failures.stats["transported_sources"] = int(len(origin) - len(searched))
     return Discovery(failures, judge)
+
+
+def transported_sources(generator: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        per_class: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class transport: for every class c, up to ``per_class`` images of other classes (a seeded draw, stream
+    ``identify.transport``), encoded with their own class and decoded with c's one-hot. Returns the decoded images,
+    their class c, and the row of the image each came from.
+
+    Only a class-conditional generator (``num_classes`` > 0) separates what an image shows besides its class (its
+    learned dimensions) from the class, so only it can draw a 50 km/h sign in the light of a 30 km/h one."""
+    conditional = int(getattr(generator, "num_classes", 0))
+    if not conditional:
+        raise ValueError("identify.transport needs a class-conditional generator: set generator.conditional: true "
+                         "(and re-fit the generator), or identify.transport: 0.")
+    rng = torch_generator(seed, "identify.transport")
+    picked, targets = [], []
+    for c in range(num_classes):
+        others = torch.nonzero(labels != c).flatten()
+        chosen = others[torch.randperm(len(others), generator=rng)[:per_class]]
+        picked.append(chosen)
+        targets.append(torch.full((len(chosen),), c, dtype=labels.dtype))
+    rows, target = torch.cat(picked), torch.cat(targets)
+    z = latent_means(generator, images[rows], labels=labels[rows])
+    z[:, z.shape[1] - conditional:] = F.one_hot(target, conditional).to(z.dtype)
+    with torch.no_grad():
+        decoded = torch.cat([generator.decode(chunk) for chunk in z.split(BATCH)]) if len(z) else images[:0]
+    return decoded, target, rows
