@@ -564,6 +564,10 @@ class RunConfig:
             raise ValueError(
                 f"`data.image_size` must be one of {GENERATOR_SIZES} for the VAE, got {self.data.image_size} instead."
             )
+        # Said before any model is fitted; an adopted generator.checkpoint is checked by identify itself.
+        if self.identify.transport and not self.generator.conditional and not self.generator.checkpoint:
+            raise ValueError(f"`identify.transport` = {self.identify.transport} needs a class-conditional generator: "
+                             f"set generator.conditional: true, or identify.transport: 0.")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -255,3 +255,8 @@ def test_class_transport_redraws_other_classes_images_as_each_class_with_a_condi
         assert torch.allclose(moved, vae.decode(z), atol=1e-6)  # the image's own learned dims, the new class
     with pytest.raises(ValueError, match="needs a class-conditional generator"):
         transported_sources(ConvVAE(3, 32, latent_dim=4, width=8), images, labels, 3, 4)
+    from defuse.config import load_config
+
+    with pytest.raises(ValueError, match="`identify.transport` = 5 needs a class-conditional generator"):
+        load_config(None, ["identify.transport=5"])  # refused before anything is fitted
+    assert load_config(None, ["identify.transport=5", "generator.conditional=true"]).identify.transport == 5
