@@ -260,3 +260,21 @@ def test_class_transport_redraws_other_classes_images_as_each_class_with_a_condi
     with pytest.raises(ValueError, match="`identify.transport` = 5 needs a class-conditional generator"):
         load_config(None, ["identify.transport=5"])  # refused before anything is fitted
     assert load_config(None, ["identify.transport=5", "generator.conditional=true"]).identify.transport == 5
+
+
+def test_a_class_conditional_generator_warns_that_its_judge_reads_the_class(caplog):
+    from defuse.data import ImageSet
+    from defuse.models.generators import ConvVAE
+    from defuse.stages.identify.discover import discover
+
+    images = (torch.rand(12, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8)
+    split = ImageSet(images, torch.tensor([0, 1, 2] * 4), ("a", "b", "c"))
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3)).eval()
+    config = IdentifyConfig(budget=16, shells=2, failures_per_source=2)
+    for classes, warned in ((3, True), (0, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="defuse.stages.identify.discover"):
+            found = discover(classifier, ConvVAE(3, 32, latent_dim=4, width=8, num_classes=classes).eval(), split,
+                             split, config)
+        assert ("reads each sample's class from its class dimensions" in caplog.text) is warned
+        assert found.metrics.get("validity_judge_reads_class", False) is warned
