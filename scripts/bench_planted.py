@@ -489,16 +489,22 @@ def random_prior_yield(classifier, generator, judge, queries: int, threshold: fl
     have a class the judge is sure of, and query only those (the rest cost no classifier query)."""
     rng = torch_generator(seed, "bench.random_prior")
     kept = []
-    while sum(len(z) for z in kept) < queries:
+    # A judge sure of almost no prior sample (a weak generator: the GAN on the signs) would make the screened draw
+    # endless: at most 50 rounds, and the yield is then over the samples that passed.
+    for _ in range(50):
+        if sum(len(z) for z in kept) >= queries:
+            break
         z = prior_latents(generator, queries, rng)
         if screened:
             z = z[torch.from_numpy(judge.scores(z).max(axis=1) >= threshold)]
         kept.append(z)
     z = torch.cat(kept)[:queries]
+    if len(z) == 0:
+        return 0.0
     logits = make_evaluate(generator, classifier)(z)
     probs = judge.scores(z)
     valid_fail = (logits.argmax(dim=1).numpy() != probs.argmax(axis=1)) & (probs.max(axis=1) >= threshold)
-    return 1000 * float(valid_fail.sum()) / queries
+    return 1000 * float(valid_fail.sum()) / len(z)
 
 
 @torch.no_grad()

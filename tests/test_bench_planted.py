@@ -224,3 +224,17 @@ def test_the_sign_case_thins_its_combination_by_config_and_grades_it_from_the_re
     assert group.tolist() == expected.tolist() and 0 < int(group.sum()) < 30
     with pytest.raises(SystemExit):
         bp.main(["--dataset", "signs", "--cases", "slant"])  # an MNIST case is no sign case
+
+
+def test_the_screened_random_baseline_ends_when_the_judge_is_sure_of_nothing():
+    from defuse.models.generators import ConvVAE
+    from defuse.validity import ValidityModel
+
+    generator = ConvVAE(1, 28, latent_dim=4, width=8).eval()
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 3)).eval()
+    z = torch.randn(60, 4, generator=torch.Generator().manual_seed(0)).numpy()
+    judge = ValidityModel.fit(z, torch.arange(60).remainder(3).numpy(), 3)
+    # a threshold no probability reaches: before, the screened draw never ended (the GAN on the signs)
+    assert bp.random_prior_yield(classifier, generator, judge, 50, threshold=1.5, seed=0, screened=True) == 0.0
+    unscreened = bp.random_prior_yield(classifier, generator, judge, 50, threshold=0.0, seed=0)
+    assert 0.0 <= unscreened <= 1000.0 and unscreened > 0  # every sample counted: the judge and the model disagree
