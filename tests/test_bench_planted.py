@@ -236,5 +236,13 @@ def test_the_screened_random_baseline_ends_when_the_judge_is_sure_of_nothing():
     judge = ValidityModel.fit(z, torch.arange(60).remainder(3).numpy(), 3)
     # a threshold no probability reaches: before, the screened draw never ended (the GAN on the signs)
     assert bp.random_prior_yield(classifier, generator, judge, 50, threshold=1.5, seed=0, screened=True) == 0.0
-    unscreened = bp.random_prior_yield(classifier, generator, judge, 50, threshold=0.0, seed=0)
-    assert 0.0 <= unscreened <= 1000.0 and unscreened > 0  # every sample counted: the judge and the model disagree
+    # Unscreened at threshold 0: every prior sample counts where the model and the judge disagree.
+    from defuse.models.generators import prior_latents
+    from defuse.seeding import torch_generator
+
+    z = prior_latents(generator, 50, torch_generator(0, "bench.random_prior"))
+    with torch.no_grad():
+        read = classifier(generator.decode(z)).argmax(dim=1).numpy()
+    expected = 1000 * float((read != judge.scores(z).argmax(axis=1)).mean())
+    assert expected > 0
+    assert bp.random_prior_yield(classifier, generator, judge, 50, threshold=0.0, seed=0) == pytest.approx(expected)
