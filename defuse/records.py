@@ -110,7 +110,7 @@ REAL_PRIOR = (0.5, 5.0)  # real_error_rate = (real_misread + 0.5) / (real_neighb
 class Region:
     """One misclassification region: a Gaussian in latent space and what its fresh samples do."""
 
-    id: int  # rank by bug score, 1 = most likely a real bug
+    id: int  # rank: each confusion pair's best region by bug score, then the rest (distill.order); 1 = the top
     source_label: int
     predicted_label: int
     pair: str  # "7 -> 1", with class names

@@ -72,6 +72,7 @@ JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -584,7 +585,7 @@ def discovery_figures(run: RunDir, config: RunConfig, case: str, reference, grou
 
 
 @torch.no_grad()
-def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference) -> dict:
+def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference, pairs_first: bool = False) -> dict:
     """The first region of the planted pair, in either orientation: *direct* (source -> planted: the planted
     images' look-alikes read as the planted class) or *reversed* (planted -> source: where every split carries
     the planted labels, the search starts from the mislabelled images, whose labels the model agrees with, and
@@ -598,9 +599,18 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference)
     Beside the first region, ``planted_top3``: every region of the pair among the three a person sees first, with
     its rank, orientation and precision (the same rule), and ``planted_best_precision_top3``, the best of them: the
     pair's first region may be its hybrids with the planted class while the next is the bug itself (seen on squat,
-    seed 1), and the person labels all three."""
+    seed 1), and the person labels all three.
+
+    ``pairs_first``: grade the kept regions in the order ``distill.order: pairs_first`` shows them (each pair's
+    best first), for runs distilled before that order existed (bug score alone); ranks become that order's."""
     model = inference_copy(load_classifier(run.path("classifier.ckpt")).model)
     generator, regions = load_generator(run.path("generator.ckpt")), Regions.load(run.path(REGIONS_JSON))
+    if pairs_first:
+        from defuse.stages.distill.mixture import pairs_first as reorder
+
+        shown = reorder(regions.regions, lambda r: (r.source_label, r.predicted_label))
+        regions = Regions([dataclasses.replace(r, id=rank) for rank, r in enumerate(shown, start=1)],
+                          regions.stats, regions.classes)
     source, planted = case_spec(case)[:2]
     out: dict = {"planted_rank": None, "planted_orientation": None, "planted_rank_direct": None,
                  "planted_rank_reversed": None, "planted_precision": None, "planted_precision_gaussian": None,
@@ -1050,13 +1060,13 @@ REGRADED = ("planted_rank", "planted_orientation", "planted_precision", "planted
             "planted_precision_reversed", "planted_bug_score", "planted_top3", "planted_best_precision_top3")
 
 
-def regrade(keep: Path, seeds: list[int], cases: list[str]) -> dict:
+def regrade(keep: Path, seeds: list[int], cases: list[str], pairs_first: bool = False) -> dict:
     """The discovery figures of kept runs (``--keep DIR`` of an earlier run), graded again by
     :func:`planted_region_figures` with each seed's kept reference; nothing is trained, run or written. A kept run
     made before a config key was retired still reads: the retired keys touch no stage that discovery depends on."""
     from defuse.config import RETIRED_KEYS, config_from_mapping
 
-    out: dict = {"regraded": str(keep), "cases": {}}
+    out: dict = {"regraded": str(keep), "pairs_first": pairs_first, "cases": {}}
     for seed in seeds:
         folder = keep / f"seed{seed}"
         reference = load_classifier(folder / "reference" / "classifier.ckpt").model
@@ -1070,7 +1080,7 @@ def regrade(keep: Path, seeds: list[int], cases: list[str]) -> dict:
                 section, _, name = key.partition(".")
                 if name and isinstance(raw.get(section), dict):
                     raw[section].pop(name, None)
-            figures = planted_region_figures(run, config_from_mapping(raw, []), case, reference)
+            figures = planted_region_figures(run, config_from_mapping(raw, []), case, reference, pairs_first)
             out["cases"].setdefault(str(seed), {})[case] = {k: figures[k] for k in REGRADED}
     return out
 
@@ -1112,6 +1122,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --keep DIR of an earlier run: re-grade only the discovery of its kept runs (the "
                              "planted pair's regions, their ranks and precision, by this script's grader); runs and "
                              "trains nothing, changes no file")
+    parser.add_argument("--pairs-first", action="store_true",
+                        help="with --regrade: grade the kept regions in the order distill.order: pairs_first shows "
+                             "them (each confusion pair's best region first), for runs distilled before that order "
+                             "existed")
     args = parser.parse_args(argv)
     global DATASET
     DATASET = args.dataset
@@ -1121,11 +1135,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.review or args.clean_audit or args.replay_correct or args.regrade:
             parser.error("--dataset signs runs natural cases only (no label is touched): --review, --clean-audit, "
                          "--replay-correct and --regrade are for the planted MNIST cases")
+    if args.pairs_first and not args.regrade:
+        parser.error("--pairs-first re-orders kept regions for --regrade; a fresh run distills in the shipped order")
     if args.regrade:
         if not args.keep:
             parser.error("--regrade reads kept runs: give --keep DIR (an earlier run's directory)")
         return emit(regrade(Path(args.keep), [int(s) for s in args.seeds.split(",") if s.strip()],
-                            [c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean"]), args.out)
+                            [c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean"],
+                            args.pairs_first), args.out)
     bad = [item for item in args.experiment if not item.startswith("correct.") or "=" not in item]
     if bad or (args.experiment and not args.replay_correct):
         parser.error("--set takes correct.KEY=VALUE and goes with --replay-correct (an experiment on the repair of "

@@ -113,6 +113,9 @@ def test_replay_correct_needs_a_kept_run_to_replay(tmp_path, capsys):
     with pytest.raises(SystemExit):
         bp.main(["--rechoose", "--keep", str(tmp_path)])  # re-choosing needs a replay's kept candidates
     assert "--rechoose re-grades the kept candidates of a replay" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bp.main(["--pairs-first", "--keep", str(tmp_path)])  # a re-order of kept regions, for --regrade only
+    assert "--pairs-first re-orders kept regions for --regrade" in capsys.readouterr().err
     run = bp.RunDir(tmp_path / "seed0" / "short")
     with pytest.raises(SystemExit, match=r"holds no finished run with the simulated person's labels to replay"):
         bp.replay_correct(run, None, "short", {}, None, None, True, False, 0.0)

@@ -50,7 +50,10 @@ def test_regions_are_pure_in_their_pair_and_consistently_misclassified():
         assert region.error_rate > 0.9  # fresh samples are read as the predicted class
         assert region.pair == f"{CLASSES[region.source_label]} -> {CLASSES[region.predicted_label]}"
     assert [r.id for r in regions.regions] == list(range(1, len(regions) + 1))
-    assert [r.bug_score for r in regions.regions] == sorted((r.bug_score for r in regions.regions), reverse=True)
+    firsts, rest = regions.regions[:len(pairs)], regions.regions[len(pairs):]  # each pair's best, then the rest
+    assert len({(r.source_label, r.predicted_label) for r in firsts}) == len(pairs)
+    for part in (firsts, rest):
+        assert [r.bug_score for r in part] == sorted((r.bug_score for r in part), reverse=True)
 
 
 STRADDLING = [((2.5, -1.0), 0.15, 40, 0, 1), ((1.0, -4.0), 0.3, 40, 0, 1)]
@@ -243,3 +246,23 @@ def test_refinement_weights_as_small_as_a_tiny_models_validities_neither_warn_no
             _refine([candidate], evaluate, Validity(value), config, np.random.default_rng(0))
         assert np.isfinite(candidate["mean"]).all() and np.isfinite(candidate["cov"]).all()
         assert (candidate["cov"] is not start["cov"]) == moves
+
+
+def test_each_pairs_best_region_is_shown_before_any_pairs_second():
+    from defuse.stages.distill.mixture import pairs_first
+
+    ranked = [{"source": s, "predicted": p, "bug_score": b} for s, p, b in
+              [(9, 7, 0.054), (9, 7, 0.049), (9, 7, 0.048), (7, 2, 0.045), (5, 0, 0.043), (7, 2, 0.040)]]
+    order = [(c["source"], c["predicted"], c["bug_score"]) for c in pairs_first(ranked)]
+    assert order == [(9, 7, 0.054), (7, 2, 0.045), (5, 0, 0.043), (9, 7, 0.049), (9, 7, 0.048), (7, 2, 0.040)]
+    # the same regions under distill: ids follow the order, and "score" keeps bug-score order alone
+    clusters = [((2.5, -1.0), 0.15, 40, 0, 1), ((3.5, -2.5), 0.15, 40, 0, 1), ((-1.0, 2.5), 0.15, 40, 0, 2)]
+    by_score = _distill(make_failures(clusters), DistillConfig(**{**CONFIG.__dict__, "order": "score"}))
+    shown = _distill(make_failures(clusters))
+    assert sorted(r.bug_score for r in by_score.regions) == sorted(r.bug_score for r in shown.regions)
+    assert [r.id for r in shown.regions] == list(range(1, len(shown) + 1))
+    pairs = [(r.source_label, r.predicted_label) for r in shown.regions]
+    firsts = [pairs.index(p) for p in set(pairs)]
+    assert sorted(firsts) == list(range(len(set(pairs))))  # every pair's first region before any repeat
+    best = [max(r.bug_score for r in shown.regions if (r.source_label, r.predicted_label) == p) for p in pairs[:2]]
+    assert [r.bug_score for r in shown.regions[:2]] == best

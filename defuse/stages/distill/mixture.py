@@ -41,6 +41,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -121,7 +122,8 @@ def distill(
     real: RealEvidence | None = None,
     sources: np.ndarray | None = None,
 ) -> Regions:
-    """Fit regions per confusion pair, refine them on fresh samples, score them and rank them by bug score.
+    """Fit regions per confusion pair, refine them on fresh samples, score them and rank them: by bug score, each
+    pair's best region first (``config.order``, :func:`pairs_first`).
 
     Args:
         real: held-out images (latents, labels, classifier predictions) for the real-data evidence term; without
@@ -162,6 +164,8 @@ def distill(
     for c in scored:
         c["source_radius"] = _source_radius(c, failures, sources, validity)
     scored.sort(key=lambda c: (-c["bug_score"], c["source"], c["predicted"]))
+    if config.order == "pairs_first":
+        scored = pairs_first(scored)
     scored = scored[: config.max_regions]
     regions = [
         Region(
@@ -180,6 +184,21 @@ def distill(
     ]
     stats["regions"] = len(regions)
     return Regions(regions, stats, tuple(classes))
+
+
+def pairs_first(ranked: list, pair_of: Callable[[Any], tuple[int, int]] = lambda c: (c["source"], c["predicted"])
+                ) -> list:
+    """``ranked`` (best first) reordered so that each confusion pair's best region comes before any pair's second:
+    the pairs' best in their own order, then the rest in theirs. A person labels the first regions shown; near
+    duplicates of one strong pair should not hide a different bug behind them. ``pair_of``: an item's (source,
+    predicted) pair (default: distill's candidate dicts)."""
+    seen: set[tuple[int, int]] = set()
+    best, rest = [], []
+    for c in ranked:
+        pair = pair_of(c)
+        (rest if pair in seen else best).append(c)
+        seen.add(pair)
+    return best + rest
 
 
 def _classify_latents(evaluate, z: np.ndarray, chunk: int = BATCH) -> np.ndarray:
