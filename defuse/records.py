@@ -534,6 +534,7 @@ class VerifyResult(TypedDict, total=False):
     rediscovery: Rediscovery
     failures_by_pair: dict[str, dict[str, int]]  # "7 -> 1" -> failures/valid/sources _before/_after
     search_queries: dict[str, int]  # before, after
+    search: str  # why the test-split searches were not run (the original weights kept)
 
 
 @dataclass(frozen=True)
