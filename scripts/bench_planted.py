@@ -769,6 +769,7 @@ def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tenso
     })
     if case != "clean":
         source, planted = case_spec(case)[:2]
+        searched = "failures_by_pair" in verified  # not when the original was kept: verify.json says why
         pair = verified.get("failures_by_pair", {}).get(f"{source} -> {planted}", {})
         decoded = decoded_accuracy(run, config, case, models)
         real = {k: round(float((p[group] == source).float().mean()), 4) for k, p in (("before", before),
@@ -786,8 +787,8 @@ def repair_figures(run: RunDir, config: RunConfig, case: str, group: torch.Tenso
             "decoded_accuracy_before": decoded["before"],
             "decoded_accuracy_after": decoded["after"],
             "decoded_to_real_gap_after": None if decoded["after"] is None else round(decoded["after"] - real["after"], 4),
-            "planted_pair_failures_on_test_before": pair.get("failures_before", 0),
-            "planted_pair_failures_on_test_after": pair.get("failures_after", 0),
+            "planted_pair_failures_on_test_before": pair.get("failures_before", 0) if searched else None,
+            "planted_pair_failures_on_test_after": pair.get("failures_after", 0) if searched else None,
         })
     return out
 

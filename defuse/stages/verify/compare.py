@@ -71,7 +71,7 @@ def verify(
     """
     # The original kept (no region labelled a bug, or the guard refused every candidate): there is nothing to
     # compare, and a search of the same weights around the test images would only repeat itself on both sides of
-    # the report (16 of the MNIST run's 17 s of verify), so it is not run.
+    # the report (the MNIST run's verify: 26.0 s -> 1.2 s), so it is not run.
     kept = same_weights(before, after)
     failures_before = failures_after = None
     if search is not None and not kept:
