@@ -450,7 +450,7 @@ class _StageProgress:
         self.live = enabled and bar_console.is_terminal
         self.progress = None
 
-    def __enter__(self) -> "_StageProgress":
+    def __enter__(self) -> _StageProgress:
         if self.live:
             from rich.progress import (
                 BarColumn,

@@ -558,7 +558,7 @@ class RunConfig:
         if self.name is None:
             self.name = name_from_data(self.data)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         if not self.name or any(c in self.name for c in "/\\"):
             raise ValueError(f"`name` must be a plain, non-empty name, got {self.name!r} instead.")
         if self.seed < 0:

@@ -48,7 +48,7 @@ class ImageSet:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
-    def subset(self, index: torch.Tensor) -> "ImageSet":
+    def subset(self, index: torch.Tensor) -> ImageSet:
         return replace(self, images=self.images[index], labels=self.labels[index])
 
     def float_images(self) -> torch.Tensor:

@@ -38,7 +38,7 @@ def int_seed(seed: int, name: str) -> int:
     return int(seed_sequence(seed, name).generate_state(1, np.uint32)[0])
 
 
-def torch_generator(seed: int, name: str, device: "torch.device | str" = "cpu") -> "torch.Generator":
+def torch_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:
     """A torch Generator on stream ``name``."""
     import torch
 

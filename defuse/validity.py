@@ -47,7 +47,7 @@ class ValidityModel:
     train_accuracy: float
 
     @classmethod
-    def fit(cls, latents: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> "ValidityModel":
+    def fit(cls, latents: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0) -> ValidityModel:
         """Fit on encoder means (N, latent_dim) and labels (N,)."""
         if not np.isfinite(latents).all():
             raise ValueError("Training latents contain NaN or infinite values: the generator's encoder is broken.")
@@ -104,7 +104,7 @@ class ValidityModel:
         labels = np.asarray(labels, dtype=np.int64)
         return self.scores(latents)[np.arange(len(labels)), labels]
 
-    def judge(self) -> "LatentJudge":
+    def judge(self) -> LatentJudge:
         """The same validity as a torch module, for screening candidates inside the search on any device."""
         return LatentJudge(self)
 
@@ -118,7 +118,7 @@ class ValidityModel:
         atomic_write_bytes(Path(path), buffer.getvalue())
 
     @classmethod
-    def load(cls, path: str | Path) -> "ValidityModel":
+    def load(cls, path: str | Path) -> ValidityModel:
         with np.load(path, allow_pickle=False) as f:
             return cls(f["mean"], f["scale"], f["coef"], f["intercept"], f["class_means"], f["class_precisions"],
                        f["class_thresholds"], float(f["train_accuracy"]))

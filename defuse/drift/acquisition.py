@@ -105,10 +105,10 @@ class SensorNoise:
     read: torch.Tensor
 
     @classmethod
-    def draw(cls, shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> "SensorNoise":
+    def draw(cls, shape: torch.Size | tuple[int, ...], generator: torch.Generator) -> SensorNoise:
         return cls(torch.randn(shape, generator=generator), torch.randn(shape, generator=generator))
 
-    def repeat(self, times: int) -> "SensorNoise":
+    def repeat(self, times: int) -> SensorNoise:
         """The same draws for ``times`` copies of the image set (settings x images in one batch)."""
         return SensorNoise(self.shot.repeat(times, 1, 1, 1), self.read.repeat(times, 1, 1, 1))
 

@@ -54,7 +54,7 @@ class DriftEvaluator:
     evaluations: int = field(default=0, init=False)
 
     @classmethod
-    def build(cls, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> "DriftEvaluator":
+    def build(cls, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int) -> DriftEvaluator:
         from defuse.seeding import int_seed
 
         generator = torch.Generator().manual_seed(int_seed(seed, "drift.noise"))

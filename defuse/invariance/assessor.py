@@ -50,7 +50,7 @@ class Assessor:
         self.trees = trees
         self.random_state = random_state
 
-    def fit(self, features: np.ndarray, labels: np.ndarray) -> "Assessor":
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> Assessor:
         labels = np.asarray(labels)
         if len(np.unique(labels)) < 2:
             raise ValueError(f"`labels` must hold both verdicts (invariant and not) to train an assessor, got only "

@@ -103,7 +103,7 @@ class RealImages:
     @classmethod
     def gather(cls, data: ImageDataModule, issues: pd.DataFrame | None = None,
                bug_pairs: set[tuple[int, int]] = frozenset(), original: nn.Module | None = None,
-               held_out: tuple[str, ...] = ("val", "audit"), reviewed: set[int] | None = None) -> "RealImages":
+               held_out: tuple[str, ...] = ("val", "audit"), reviewed: set[int] | None = None) -> RealImages:
         """Split ``data`` into the roles. ``issues``: the label issues (:func:`find_label_issues`); relabelled ones
         join ``relabelled`` (train) or stay held out under the person's label, the other ones of labelling bugs are
         left out (all are when the frame has no ``label_bug`` column). Held-out images labelled p that ``original``

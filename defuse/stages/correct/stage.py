@@ -61,7 +61,7 @@ class Repair:
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Repair":
+    def load(cls, path: str | Path) -> Repair:
         from defuse.models.loading import load_classifier
 
         loaded = load_classifier(path)
