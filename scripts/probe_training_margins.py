@@ -94,8 +94,9 @@ def probe(run_dir: Path, clean_labels: np.ndarray | None) -> dict:
             out["aum_quantiles_10_50_90"] = {
                 "poisoned": np.round(np.quantile(aum[poisoned], [0.1, 0.5, 0.9]), 3).tolist(),
                 "rest_of_their_label": np.round(np.quantile(aum[same & ~poisoned], [0.1, 0.5, 0.9]), 3).tolist()}
-            issues = pd.read_csv(run_dir / "label_issues.csv")
-            listed = issues.loc[issues["split"] == "train", "position"].to_numpy()
+            issues = run_dir / "label_issues.csv"  # written once regions are labelled (not by --no-repair runs)
+            listed = (pd.read_csv(issues).query("split == 'train'")["position"].to_numpy() if issues.exists()
+                      else np.zeros(0, dtype=int))
             hit = poisoned[listed]
             if 0 < hit.sum() < len(hit):
                 order = np.argsort(aum[listed])  # most suspect first
