@@ -30,8 +30,11 @@ from _bench import emit, progress  # scripts/_bench.py
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"digits": [], "mnist": ["--config", str(ROOT / "configs" / "mnist-test-split.yaml")]}
-# Issue 34's bars for a fresh process on this 2-core machine, alone on it.
-BARS = {"digits": {"unattended_seconds": 45, "auto_seconds": 40, "peak_rss_gib": 1.5}, "mnist": {"auto_seconds": 150}}
+# Issue 34's bars for a fresh process on this 2-core machine, alone on it. MNIST's "end to end" is judged on the first,
+# cold run (both models trained; it stops before correct, which a kept run's last stages add about 2 s to): the
+# second adopts the models from the cache, so its time says what a re-run costs, not what the split does.
+BARS = {"digits": {"unattended_seconds": 45, "auto_seconds": 40, "peak_rss_gib": 1.5},
+        "mnist": {"unattended_seconds": 150}}
 STAGE_COMMANDS = ("fit-classifier", "fit-generator", "identify", "distill", "label", "correct", "verify")
 
 
