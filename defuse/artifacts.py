@@ -6,6 +6,9 @@ one edit. This module imports nothing, so the CLI can know the pipeline's shape 
 
 MANIFEST = "manifest.json"
 CLASSIFIER_CKPT = "classifier.ckpt"  # fit-classifier
+# fit-classifier: (epochs, train images) margins of each training image's given label, recorded while it trained
+# defuse's classifier; (0, train images) for a classifier the user brought (no training to watch)
+TRAINING_MARGINS = "training_margins.npy"
 GENERATOR_CKPT = "generator.ckpt"  # fit-generator
 FAILURES_TABLE = "failures.parquet"  # identify
 FAILURES_Z = "failures_z.npy"  # identify

@@ -45,10 +45,16 @@ def entry_path(stage: str, stage_fingerprint: str) -> Path | None:
     return root / "stages" / stage / key
 
 
-def lookup(stage: str, stage_fingerprint: str) -> Path | None:
-    """The complete entry for this stage and fingerprint, or None."""
+def lookup(stage: str, stage_fingerprint: str, outputs: tuple[str, ...] = ()) -> Path | None:
+    """The complete entry for this stage and fingerprint, or None. ``outputs``: the stage's output names today; an
+    entry kept by an older defuse that lacks one of them (glob patterns aside: optional pictures) is not adopted, so
+    the stage runs and writes them all."""
     entry = entry_path(stage, stage_fingerprint)
-    return entry if entry is not None and (entry / RECORD).is_file() else None
+    if entry is None or not (entry / RECORD).is_file():
+        return None
+    kept = set(json.loads((entry / RECORD).read_text())["outputs"])
+    required = [name for name in outputs if not any(ch in name for ch in "*?[")]
+    return entry if kept.issuperset(required) else None
 
 
 def restore(entry: Path, run: RunDir) -> dict[str, Any]:

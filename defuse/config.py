@@ -334,6 +334,10 @@ class DistillConfig:
     # case short: four "9 -> 7" regions above the planted "7 -> 2", which pairs first shows second).
     order: str = "pairs_first"
     real_neighbours: int = 20  # real held-out images of the source class nearest each region, for its real evidence
+    # Rank with the training labels' doubt around each region (label_doubt, from fit-classifier's training margins)
+    # beside the real evidence: what sees a labelling error that train, val and audit all carry. false: real
+    # evidence alone (the ranking before issue 33's margins).
+    label_margins: bool = True
     umap: bool = True  # draw the failure map, umap.png; off makes distill faster
     # How the failure map is laid out: t-SNE (scikit-learn, compiled ahead of time: 1.6 s for the digits run's
     # 1,400 points, 7 s for 5,000) or UMAP (umap-learn: numba compiles it in every new process, about 15 s,

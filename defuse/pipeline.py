@@ -123,7 +123,7 @@ def run_stage(stage: Stage, config: RunConfig, run: RunDir, force: bool = False)
         return StageResult(stage.name, True, 0.0, run.metrics(stage.name), CURRENT)
     start = time.perf_counter()
     cached = config.trainer.cache and stage.name in cache.CACHED_STAGES
-    entry = cache.lookup(stage.name, digest) if cached and not force else None
+    entry = cache.lookup(stage.name, digest, stage.outputs) if cached and not force else None
     with run.running(stage.name, config.to_dict(), config.seed, digest) as record:
         if entry is not None:
             record.metrics = cache.restore(entry, run)

@@ -99,9 +99,9 @@ class Failures:
 
 # ----------------------------------------------------------------------------- distill: regions
 
-# The text regions.json has always carried (the module is defuse.stages.distill now): kept, so that a run's
-# regions.json stays byte-identical across the move.
-BUG_SCORE = "error_rate * validity * confidence * real_error_rate (see defuse.distill)"
+# The formula regions.json carries beside its regions.
+BUG_SCORE = ("error_rate * validity * confidence * evidence, evidence = 1 - (1 - real_error_rate) * (1 - label_doubt) "
+             "(see defuse.stages.distill)")
 ELLIPSOID_QUANTILE = 0.9  # "inside a region": within the 90% ellipsoid of its Gaussian
 REAL_PRIOR = (0.5, 5.0)  # real_error_rate = (real_misread + 0.5) / (real_neighbours + 5)
 
@@ -138,6 +138,11 @@ class Region:
     # reaches none (a core of failures: on the planted benchmark no real image lies within even the 99% ellipsoid
     # of a top region), so the real images it covers are those within this radius (label issues, defuse.label_issues).
     source_radius: float = 0.0
+    # The training labels around it (defuse.stages.distill.mixture.LabelMargins): the mean area under the margin
+    # of the training images of its two classes nearest its centre, and how far below those classes' median it lies,
+    # as label_doubt in [0, 1]. None where no margins were recorded (a classifier the user brought).
+    label_aum: float | None = None
+    label_doubt: float | None = None
     mean: list[float] = field(default_factory=list, repr=False)
     cov: list[list[float]] = field(default_factory=list, repr=False)
 
@@ -712,6 +717,8 @@ class ReportRegion(TypedDict):
     real_misread: int
     real_distance: float | None
     real_nearest_read: list[str]
+    label_aum: float | None
+    label_doubt: float | None
     accuracy_before: float | None
     accuracy_after: float | None
     real_test_images: int | None

@@ -595,7 +595,7 @@ def test_a_second_run_directory_adopts_the_models_the_first_trained_and_says_so(
         assert main([stage, *_args(tiny_overrides, tmp_path / "second")]) == 0
     out = capsys.readouterr().out
     assert "fit-classifier: restored from the cache (" in out and "fit-generator: restored from the cache (" in out
-    for name in ("classifier.ckpt", "generator.ckpt"):
+    for name in ("classifier.ckpt", "training_margins.npy", "generator.ckpt"):
         assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes()
     second = RunDir(tmp_path / "second")
     assert second.stage("fit-classifier")["status"] == "done" and second.is_current(
@@ -608,6 +608,14 @@ def test_a_second_run_directory_adopts_the_models_the_first_trained_and_says_so(
     assert main(["fit-classifier", *_args(tiny_overrides, tmp_path / "fifth")]) == 0
     assert "fit-classifier: done (" in capsys.readouterr().out
     assert not list((tmp_path / "cache").rglob(".partial-*"))  # entries are written whole
+    # An entry an older defuse kept, without an output the stage writes today, is not adopted: the stage trains.
+    monkeypatch.setenv("DEFUSE_CACHE", str(tmp_path / "cache"))
+    for record in (tmp_path / "cache").rglob("fit-classifier/*/record.json"):
+        kept = json.loads(record.read_text())
+        record.write_text(json.dumps({**kept, "outputs": ["classifier.ckpt"]}))
+    assert main(["fit-classifier", *_args(tiny_overrides, tmp_path / "sixth")]) == 0
+    assert "fit-classifier: done (" in capsys.readouterr().out
+    assert (tmp_path / "sixth" / "training_margins.npy").exists()
 
 
 def test_review_pages_group_what_a_person_can_answer_together_sixteen_to_a_page():

@@ -9,7 +9,7 @@ from stubs import LineGenerator, QuadrantClassifier, quadrant_validity
 from defuse.config import DistillConfig
 from defuse.records import Failures, Region, Regions
 from defuse.regions import region_grids, region_misreadings
-from defuse.stages.distill.mixture import RealEvidence, distill, save_grid_png
+from defuse.stages.distill.mixture import LabelMargins, RealEvidence, distill, save_grid_png
 
 CLASSES = ("zero", "one", "two")
 CONFIG = DistillConfig(max_components=4, min_failures=5, min_region_size=5, fresh_samples=200)
@@ -32,9 +32,9 @@ def make_failures(clusters, seed=0) -> Failures:
     return Failures(table, z, {})
 
 
-def _distill(failures, config=CONFIG, seed=0, real=None):
+def _distill(failures, config=CONFIG, seed=0, real=None, margins=None):
     return distill(failures, QuadrantClassifier(), LineGenerator(), quadrant_validity(), CLASSES, config, seed=seed,
-                   real=real)
+                   real=real, margins=margins)
 
 
 TWO_PAIRS = [((2.5, -1.0), 0.15, 40, 0, 1), ((-1.0, 2.5), 0.15, 40, 0, 2), ((2.5, 2.5), 0.1, 6, 2, 1)]
@@ -101,6 +101,49 @@ def test_real_images_misread_near_a_region_raise_its_score():
     for r in (misread, read_right):
         assert r.bug_score == pytest.approx(r.error_rate * r.validity * r.confidence * r.real_error_rate, abs=1e-4)
     assert misread.bug_score > without[1].bug_score and read_right.bug_score < without[2].bug_score
+
+
+def test_training_labels_fought_over_near_a_region_raise_its_doubt_and_score_and_other_classes_do_not_count():
+    clusters = [((2.5, -1.0), 0.15, 40, 0, 1), ((-1.0, 2.5), 0.15, 40, 0, 2)]
+    without = {r.predicted_label: r for r in _distill(make_failures(clusters)).regions}
+    assert all(r.label_aum is None and r.label_doubt is None for r in without.values())
+    rng = np.random.default_rng(2)
+    # Training images of classes 0 and 1 around the 0 -> 1 region learnt with a margin of 1 (a labelling error's
+    # look), those of 0 and 2 around 0 -> 2 with 8, the classes' typical image; and class-2 images with margin -5 at
+    # the 0 -> 1 centre, which are not of that region's two classes and must not count.
+    far = rng.normal((-4.0, -4.0), 0.3, size=(40, 2))
+    z = np.concatenate([without[1].sample(10, 0.2, rng), without[2].sample(10, 0.2, rng),
+                        without[1].sample(5, 0.01, rng), far])
+    labels = np.array([0] * 5 + [1] * 5 + [0] * 5 + [2] * 5 + [2] * 5 + [0, 1, 2, 2] * 10)
+    aum = np.array([1.0] * 10 + [8.0] * 10 + [-5.0] * 5 + [8.0] * 40)
+    margins = LabelMargins(z, labels, aum)
+    config = DistillConfig(**{**CONFIG.__dict__, "real_neighbours": 10})
+    doubted = {r.predicted_label: r for r in _distill(make_failures(clusters), config, margins=margins).regions}
+    fought, learnt = doubted[1], doubted[2]
+    assert fought.label_aum == pytest.approx(1.0)
+    assert fought.label_doubt == pytest.approx(1 - 1.0 / 8.0, abs=1e-4)  # against the median AUM of classes 0 and 1
+    assert learnt.label_aum == pytest.approx(8.0) and learnt.label_doubt == 0.0
+    # Same fresh samples (same seed): the score moves by the evidence factor alone, a noisy-or of the two kinds.
+    for r in (fought, learnt):
+        evidence = 1 - (1 - r.real_error_rate) * (1 - r.label_doubt)
+        assert r.bug_score == pytest.approx(r.error_rate * r.validity * r.confidence * evidence, abs=1e-4)
+    assert fought.bug_score > 4 * without[1].bug_score
+    assert learnt.bug_score == pytest.approx(without[2].bug_score, abs=1e-4)
+
+
+def test_training_margins_without_epochs_or_for_another_split_are_not_used(caplog):
+    class Images:
+        labels = __import__("torch").zeros(3, dtype=__import__("torch").long)
+
+        def __len__(self):
+            return 3
+
+    assert LabelMargins.observe(LineGenerator(), Images(), np.zeros((0, 3), dtype=np.float32)) is None
+    assert LabelMargins.observe(LineGenerator(), Images(), np.zeros((2, 5), dtype=np.float32)) is None
+    assert "holds 5 training images' margins but the train split has 3" in caplog.text
+    # Classes the classifier never fitted (median AUM <= 0) give no doubt rather than a meaningless ratio.
+    margins = LabelMargins(np.zeros((4, 2)), np.array([0, 0, 1, 1]), np.array([-1.0, -2.0, -1.0, 0.0]))
+    assert margins.around(np.zeros(2), (0, 1), quadrant_validity(), 2) is None
 
 
 def test_overlapping_pairs_lower_purity():

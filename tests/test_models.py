@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -196,3 +197,30 @@ def test_a_conditional_vae_carries_the_given_class_in_fixed_one_hot_latent_dimen
     assert ConvVAE(3, 32, latent_dim=6, width=8).encode(x)[0].shape == (5, 6)  # unconditional: as before
     with pytest.raises(ValueError, match="has no conditional form"):
         load_config(None, ["generator.conditional=true", "generator.kind=gan"])
+
+
+def test_recording_training_margins_leaves_the_trained_weights_unchanged_and_measures_every_train_image(tiny_config):
+    from defuse.models.training import TrainingMargins, train_classifier, training_data
+
+    config = tiny_config
+    weights = []
+    for record in (False, True):
+        data = training_data(config.data, config.seed)
+        train = data.split("train")
+        margins = TrainingMargins(train.float_images(), train.labels)
+        model, _ = train_classifier(data, config.classifier, config.trainer, seed=config.seed,
+                                    callbacks=[margins] if record else None)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    table = margins.table()
+    assert table.shape == (config.classifier.epochs, len(train)) and table.dtype == np.float32
+    # The last epoch's margins are those of the trained model: given label's logit minus the largest other.
+    from defuse.models.inference import predict_logits
+
+    logits = predict_logits(model, train.float_images())
+    given = logits[torch.arange(len(train)), train.labels]
+    others = logits.clone()
+    others[torch.arange(len(train)), train.labels] = -torch.inf
+    assert np.allclose(table[-1], (given - others.max(dim=1).values).numpy(), atol=1e-4)
+    assert (table[-1] > 0).mean() > 0.5  # most training images are learnt: positive margins

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -51,12 +52,43 @@ def accuracy_report(pred: torch.Tensor, labels: torch.Tensor, classes: tuple[str
     return {"accuracy": round(float(correct.float().mean()), 4), "n": int(len(labels)), "per_class": per_class}
 
 
+class TrainingMargins(pl.Callback):
+    """Every training image's margin after each epoch: the logit of its given label minus the largest other logit,
+    read on the plain image in eval mode (no augmentation, no dropout). Their mean over epochs is the image's *area
+    under the margin* (AUM; Pleiss et al. 2020): an image whose label disagrees with what similar images teach is
+    learnt late and with a small margin, however consistently the labelling error was made, which is what lets
+    distill see a labelling bug that every split carries (docs/benchmarks.md).
+
+    The forward pass draws no random numbers and leaves the module's mode as it found it, so the trained weights are
+    the same with or without this callback (a test holds it). ``margins``: one (N,) float32 array per epoch."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels.long()
+        self.margins: list[np.ndarray] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        from defuse.models.inference import predict_logits
+
+        with torch.no_grad():
+            logits = predict_logits(module.model, self.images)
+        rows = torch.arange(len(self.labels))
+        given = logits[rows, self.labels].clone()
+        logits[rows, self.labels] = -torch.inf
+        self.margins.append((given - logits.max(dim=1).values).numpy().astype(np.float32))
+
+    def table(self) -> np.ndarray:
+        """(epochs, N) margins; (0, N) before the first epoch ends."""
+        return np.stack(self.margins) if self.margins else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+
 def train_classifier(
-    data: ImageDataModule, config: ClassifierConfig, trainer: TrainerConfig, root: str = ".", seed: int = 0
+    data: ImageDataModule, config: ClassifierConfig, trainer: TrainerConfig, root: str = ".", seed: int = 0,
+    callbacks: list | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Train a built-in classifier on ``data``; returns the model ([0,1] images -> logits) and its hparams.
 
-    ``seed``: the run's seed (stream ``classifier.augment``, drawn only when ``config`` asks for augmentation)."""
+    ``seed``: the run's seed (stream ``classifier.augment``, drawn only when ``config`` asks for augmentation).
+    ``callbacks``: Lightning callbacks for the fit (e.g. :class:`TrainingMargins`)."""
     mean, std = data.channel_stats()
     augment = {}
     if config.augment_rotation or config.augment_scale or config.augment_brightness:
@@ -70,7 +102,7 @@ def train_classifier(
     # Channels-last convolutions train 20-40% faster on CPU (SmallCNN, batch 128: 40-53 ms a step against 66-79);
     # the trained weights go back to the standard format, so what is saved and loaded is as before.
     module.model.to(memory_format=torch.channels_last)
-    make_trainer(trainer, config.epochs, root, num_sanity_val_steps=0).fit(module, datamodule=data)
+    make_trainer(trainer, config.epochs, root, callbacks=callbacks, num_sanity_val_steps=0).fit(module, datamodule=data)
     return module.model.to(memory_format=torch.contiguous_format).eval(), dict(module.hparams)
 
 
@@ -125,4 +157,4 @@ def training_data(config: DataConfig, seed: int) -> ImageDataModule:
     return data
 
 
-__all__ = ["accuracy_report", "make_trainer", "train_classifier", "train_vae", "training_data"]
+__all__ = ["TrainingMargins", "accuracy_report", "make_trainer", "train_classifier", "train_vae", "training_data"]

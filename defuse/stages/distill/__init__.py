@@ -12,6 +12,7 @@ from defuse.artifacts import (
     GENERATOR_CKPT,
     REGIONS_DIR,
     REGIONS_JSON,
+    TRAINING_MARGINS,
     UMAP_PNG,
     VALIDITY_MODEL,
 )
@@ -28,7 +29,9 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     from defuse.models.inference import latent_means
     from defuse.models.loading import load_classifier, load_generator
     from defuse.records import Failures
-    from defuse.stages.distill.mixture import RealEvidence, distill, save_pictures
+    import numpy as np
+
+    from defuse.stages.distill.mixture import LabelMargins, RealEvidence, distill, save_pictures
     from defuse.validity import ValidityModel
 
     failures = Failures.load(run.path(FAILURES_TABLE), run.metrics("identify"))
@@ -43,8 +46,10 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     sources = (real.z if config.identify.split == config.identify.validity_split else
                latent_means(generator, data.split(config.identify.split).float_images(),
                             labels=data.split(config.identify.split).labels).numpy())
+    margins = (LabelMargins.observe(generator, data.split("train"), np.load(run.path(TRAINING_MARGINS)))
+               if config.distill.label_margins else None)
     regions = distill(failures, loaded.model, generator, judge, loaded.classes or audit.classes,
-                      config.distill, seed=config.seed, real=real, sources=sources)
+                      config.distill, seed=config.seed, real=real, sources=sources, margins=margins)
     regions.save(run.path(REGIONS_JSON))
     save_pictures(run, regions, failures, generator, config.distill, config.seed, real=real,
                   classifier=loaded.model)
@@ -52,4 +57,4 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
 
 
 STAGE = Stage("distill", distill_stage, (REGIONS_JSON, f"{REGIONS_DIR}/*", UMAP_PNG), ("distill", "data", "identify"),
-              (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, GENERATOR_CKPT))
+              (FAILURES_TABLE, FAILURES_Z, VALIDITY_MODEL, CLASSIFIER_CKPT, TRAINING_MARGINS, GENERATOR_CKPT))

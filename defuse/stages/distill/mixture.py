@@ -14,7 +14,10 @@ still look like the source class. It is scored on other, independent fresh sampl
 
 Bug score (in [0, 1], comparable across models and datasets):
 
-    bug_score = error_rate * validity * confidence * real_error_rate
+    bug_score = error_rate * validity * confidence * evidence
+    evidence  = 1 - (1 - real_error_rate) * (1 - label_doubt)
+
+(evidence from real held-out images *or* from contested training labels: either one can say "bug")
 
 * ``error_rate``: share of fresh samples the classifier reads as the region's predicted
   class. A region that is not consistently misclassified is not one bug.
@@ -34,6 +37,17 @@ Bug score (in [0, 1], comparable across models and datasets):
   region) and rarely contain a real image; the median distance (``real_distance``, in standardised
   latent units) says how near they are. The validity model alone cannot separate bugs from
   hybrids: it is confidently wrong on some, e.g. an 8/6 hybrid it calls 8.
+* ``label_doubt``: evidence that does not trust the labels' *consistency*. real_error_rate reads the audit
+  split's labels, and where train, val and audit all carry one labelling error the audit images around the bug carry
+  it too, so the model "reads them right" (issue 33). The classifier's training margins see it anyway: an image
+  whose label disagrees with what similar images teach is learnt late and with a small margin (its area under the
+  margin, AUM; Pleiss et al. 2020), however consistently the error was made. ``label_aum`` is the mean AUM of the
+  ``real_neighbours`` training images of the region's two classes nearest its centre; ``label_doubt`` = max(0, 1 -
+  label_aum / the median AUM of those two classes' training images): 0 where the labels around it were learnt as
+  easily as their classes' typical image, towards 1 where they were fought over. Measured before it was adopted
+  (scripts/probe_training_margins.py, 16 planted runs on seeds 0-2, every split but test poisoned): the planted
+  pair's region had the lowest label_aum of its run in all 16 and lay below every region of the clean controls.
+  Without recorded margins (a classifier the user brought) it is 0 and evidence is real_error_rate alone.
 """
 
 from __future__ import annotations
@@ -88,6 +102,42 @@ class RealEvidence:
         return cls(latent_means(generator, x, labels=images.labels).numpy(), images.labels.numpy(), predict_labels(classifier, x).numpy(), x)
 
 
+@dataclass(frozen=True)
+class LabelMargins:
+    """The training images as the generator sees them (encoder means (N, d)), their given labels and their area
+    under the margin (mean over epochs of fit-classifier's training margins): where the training labels were
+    fought over (module docstring, ``label_doubt``)."""
+
+    z: np.ndarray
+    labels: np.ndarray
+    aum: np.ndarray
+
+    @classmethod
+    def observe(cls, generator: nn.Module, images: ImageSet, margins: np.ndarray) -> LabelMargins | None:
+        """From training_margins.npy's (epochs, N) table over ``images`` (the train split); None when it has no
+        epochs (a classifier the user brought) or does not match the split (then say why)."""
+        if len(margins) == 0:
+            return None
+        if margins.shape[1] != len(images):
+            log.warning("training_margins.npy holds %d training images' margins but the train split has %d: "
+                        "ranking without them. Re-run `defuse fit-classifier --force`.", margins.shape[1], len(images))
+            return None
+        z = latent_means(generator, images.float_images(), labels=images.labels).numpy()
+        return cls(z, images.labels.numpy(), margins.mean(axis=0).astype(np.float64))
+
+    def around(self, centre: np.ndarray, classes: tuple[int, int], validity: ValidityModel,
+               k: int) -> tuple[float, float] | None:
+        """(label_aum, label_doubt) of the ``k`` training images of ``classes`` nearest ``centre`` (standardised
+        latent space); None where those classes' median AUM is not positive (a classifier that never fitted them)."""
+        of_pair = np.nonzero(np.isin(self.labels, classes))[0]
+        typical = float(np.median(self.aum[of_pair])) if len(of_pair) else 0.0
+        if not typical > 0:
+            return None
+        nearest = of_pair[np.argsort(standardised_distance(self.z[of_pair], validity, centre), kind="stable")[:k]]
+        label_aum = float(self.aum[nearest].mean())
+        return label_aum, min(max(1.0 - label_aum / typical, 0.0), 1.0)
+
+
 # ----------------------------------------------------------------------------- fitting
 
 
@@ -121,6 +171,7 @@ def distill(
     seed: int = 0,
     real: RealEvidence | None = None,
     sources: np.ndarray | None = None,
+    margins: LabelMargins | None = None,
 ) -> Regions:
     """Fit regions per confusion pair, refine them on fresh samples, score them and rank them: by bug score, each
     pair's best region first (``config.order``, :func:`pairs_first`).
@@ -130,6 +181,7 @@ def distill(
             them every region gets the prior real_error_rate (0.1) and the ranking rests on fresh samples alone.
         sources: encoder means of the searched split, (N, d), indexed by the failures' ``source_index``: each
             region's ``source_radius`` (0 without them).
+        margins: the training images' areas under the margin, for ``label_doubt`` (0 without them).
     """
     z_all = failures.z
     table = failures.table
@@ -160,7 +212,7 @@ def distill(
         return Regions([], stats, tuple(classes))
     evaluate = make_evaluate(generator.eval(), inference_copy(classifier))
     _refine(candidates, evaluate, validity, config, rng)
-    scored = _score(candidates, failures, evaluate, validity, config, rng, real)
+    scored = _score(candidates, failures, evaluate, validity, config, rng, real, margins)
     for c in scored:
         c["source_radius"] = _source_radius(c, failures, sources, validity)
     scored.sort(key=lambda c: (-c["bug_score"], c["source"], c["predicted"]))
@@ -178,7 +230,8 @@ def distill(
             coverage=c["coverage"], bug_score=c["bug_score"], real_neighbours=c["real_neighbours"],
             real_misread=c["real_misread"], real_distance=c["real_distance"], real_error_rate=c["real_error_rate"],
             real_nearest=c["real_nearest"], real_nearest_read=c["real_nearest_read"],
-            source_radius=c["source_radius"], mean=c["mean"].tolist(), cov=c["cov"].tolist(),
+            source_radius=c["source_radius"], label_aum=c["label_aum"], label_doubt=c["label_doubt"],
+            mean=c["mean"].tolist(), cov=c["cov"].tolist(),
         )
         for rank, c in enumerate(scored, start=1)
     ]
@@ -239,8 +292,10 @@ def _refine(candidates: list[dict[str, Any]], evaluate, validity: ValidityModel,
             c["mean"], c["cov"] = mean.astype(np.float64), (diff.T * w) @ diff + 1e-3 * np.eye(d)
 
 
-def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvidence | None) -> list[dict[str, Any]]:
-    """Fresh samples for every candidate region at once: decode, classify, judge validity; real-data evidence."""
+def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvidence | None,
+           margins: LabelMargins | None = None) -> list[dict[str, Any]]:
+    """Fresh samples for every candidate region at once: decode, classify, judge validity; real-data evidence and
+    the training labels' doubt around each region."""
     n = config.fresh_samples
     fresh = np.concatenate([
         rng.multivariate_normal(c["mean"], config.tau * c["cov"], size=n, method="cholesky") for c in candidates
@@ -271,6 +326,10 @@ def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvid
         neighbours, misread_real = len(nearest), int((read == c["predicted"]).sum())
         distance = _real_distance(real, validity, c, nearest)
         real_rate = (misread_real + REAL_PRIOR[0]) / (neighbours + REAL_PRIOR[1])
+        around = (margins.around(c["mean"], (c["source"], c["predicted"]), validity, config.real_neighbours)
+                  if margins is not None else None)
+        doubt = around[1] if around is not None else 0.0
+        evidence = 1.0 - (1.0 - real_rate) * (1.0 - doubt)
         out.append({
             **c,
             "error_rate": round(error_rate, 4),
@@ -289,7 +348,9 @@ def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvid
             "real_error_rate": round(real_rate, 4),
             "real_nearest": [int(i) for i in nearest[:REAL_SHOWN]],
             "real_nearest_read": [int(k) for k in read[:REAL_SHOWN]],
-            "bug_score": round(error_rate * validity_mean * confidence * real_rate, 4),
+            "label_aum": round(around[0], 4) if around is not None else None,
+            "label_doubt": round(around[1], 4) if around is not None else None,
+            "bug_score": round(error_rate * validity_mean * confidence * evidence, 4),
         })
     return out
 

@@ -1,10 +1,11 @@
-"""fit-classifier: train the classifier under test (or adopt the user's) and write classifier.ckpt (:mod:`.fit`)."""
+"""fit-classifier: train the classifier under test (or adopt the user's) and write classifier.ckpt and the training
+margins (:mod:`.fit`)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from defuse.artifacts import CLASSIFIER_CKPT
+from defuse.artifacts import CLASSIFIER_CKPT, TRAINING_MARGINS
 from defuse.stages import Stage
 
 if TYPE_CHECKING:
@@ -19,4 +20,4 @@ def fit_classifier_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     return fit_classifier(config, run)
 
 
-STAGE = Stage("fit-classifier", fit_classifier_stage, (CLASSIFIER_CKPT,), ("data", "classifier", "trainer"))
+STAGE = Stage("fit-classifier", fit_classifier_stage, (CLASSIFIER_CKPT, TRAINING_MARGINS), ("data", "classifier", "trainer"))

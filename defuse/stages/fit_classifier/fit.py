@@ -1,13 +1,16 @@
 """fit-classifier: train the classifier under test with Lightning's Trainer (or adopt the user's) and write
-classifier.ckpt atomically."""
+classifier.ckpt atomically, with every training image's margin per epoch (training_margins.npy)."""
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from typing import Any
 
-from defuse.artifacts import CLASSIFIER_CKPT
+import numpy as np
+
+from defuse.artifacts import CLASSIFIER_CKPT, TRAINING_MARGINS
 from defuse.config import RunConfig
 from defuse.models.inference import predict_labels
 from defuse.models.loading import (
@@ -17,14 +20,15 @@ from defuse.models.loading import (
     save_classifier,
     save_classifier_pointer,
 )
-from defuse.models.training import accuracy_report, train_classifier, training_data
-from defuse.rundir import RunDir
+from defuse.models.training import TrainingMargins, accuracy_report, train_classifier, training_data
+from defuse.rundir import RunDir, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 
 def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
-    """Train the classifier (or adopt the user's) and write ``classifier.ckpt``.
+    """Train the classifier (or adopt the user's) and write ``classifier.ckpt`` and ``training_margins.npy``
+    (:class:`~defuse.models.training.TrainingMargins`; no rows for a classifier the user brought).
 
     Returns:
         metrics: test accuracy and per-class accuracy on the test split, train time.
@@ -32,14 +36,20 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
     data = training_data(config.data, config.seed)
     c = config.classifier
     start = time.perf_counter()
+    train = data.split("train")
+    margins = TrainingMargins(train.float_images(), train.labels)
     if c.user_supplied:
         kind = "torchscript" if c.torchscript else "factory"
         model = load_torchscript(c.torchscript) if c.torchscript else load_factory(c.factory, c.weights)
         source = {"torchscript": c.torchscript} if c.torchscript else {"factory": c.factory, "weights": c.weights or ""}
         save_classifier_pointer(run.path(CLASSIFIER_CKPT), kind, source, data.classes)
     else:
-        model, hparams = train_classifier(data, c, config.trainer, str(run.root), seed=config.seed)
+        model, hparams = train_classifier(data, c, config.trainer, str(run.root), seed=config.seed,
+                                          callbacks=[margins])
         save_classifier(run.path(CLASSIFIER_CKPT), model, hparams)
+    buffer = io.BytesIO()
+    np.save(buffer, margins.table(), allow_pickle=False)
+    atomic_write_bytes(run.path(TRAINING_MARGINS), buffer.getvalue())
     seconds = time.perf_counter() - start
     loaded = load_classifier(run.path(CLASSIFIER_CKPT))  # evaluate exactly what was saved
     test = data.split("test")

@@ -321,6 +321,8 @@ def _region_entry(region: Region, answer: Answer | None, verify: VerifyResult | 
         "real_misread": region.real_misread,
         "real_distance": region.real_distance,
         "real_nearest_read": [name(k) for k in region.real_nearest_read],
+        "label_aum": region.label_aum,
+        "label_doubt": region.label_doubt,
         "accuracy_before": measured.get("accuracy_before"),
         "accuracy_after": measured.get("accuracy_after"),
         "real_test_images": measured.get("real_n"),
