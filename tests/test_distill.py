@@ -9,7 +9,12 @@ from stubs import LineGenerator, QuadrantClassifier, quadrant_validity
 from defuse.config import DistillConfig
 from defuse.records import Failures, Region, Regions
 from defuse.regions import region_grids, region_misreadings
-from defuse.stages.distill.mixture import LabelMargins, RealEvidence, distill, save_grid_png
+from defuse.stages.distill.mixture import (
+    LabelMargins,
+    RealEvidence,
+    distill,
+    save_grid_png,
+)
 
 CLASSES = ("zero", "one", "two")
 CONFIG = DistillConfig(max_components=4, min_failures=5, min_region_size=5, fresh_samples=200)

@@ -25,13 +25,18 @@ if TYPE_CHECKING:
 
 def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Group the failures into ranked regions, with real evidence from the audit split; draw their pictures."""
+    import numpy as np
+
     from defuse.data import ImageDataModule
     from defuse.models.inference import latent_means
     from defuse.models.loading import load_classifier, load_generator
     from defuse.records import Failures
-    import numpy as np
-
-    from defuse.stages.distill.mixture import LabelMargins, RealEvidence, distill, save_pictures
+    from defuse.stages.distill.mixture import (
+        LabelMargins,
+        RealEvidence,
+        distill,
+        save_pictures,
+    )
     from defuse.validity import ValidityModel
 
     failures = Failures.load(run.path(FAILURES_TABLE), run.metrics("identify"))

@@ -20,7 +20,12 @@ from defuse.models.loading import (
     save_classifier,
     save_classifier_pointer,
 )
-from defuse.models.training import TrainingMargins, accuracy_report, train_classifier, training_data
+from defuse.models.training import (
+    TrainingMargins,
+    accuracy_report,
+    train_classifier,
+    training_data,
+)
 from defuse.rundir import RunDir, atomic_write_bytes
 
 log = logging.getLogger(__name__)
