@@ -156,6 +156,11 @@ class ClassifierConfig:
     torchscript: str | None = field(default=None, metadata=PATH)  # a TorchScript classifier: [0,1] images -> logits
     factory: str | None = None  # "package.module:function" or "path/to/file.py:function" returning an nn.Module
     weights: str | None = field(default=None, metadata=PATH)  # .safetensors or a state-dict file for `factory`
+    # For a classifier you brought: train defuse's own small CNN on the train split (classifier.epochs, width and lr
+    # above) only to watch which training labels are hard to learn, the training margins behind each region's
+    # label_doubt; the classifier you brought is what is tested and repaired. false: no margins, and the ranking
+    # rests on the real evidence alone (blind to a labelling error that every split carries).
+    margins_probe: bool = True
 
     def validate(self) -> None:
         _check_choice("classifier.arch", self.arch, CLASSIFIER_ARCHS)

@@ -287,6 +287,15 @@ def test_user_torchscript_classifier_is_adopted_not_trained(tmp_path, tiny_overr
     x = torch.rand(2, 1, 28, 28)
     assert torch.allclose(loaded.model(x), model(x))
     assert RunDir(run_dir).metrics("fit-classifier")["test_accuracy"] < 0.5  # an untrained model stays untrained
+    # The training margins (the labels' doubt around each region) come from defuse's own small CNN, trained only
+    # to record them: one row per epoch, one column per training image; none with the probe off.
+    margins = np.load(run_dir / "training_margins.npy")
+    train_images = RunDir(run_dir).metrics("fit-classifier")["split_sizes"]["train"]
+    assert margins.shape == (2, train_images) and (margins[-1] > 0).mean() > 0.5  # classifier.epochs=2; learnt
+    off = tmp_path / "off"
+    assert main(["fit-classifier", *_args(tiny_overrides, off), "--set", f"classifier.torchscript={tmp_path / 'user.pt'}",
+                 "--set", "classifier.margins_probe=false"]) == 0
+    assert np.load(off / "training_margins.npy").shape == (0, train_images)
 
 
 USER_MODEL = """

@@ -762,6 +762,27 @@ def test_review_asks_about_every_listed_image_of_a_labelled_region_not_only_a_de
     assert todo["image"].tolist() == [12, 21, 30, 14]
 
 
+def test_review_shows_a_regions_hardest_learnt_training_images_first(monkeypatch):
+    import defuse.label_issues.review as review
+
+    table = pd.DataFrame({"split": ["train", "train", "train", "val"], "position": [0, 1, 2, 0],
+                          "image": [10, 11, 12, 20], "kind": "neighbour", "region": 1, "label_bug": False,
+                          "reviewed": False})
+
+    class Data:  # three training images
+        def split(self, name):
+            return [0, 1, 2]
+
+    monkeypatch.setattr(review, "encode_splits", lambda generator, data: {})
+    monkeypatch.setattr(review, "find_label_issues", lambda *args, **kwargs: table)
+    aum = np.array([6.0, -1.0, 2.5])  # image 11 never learnt its label, 12 late, 10 at once
+    todo = review.issues_for_review(Regions([], {}), {}, None, None, Data(), training_aum=aum)
+    assert todo["image"].tolist() == [11, 12, 10, 20]  # training images hardest first; val after train, as before
+    # Margins of another split's size (a stale file) order nothing.
+    assert review.issues_for_review(Regions([], {}), {}, None, None, Data(),
+                                    training_aum=aum[:2])["image"].tolist() == [10, 11, 12, 20]
+
+
 def test_relabelled_images_add_their_pair_to_what_the_repair_fixes():
     regions = Regions([_region(1), replace(_region(2), source_label=6, predicted_label=1, pair="6 -> 1")], {})
     # Region 1 (0 -> 1) answered 0: a bug; region 2 (6 -> 1) answered 1, the model's reading: no pair of its own.

@@ -19,6 +19,7 @@ from defuse.artifacts import (
     LABEL_REVIEW_TODO,
     LABELS_FILE,
     REGIONS_JSON,
+    TRAINING_MARGINS,
     VALIDITY_MODEL,
 )
 from defuse.config import RunConfig, config_from_mapping
@@ -41,6 +42,8 @@ def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
         issues_for_review,
         read_reviewed_labels,
     )
+    import numpy as np
+
     from defuse.models.loading import load_classifier, load_generator
     from defuse.records import LabelBook, Regions
     from defuse.validity import ValidityModel
@@ -56,9 +59,10 @@ def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
     image_scores = image_witness(hparams, data, config.correct, config.seed, config.trainer, run.root)
     import pandas as pd
 
+    margins = np.load(run.path(TRAINING_MARGINS)) if run.path(TRAINING_MARGINS).exists() else np.zeros((0, 0))
     todo = issues_for_review(Regions.load(run.path(REGIONS_JSON)), LabelBook(run.path(LABELS_FILE)).bug_labels(),
                              load_generator(run.path(GENERATOR_CKPT)), ValidityModel.load(run.path(VALIDITY_MODEL)),
-                             data, reviewed, image_scores)
+                             data, reviewed, image_scores, training_aum=margins.mean(axis=0) if len(margins) else None)
     moved = moved_for_review(run, set(reviewed or ()) | set(todo["image"].tolist()))
     # An empty table has no dtypes to keep: concatenated, it would turn every column to object (pandas 3).
     return pd.concat([todo, moved], ignore_index=True) if len(moved) else todo

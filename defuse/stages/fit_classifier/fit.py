@@ -3,6 +3,7 @@ classifier.ckpt atomically, with every training image's margin per epoch (traini
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import time
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
     """Train the classifier (or adopt the user's) and write ``classifier.ckpt`` and ``training_margins.npy``
-    (:class:`~defuse.models.training.TrainingMargins`; no rows for a classifier the user brought).
+    (:class:`~defuse.models.training.TrainingMargins`; for a classifier the user brought, those of a small CNN
+    trained only to record them, ``classifier.margins_probe``, or none).
 
     Returns:
         metrics: test accuracy and per-class accuracy on the test split, train time.
@@ -48,6 +50,8 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
         model = load_torchscript(c.torchscript) if c.torchscript else load_factory(c.factory, c.weights)
         source = {"torchscript": c.torchscript} if c.torchscript else {"factory": c.factory, "weights": c.weights or ""}
         save_classifier_pointer(run.path(CLASSIFIER_CKPT), kind, source, data.classes)
+        if c.margins_probe:
+            _train_margins_probe(data, config, run, margins)
     else:
         model, hparams = train_classifier(data, c, config.trainer, str(run.root), seed=config.seed,
                                           callbacks=[margins])
@@ -65,3 +69,17 @@ def fit_classifier(config: RunConfig, run: RunDir) -> dict[str, Any]:
                     "(a .safetensors or state-dict file).", c.factory, report["accuracy"])
     return {"test_accuracy": report["accuracy"], "test_n": report["n"], "per_class_accuracy": report["per_class"],
             "split_sizes": data.sizes(), "train_seconds": round(seconds, 2)}
+
+
+def _train_margins_probe(data, config: RunConfig, run: RunDir, margins: TrainingMargins) -> None:
+    """A classifier the user brought has no training defuse can watch, yet the training margins describe the labels,
+    not the model: train the built-in small CNN on the train split (its own seed stream, so nothing else moves) and
+    record them; the model is then dropped."""
+    import torch
+
+    from defuse.seeding import int_seed
+
+    probe = dataclasses.replace(config.classifier, arch="small_cnn", torchscript=None, factory=None, weights=None)
+    with torch.random.fork_rng():
+        torch.manual_seed(int_seed(config.seed, "classifier.margins_probe"))
+        train_classifier(data, probe, config.trainer, str(run.root), seed=config.seed, callbacks=[margins])
