@@ -763,7 +763,7 @@ def test_review_asks_about_every_listed_image_of_a_labelled_region_not_only_a_de
 
 
 def test_review_shows_a_regions_hardest_learnt_training_images_first(monkeypatch):
-    import defuse.label_issues.review as review
+    from defuse.label_issues import review
 
     table = pd.DataFrame({"split": ["train", "train", "train", "val"], "position": [0, 1, 2, 0],
                           "image": [10, 11, 12, 20], "kind": "neighbour", "region": 1, "label_bug": False,

@@ -36,14 +36,14 @@ if TYPE_CHECKING:
 def label_issues_to_review(config: RunConfig, run: RunDir) -> pd.DataFrame:
     """The label issues a person should review before correct (:func:`defuse.label_issues.issues_for_review`), less those
     ``correct.reviewed_labels`` answers already. Needs the regions labelled (the label stage's labels.jsonl)."""
+    import numpy as np
+
     from defuse.data import ImageDataModule
     from defuse.label_issues import (
         image_witness,
         issues_for_review,
         read_reviewed_labels,
     )
-    import numpy as np
-
     from defuse.models.loading import load_classifier, load_generator
     from defuse.records import LabelBook, Regions
     from defuse.validity import ValidityModel
