@@ -1,5 +1,5 @@
-"""Exploratory probe for issue 33 (not a product feature yet): do the classifier's *training margins* expose a
-labelling bug that every split carries?
+"""Exploratory probe for issue 33 (adopted since: fit-classifier records the margins and distill's bug score reads
+them as ``label_doubt``): do the classifier's *training margins* expose a labelling bug that every split carries?
 
 When train, val and audit all carry one labelling error, every judge fitted on those labels agrees with it, and no
 label-free score found so far tells a planted pair from a natural class boundary (docs/benchmarks.md). The area
@@ -7,8 +7,9 @@ under the margin (AUM; Pleiss et al. 2020, "Identifying Mislabeled Data using th
 uses the labels differently: an image whose label disagrees with what similar images teach is learnt late and with
 a small margin, however consistently the error was made.
 
-For each kept run directory of ``scripts/bench_planted.py --keep`` given, this retrains the run's classifier as
-fit-classifier does (same config, data and epochs; Lightning) and records every training image's margin (logit of
+For each kept run directory of ``scripts/bench_planted.py --keep`` given, this reads the run's training_margins.npy,
+or (a run made before fit-classifier recorded them) retrains the run's classifier as fit-classifier does (same
+config, data and epochs; Lightning) and records every training image's margin (logit of
 its given label minus the largest other logit) after each epoch; AUM is their mean. It prints JSON with:
 
 * per run, with ``--poisoned-from CLEAN.npz`` (the case's unpoisoned labels): how well a low AUM ranks the
@@ -63,10 +64,14 @@ class _EpochMargins(pl.Callback):
 
 
 def area_under_margin(run_dir: Path):
-    """(AUM per training image, the run's data, config): the run's classifier retrained as fit-classifier does."""
+    """(AUM per training image, the run's data, config): from the run's own training_margins.npy (fit-classifier
+    records them since 02873f6), else the run's classifier retrained as fit-classifier does."""
     config = config_from_mapping(json.loads((run_dir / "manifest.json").read_text())["config"])
     data = training_data(config.data, config.seed)
     train = data.split("train")
+    recorded = run_dir / "training_margins.npy"
+    if recorded.exists() and len(np.load(recorded)):
+        return np.load(recorded).mean(axis=0), data
     mean, std = data.channel_stats()
     torch.manual_seed(config.seed)
     module = ClassifierModule(arch=config.classifier.arch, width=config.classifier.width, in_channels=data.channels,
