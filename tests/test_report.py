@@ -38,6 +38,7 @@ def test_the_report_shows_every_region_label_and_figure_of_the_run(finished):
     assert report["clean_accuracy"] == verify["clean_accuracy"]
     for entry, region in zip(report["regions"], regions["regions"]):
         assert entry["pair"] == region["pair"] and entry["bug_score"] == region["bug_score"]
+        assert entry["label_doubt"] == region["label_doubt"] and 0 <= entry["label_doubt"] <= 1  # margins recorded
         assert entry["label"] == regions["classes"][int(yaml_labels[region["id"]])] and entry["label_source"] == "file"
         measured = next(r for r in verify["regions"] if r["id"] == region["id"])
         assert entry["accuracy_before"] == measured["accuracy_before"]
@@ -55,6 +56,8 @@ def test_the_report_shows_every_region_label_and_figure_of_the_run(finished):
         verify["per_class_accuracy"]["3"]["after"] - verify["per_class_accuracy"]["3"]["before"], 4)
     html = run.path("report/index.html").read_text()
     assert html.count('class="region-card') == len(regions["regions"])
+    assert html.count("<th>label doubt</th>") == len(regions["regions"])
+    assert "| label doubt |" in run.path("report/report.md").read_text()
     # Self-contained: every image inline, nothing fetched from anywhere.
     assert re.search(r'(src|href)="(?!data:|#)', html) is None and "<script" not in html
     assert html.count('src="data:image/png;base64,') >= 2 * len(regions["regions"]) + 6  # grids, real, heat maps
