@@ -38,7 +38,13 @@ def test_the_report_shows_every_region_label_and_figure_of_the_run(finished):
     assert report["clean_accuracy"] == verify["clean_accuracy"]
     for entry, region in zip(report["regions"], regions["regions"]):
         assert entry["pair"] == region["pair"] and entry["bug_score"] == region["bug_score"]
-        assert entry["label_doubt"] == region["label_doubt"] and 0 <= entry["label_doubt"] <= 1  # margins recorded
+        # The margins were recorded, so every region has a doubt, and its bug score is the noisy-or of the two kinds
+        # of evidence (real images misread, training labels fought over).
+        assert region["label_doubt"] is not None and entry["label_doubt"] == region["label_doubt"]
+        evidence = 1 - (1 - region["real_error_rate"]) * (1 - region["label_doubt"])
+        assert region["bug_score"] == pytest.approx(
+            region["error_rate"] * region["validity"] * region["confidence"] * evidence, abs=2e-4)
+    assert any(r["label_doubt"] > 0 for r in regions["regions"])  # so the line above checks the doubt's part too
         assert entry["label"] == regions["classes"][int(yaml_labels[region["id"]])] and entry["label_source"] == "file"
         measured = next(r for r in verify["regions"] if r["id"] == region["id"])
         assert entry["accuracy_before"] == measured["accuracy_before"]
