@@ -30,7 +30,9 @@ Measured, reading only the run directories' artifacts, and grading only on the t
 * the rank of the first region with the planted pair, its precision (the share of the fresh samples a person is
   shown of it, its misreadings first, that the reference reads as the source class while the poisoned model reads
   the planted class; ``planted_precision_gaussian``: the same share on plain draws of its Gaussian; reversed, the
-  share of the real images shown beside it that are mislabelled images of the bug; ``planted_precision_direct``,
+  share of the real images its failures start from, as shown beside it, that are mislabelled images of the bug
+  (``planted_precision_reversed_nearest``: the same share of the nearest real images of its source class shown
+  beside it, the measure before the sources were shown); ``planted_precision_direct``,
   ``planted_precision_reversed``: each orientation's first region), its bug score;
 * valid failures per 1,000 classifier queries, against random sampling from the prior and against the
   reference search (Beta(50, 50) shift of the mean, 10 samples per source) at equal budget, from the audit split;
@@ -456,9 +458,10 @@ def simulated_person(run: RunDir, config: RunConfig, reference: torch.nn.Module)
     """A labels file: each region is what the clean reference reads on most of the samples a person is shown of it
     (``region_misreadings``: the classifier's misreadings of the region first). Where that is the model's own
     reading, the person looks at the real images shown beside the region (its nearest audit images labelled as
-    its source class, ``Region.real_nearest``, as the report shows them): if the reference reads most of them as
-    the model does too, the answer is that class (the model is right here and those labels are suspect: the bug
-    seen from its labels' side when every split carries it); else "not-a-bug". Read by the pipeline through
+    its source class, ``Region.real_nearest``, and the audit images its failures start from,
+    ``Region.real_sources``, as the report shows them): if the reference reads most of them as the model does too,
+    the answer is that class (the model is right here and those labels are suspect: the bug seen from its labels'
+    side when every split carries it); else "not-a-bug". Read by the pipeline through
     `--labels FILE`, as a person's file would be."""
     regions, generator = Regions.load(run.path(REGIONS_JSON)), load_generator(run.path("generator.ckpt"))
     model = load_classifier(run.path("classifier.ckpt")).model
@@ -470,7 +473,8 @@ def simulated_person(run: RunDir, config: RunConfig, reference: torch.nn.Module)
         majority = int(torch.bincount(predict_labels(reference, shown), minlength=len(regions.classes)).argmax())
         answers[region.id] = majority
         if majority == region.predicted_label:
-            beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
+            beside = torch.as_tensor(list(dict.fromkeys([*region.real_nearest, *region.real_sources])),
+                                     dtype=torch.long)
             read = predict_labels(reference, audit[beside]) if len(beside) else torch.zeros(0, dtype=torch.long)
             answers[region.id] = majority if 2 * int((read == majority).sum()) > len(read) > 0 else "not-a-bug"
     path = run.path("person.yaml")
@@ -593,8 +597,11 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
     precision and bug score. Precision, direct: the share of the samples a person is shown of it
     (``region_misreadings``) that the reference reads as the source class while the model reads the planted class
     (``planted_precision_gaussian``: the same share on plain draws of its Gaussian). Reversed: the share of the
-    real images shown beside it (its nearest audit images labelled as the planted class) that the reference reads
-    as the source class, i.e. mislabelled images of the bug (Gaussian: None).
+    real images its failures start from, as shown beside it (``Region.real_sources``: audit images labelled as the
+    planted class, closest to flipping first), that the reference reads as the source class, i.e. mislabelled
+    images of the bug (Gaussian: None); ``planted_precision_reversed_nearest``: the same share of the other real
+    images shown beside it, its nearest audit images labelled as the planted class (the only ones shown before
+    2026-12-07), for comparison with earlier records.
 
     Beside the first region, ``planted_top3``: every region of the pair among the three a person sees first, with
     its rank, orientation and precision (the same rule), and ``planted_best_precision_top3``, the best of them: the
@@ -614,7 +621,8 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
     source, planted = case_spec(case)[:2]
     out: dict = {"planted_rank": None, "planted_orientation": None, "planted_rank_direct": None,
                  "planted_rank_reversed": None, "planted_precision": None, "planted_precision_gaussian": None,
-                 "planted_precision_direct": None, "planted_precision_reversed": None, "planted_bug_score": None,
+                 "planted_precision_direct": None, "planted_precision_reversed": None,
+                 "planted_precision_reversed_nearest": None, "planted_bug_score": None,
                  "planted_top3": [], "planted_best_precision_top3": None}
     auto = auto_labels(regions, regions.classes, min_real_misread=config.label.auto_min_real_misread)
     audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split).float_images()
@@ -641,6 +649,9 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
         # Each orientation's first region has its precision (a reversed first region may sit among genuine images
         # of the planted class while the direct one, a rank below, is the bug itself); the headline is the first.
         out[f"planted_precision_{orientation}"] = precision["planted_precision"]
+        if orientation == "reversed":
+            out["planted_precision_reversed_nearest"] = _share_mislabelled(region.real_nearest, reference, audit,
+                                                                           source)
         if out["planted_rank"] is not None:
             continue
         out.update({"planted_rank": region.id, "planted_orientation": orientation, **precision,
@@ -664,7 +675,15 @@ def _precision(region, orientation: str, shown_by, reference, generator, audit: 
                                      numpy_rng(config.seed, "bench.precision"), generator, shown_by)
         hit = (predict_labels(reference, decoded) == source) & (predict_labels(model, decoded) == planted)
         return round(float(hit.float().mean()), 4)
-    beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
+    # Sources index the searched split, nearest images the validity split: both the audit split in the shipped config.
+    assert config.identify.split == config.identify.validity_split, "sources and nearest images from different splits"
+    return _share_mislabelled(region.real_sources or region.real_nearest, reference, audit, source)
+
+
+def _share_mislabelled(positions: list[int], reference, audit: torch.Tensor, source: int) -> float | None:
+    """The share of the audit images at ``positions`` (labelled as the planted class) that the reference reads as
+    the source class: mislabelled images of the bug (None where there are none)."""
+    beside = torch.as_tensor(positions, dtype=torch.long)
     return round(float((predict_labels(reference, audit[beside]) == source).float().mean()), 4) if len(beside) else None
 
 
@@ -1005,8 +1024,8 @@ SIGN_BARS = {"planted_rank": ("max", 3), "planted_precision": ("min", 0.8), "fre
 def summarise(per_seed: dict[int, dict]) -> dict:
     """Mean and worst of each figure per case over the seeds, and whether each bar holds on the worst seed."""
     figures = ("visibility", "planted_rank", "planted_precision", "planted_precision_gaussian",
-               "planted_precision_direct", "planted_precision_reversed", "planted_best_precision_top3",
-               "planted_bug_score", "valid_failures_per_1000_queries", "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
+               "planted_precision_direct", "planted_precision_reversed", "planted_precision_reversed_nearest",
+               "planted_best_precision_top3", "planted_bug_score", "valid_failures_per_1000_queries", "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
     repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "subgroup_gain", "subgroup_accuracy_clean_model",
               "decoded_accuracy_before", "decoded_accuracy_after",
               "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
@@ -1058,16 +1077,20 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 
 
 REGRADED = ("planted_rank", "planted_orientation", "planted_precision", "planted_precision_direct",
-            "planted_precision_reversed", "planted_bug_score", "planted_top3", "planted_best_precision_top3")
+            "planted_precision_reversed", "planted_precision_reversed_nearest", "planted_bug_score", "planted_top3",
+            "planted_best_precision_top3")
 
 
-def regrade(keep: Path, seeds: list[int], cases: list[str], pairs_first: bool = False) -> dict:
+def regrade(keep: Path, seeds: list[int], cases: list[str], pairs_first: bool = False,
+            redistill: bool = False) -> dict:
     """The discovery figures of kept runs (``--keep DIR`` of an earlier run), graded again by
-    :func:`planted_region_figures` with each seed's kept reference; nothing is trained, run or written. A kept run
+    :func:`planted_region_figures` with each seed's kept reference; nothing is trained, run or written, except with
+    ``redistill``: the distill stage runs again first (the running code, the kept config), as `defuse run --force
+    distill` would, and rewrites regions.json and its pictures (the later stages' artifacts go stale). A kept run
     made before a config key was retired still reads: the retired keys touch no stage that discovery depends on."""
     from defuse.config import RETIRED_KEYS, config_from_mapping
 
-    out: dict = {"regraded": str(keep), "pairs_first": pairs_first, "cases": {}}
+    out: dict = {"regraded": str(keep), "pairs_first": pairs_first, "redistilled": redistill, "cases": {}}
     for seed in seeds:
         folder = keep / f"seed{seed}"
         reference = load_classifier(folder / "reference" / "classifier.ckpt").model
@@ -1081,7 +1104,10 @@ def regrade(keep: Path, seeds: list[int], cases: list[str], pairs_first: bool = 
                 section, _, name = key.partition(".")
                 if name and isinstance(raw.get(section), dict):
                     raw[section].pop(name, None)
-            figures = planted_region_figures(run, config_from_mapping(raw, []), case, reference, pairs_first)
+            config = config_from_mapping(raw, [])
+            if redistill:
+                run_stage(stage_named("distill"), config, run, force=True)
+            figures = planted_region_figures(run, config, case, reference, pairs_first)
             out["cases"].setdefault(str(seed), {})[case] = {k: figures[k] for k in REGRADED}
     return out
 
@@ -1122,7 +1148,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--regrade", action="store_true",
                         help="with --keep DIR of an earlier run: re-grade only the discovery of its kept runs (the "
                              "planted pair's regions, their ranks and precision, by this script's grader); runs and "
-                             "trains nothing, changes no file")
+                             "trains nothing, changes no file (but see --redistill)")
+    parser.add_argument("--redistill", action="store_true",
+                        help="with --regrade: run the distill stage again on each kept run first (this code, the "
+                             "kept config; about 90 s a run), then grade: a change to distill measured on the same "
+                             "failures")
     parser.add_argument("--pairs-first", action="store_true",
                         help="with --regrade: grade the kept regions in the order distill.order: pairs_first shows "
                              "them (each confusion pair's best region first), for runs distilled before that order "
@@ -1136,14 +1166,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.review or args.clean_audit or args.replay_correct or args.regrade:
             parser.error("--dataset signs runs natural cases only (no label is touched): --review, --clean-audit, "
                          "--replay-correct and --regrade are for the planted MNIST cases")
-    if args.pairs_first and not args.regrade:
-        parser.error("--pairs-first re-orders kept regions for --regrade; a fresh run distills in the shipped order")
+    if (args.pairs_first or args.redistill) and not args.regrade:
+        parser.error("--pairs-first and --redistill go with --regrade --keep DIR")
     if args.regrade:
         if not args.keep:
             parser.error("--regrade reads kept runs: give --keep DIR (an earlier run's directory)")
         return emit(regrade(Path(args.keep), [int(s) for s in args.seeds.split(",") if s.strip()],
                             [c.strip() for c in args.cases.split(",") if c.strip() and c.strip() != "clean"],
-                            args.pairs_first), args.out)
+                            args.pairs_first, args.redistill), args.out)
     bad = [item for item in args.experiment if not item.startswith("correct.") or "=" not in item]
     if bad or (args.experiment and not args.replay_correct):
         parser.error("--set takes correct.KEY=VALUE and goes with --replay-correct (an experiment on the repair of "
