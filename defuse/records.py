@@ -133,12 +133,6 @@ class Region:
     real_error_rate: float = REAL_PRIOR[0] / REAL_PRIOR[1]  # (real_misread + 0.5) / (real_neighbours + 5)
     real_nearest: list[int] = field(default_factory=list)  # the nearest of them (held-out split positions), nearest first
     real_nearest_read: list[int] = field(default_factory=list)  # the class the classifier reads each of them as
-    # The real images its failures start from (the searched split's positions), closest to flipping first: each
-    # source ordered by the smallest latent radius at which the search flipped it into this region. Where every
-    # split carries a labelling error, a region seen from the labels' side (the mislabelled images read as their
-    # wrong label, their neighbours read as the true class) starts from the mislabelled images themselves; the
-    # nearest images of its source class may be mostly genuine ones.
-    real_sources: list[int] = field(default_factory=list)
     # Median standardised latent distance from the centre to the real images whose neighbourhoods the search walked
     # from into this region (its failures' sources): the region's reach among real images. Its own Gaussian
     # reaches none (a core of failures: on the planted benchmark no real image lies within even the 99% ellipsoid
@@ -170,11 +164,6 @@ class Region:
     def real_grid(self) -> str | None:
         """Its picture of the nearest real images, where it has any."""
         return f"{REGIONS_DIR}/region_{self.id:02d}_real.png" if self.real_nearest else None
-
-    @property
-    def sources_grid(self) -> str | None:
-        """Its picture of the real images its failures start from, where it has any."""
-        return f"{REGIONS_DIR}/region_{self.id:02d}_sources.png" if self.real_sources else None
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -220,7 +209,7 @@ class Regions:
             "classes": list(classes),
             "stats": self.stats,
             "regions": [{**r.summary(), "params": f"{REGIONS_DIR}/region_{r.id:02d}.npz", "grid": r.grid,
-                         "real_grid": r.real_grid, "sources_grid": r.sources_grid} for r in self.regions],
+                         "real_grid": r.real_grid} for r in self.regions],
         })
         return written
 
@@ -741,7 +730,6 @@ class ReportRegion(TypedDict):
     not_repaired_reason: str | None
     grid: str | None
     real_grid: str | None
-    sources_grid: str | None
 
 
 class ReportSummary(TypedDict):

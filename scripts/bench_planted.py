@@ -30,9 +30,7 @@ Measured, reading only the run directories' artifacts, and grading only on the t
 * the rank of the first region with the planted pair, its precision (the share of the fresh samples a person is
   shown of it, its misreadings first, that the reference reads as the source class while the poisoned model reads
   the planted class; ``planted_precision_gaussian``: the same share on plain draws of its Gaussian; reversed, the
-  share of the real images its failures start from, as shown beside it, that are mislabelled images of the bug
-  (``planted_precision_reversed_nearest``: the same share of the nearest real images of its source class shown
-  beside it, the measure before the sources were shown); ``planted_precision_direct``,
+  share of the real images shown beside it that are mislabelled images of the bug; ``planted_precision_direct``,
   ``planted_precision_reversed``: each orientation's first region), its bug score;
 * valid failures per 1,000 classifier queries, against random sampling from the prior and against the
   reference search (Beta(50, 50) shift of the mean, 10 samples per source) at equal budget, from the audit split;
@@ -458,10 +456,9 @@ def simulated_person(run: RunDir, config: RunConfig, reference: torch.nn.Module)
     """A labels file: each region is what the clean reference reads on most of the samples a person is shown of it
     (``region_misreadings``: the classifier's misreadings of the region first). Where that is the model's own
     reading, the person looks at the real images shown beside the region (its nearest audit images labelled as
-    its source class, ``Region.real_nearest``, and the audit images its failures start from,
-    ``Region.real_sources``, as the report shows them): if the reference reads most of them as the model does too,
-    the answer is that class (the model is right here and those labels are suspect: the bug seen from its labels'
-    side when every split carries it); else "not-a-bug". Read by the pipeline through
+    its source class, ``Region.real_nearest``, as the report shows them): if the reference reads most of them as
+    the model does too, the answer is that class (the model is right here and those labels are suspect: the bug
+    seen from its labels' side when every split carries it); else "not-a-bug". Read by the pipeline through
     `--labels FILE`, as a person's file would be."""
     regions, generator = Regions.load(run.path(REGIONS_JSON)), load_generator(run.path("generator.ckpt"))
     model = load_classifier(run.path("classifier.ckpt")).model
@@ -473,8 +470,7 @@ def simulated_person(run: RunDir, config: RunConfig, reference: torch.nn.Module)
         majority = int(torch.bincount(predict_labels(reference, shown), minlength=len(regions.classes)).argmax())
         answers[region.id] = majority
         if majority == region.predicted_label:
-            beside = torch.as_tensor(list(dict.fromkeys([*region.real_nearest, *region.real_sources])),
-                                     dtype=torch.long)
+            beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
             read = predict_labels(reference, audit[beside]) if len(beside) else torch.zeros(0, dtype=torch.long)
             answers[region.id] = majority if 2 * int((read == majority).sum()) > len(read) > 0 else "not-a-bug"
     path = run.path("person.yaml")
@@ -597,11 +593,8 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
     precision and bug score. Precision, direct: the share of the samples a person is shown of it
     (``region_misreadings``) that the reference reads as the source class while the model reads the planted class
     (``planted_precision_gaussian``: the same share on plain draws of its Gaussian). Reversed: the share of the
-    real images its failures start from, as shown beside it (``Region.real_sources``: audit images labelled as the
-    planted class, closest to flipping first), that the reference reads as the source class, i.e. mislabelled
-    images of the bug (Gaussian: None); ``planted_precision_reversed_nearest``: the same share of the other real
-    images shown beside it, its nearest audit images labelled as the planted class (the only ones shown before
-    2026-12-07), for comparison with earlier records.
+    real images shown beside it (its nearest audit images labelled as the planted class) that the reference reads
+    as the source class, i.e. mislabelled images of the bug (Gaussian: None).
 
     Beside the first region, ``planted_top3``: every region of the pair among the three a person sees first, with
     its rank, orientation and precision (the same rule), and ``planted_best_precision_top3``, the best of them: the
@@ -621,8 +614,7 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
     source, planted = case_spec(case)[:2]
     out: dict = {"planted_rank": None, "planted_orientation": None, "planted_rank_direct": None,
                  "planted_rank_reversed": None, "planted_precision": None, "planted_precision_gaussian": None,
-                 "planted_precision_direct": None, "planted_precision_reversed": None,
-                 "planted_precision_reversed_nearest": None, "planted_bug_score": None,
+                 "planted_precision_direct": None, "planted_precision_reversed": None, "planted_bug_score": None,
                  "planted_top3": [], "planted_best_precision_top3": None}
     auto = auto_labels(regions, regions.classes, min_real_misread=config.label.auto_min_real_misread)
     audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split).float_images()
@@ -649,9 +641,6 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
         # Each orientation's first region has its precision (a reversed first region may sit among genuine images
         # of the planted class while the direct one, a rank below, is the bug itself); the headline is the first.
         out[f"planted_precision_{orientation}"] = precision["planted_precision"]
-        if orientation == "reversed":
-            out["planted_precision_reversed_nearest"] = _share_mislabelled(region.real_nearest, reference, audit,
-                                                                           source)
         if out["planted_rank"] is not None:
             continue
         out.update({"planted_rank": region.id, "planted_orientation": orientation, **precision,
@@ -675,15 +664,7 @@ def _precision(region, orientation: str, shown_by, reference, generator, audit: 
                                      numpy_rng(config.seed, "bench.precision"), generator, shown_by)
         hit = (predict_labels(reference, decoded) == source) & (predict_labels(model, decoded) == planted)
         return round(float(hit.float().mean()), 4)
-    # Sources index the searched split, nearest images the validity split: both the audit split in the shipped config.
-    assert config.identify.split == config.identify.validity_split, "sources and nearest images from different splits"
-    return _share_mislabelled(region.real_sources or region.real_nearest, reference, audit, source)
-
-
-def _share_mislabelled(positions: list[int], reference, audit: torch.Tensor, source: int) -> float | None:
-    """The share of the audit images at ``positions`` (labelled as the planted class) that the reference reads as
-    the source class: mislabelled images of the bug (None where there are none)."""
-    beside = torch.as_tensor(positions, dtype=torch.long)
+    beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
     return round(float((predict_labels(reference, audit[beside]) == source).float().mean()), 4) if len(beside) else None
 
 
@@ -1024,8 +1005,8 @@ SIGN_BARS = {"planted_rank": ("max", 3), "planted_precision": ("min", 0.8), "fre
 def summarise(per_seed: dict[int, dict]) -> dict:
     """Mean and worst of each figure per case over the seeds, and whether each bar holds on the worst seed."""
     figures = ("visibility", "planted_rank", "planted_precision", "planted_precision_gaussian",
-               "planted_precision_direct", "planted_precision_reversed", "planted_precision_reversed_nearest",
-               "planted_best_precision_top3", "planted_bug_score", "valid_failures_per_1000_queries", "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
+               "planted_precision_direct", "planted_precision_reversed", "planted_best_precision_top3",
+               "planted_bug_score", "valid_failures_per_1000_queries", "yield_vs_random_prior", "yield_vs_reference_search", "clean_test_accuracy")
     repair = ("subgroup_accuracy_before", "subgroup_accuracy_after", "subgroup_gain", "subgroup_accuracy_clean_model",
               "decoded_accuracy_before", "decoded_accuracy_after",
               "decoded_to_real_gap_after", "clean_accuracy_outside_subgroup_change",
@@ -1077,8 +1058,7 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 
 
 REGRADED = ("planted_rank", "planted_orientation", "planted_precision", "planted_precision_direct",
-            "planted_precision_reversed", "planted_precision_reversed_nearest", "planted_bug_score", "planted_top3",
-            "planted_best_precision_top3")
+            "planted_precision_reversed", "planted_bug_score", "planted_top3", "planted_best_precision_top3")
 
 
 def regrade(keep: Path, seeds: list[int], cases: list[str], pairs_first: bool = False,
@@ -1151,7 +1131,7 @@ def main(argv: list[str] | None = None) -> int:
                              "trains nothing, changes no file (but see --redistill)")
     parser.add_argument("--redistill", action="store_true",
                         help="with --regrade: run the distill stage again on each kept run first (this code, the "
-                             "kept config; about 90 s a run), then grade: a change to distill measured on the same "
+                             "kept config; about 20 s a run), then grade: a change to distill measured on the same "
                              "failures")
     parser.add_argument("--pairs-first", action="store_true",
                         help="with --regrade: grade the kept regions in the order distill.order: pairs_first shows "
@@ -1166,8 +1146,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.review or args.clean_audit or args.replay_correct or args.regrade:
             parser.error("--dataset signs runs natural cases only (no label is touched): --review, --clean-audit, "
                          "--replay-correct and --regrade are for the planted MNIST cases")
-    if (args.pairs_first or args.redistill) and not args.regrade:
-        parser.error("--pairs-first and --redistill go with --regrade --keep DIR")
+    if args.pairs_first and not args.regrade:
+        parser.error("--pairs-first re-orders kept regions for --regrade; a fresh run distills in the shipped order")
+    if args.redistill and not args.regrade:
+        parser.error("--redistill re-runs distill on kept runs before grading them: it goes with --regrade --keep DIR")
     if args.regrade:
         if not args.keep:
             parser.error("--regrade reads kept runs: give --keep DIR (an earlier run's directory)")

@@ -1,11 +1,9 @@
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from stubs import LineGenerator, QuadrantClassifier, quadrant_validity
 
 from defuse.config import DistillConfig
@@ -316,36 +314,3 @@ def test_each_pairs_best_region_is_shown_before_any_pairs_second():
     assert sorted(firsts) == list(range(len(set(pairs))))  # every pair's first region before any repeat
     best = [max(r.bug_score for r in shown.regions if (r.source_label, r.predicted_label) == p) for p in pairs[:2]]
     assert [r.bug_score for r in shown.regions[:2]] == best
-
-
-def test_a_region_shows_the_real_images_its_failures_start_from_closest_to_flipping_first(tmp_path):
-    """Where every split carries a labelling error, the region seen from its labels' side starts from the
-    mislabelled images themselves: they flip with the least change, so they are shown first."""
-    from defuse.rundir import RunDir
-    from defuse.stages.distill.mixture import REAL_SHOWN, save_pictures
-
-    failures = make_failures(TWO_PAIRS)
-    row = np.arange(len(failures.table))
-    # Pair 0 -> 1 (rows 0-39) starts from 12 images, 0 -> 2 (rows 40-79) from 5; an image's every failure lies at
-    # one radius, larger for a lower index, so the order is the reverse of the images' order.
-    source = np.where(row < 40, 100 + row % 12, 200 + row % 5)
-    failures.table["source_index"] = source
-    failures.table["radius"] = np.where(row < 40, 12 - row % 12, 5 - row % 5).astype(float)
-    regions = _distill(failures)
-    for region in regions.regions:
-        if (region.source_label, region.predicted_label) == (2, 1):
-            continue
-        shown = region.real_sources
-        pool = set(range(100, 112)) if region.predicted_label == 1 else set(range(200, 205))
-        assert 0 < len(shown) <= REAL_SHOWN and len(set(shown)) == len(shown) and set(shown) <= pool
-        assert shown == sorted(shown, reverse=True)  # the smallest radius first
-    first = next(r for r in regions.regions if (r.source_label, r.predicted_label) == (0, 2))
-    assert first.real_sources[0] == 204  # radius 1
-    regions.save(tmp_path / "regions.json", CLASSES)
-    assert [r.real_sources for r in Regions.load(tmp_path / "regions.json").regions] == [
-        r.real_sources for r in regions.regions]
-    searched = np.random.default_rng(0).random((300, 1, 4, 4)).astype(np.float32)
-    save_pictures(RunDir(tmp_path), regions, failures, LineGenerator(), CONFIG, seed=0,
-                  searched=torch.from_numpy(searched))
-    drawn = sorted(p.name for p in (tmp_path / "regions").glob("region_*_sources.png"))
-    assert drawn == sorted(Path(r.sources_grid).name for r in regions.regions)

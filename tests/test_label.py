@@ -534,8 +534,7 @@ def test_a_region_with_its_previews_and_prompt_fits_the_terminal_so_its_header_s
     interactive_labels(regions, DIGITS, LabelBook(tmp_path / "labels.jsonl"), ask=scripted(["n", "q"], prompts),
                        out=printed.append, previews=previews, terminal_columns=columns, terminal_lines=lines,
                        grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}.png",
-                       real_grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}_real.png",
-                       sources_grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}_sources.png")
+                       real_grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}_real.png")
     second = max(i for i, text in enumerate(printed) if text.startswith("Region #"))
     screen = [*printed[second - 2:], prompts[-1]]  # the first region's answer, then all the second region shows
     visible = [re.sub(r"\x1b\[[0-9;]*m", "", line) for text in screen for line in text.split("\n")]
@@ -553,12 +552,10 @@ def test_answering_the_models_own_reading_says_the_labels_around_the_region_are_
                                real_nearest_read=[1, 1, 7])], {})
     printed: list[str] = []
     answers = interactive_labels(regions, DIGITS, LabelBook(tmp_path / "labels.jsonl"), ask=scripted(["7"], []),
-                                 out=printed.append, real_grid_path=lambda region: f"regions/region_{region:02d}_real.png",
-                                 sources_grid_path=lambda region: f"regions/region_{region:02d}_sources.png")
+                                 out=printed.append, real_grid_path=lambda region: f"regions/region_{region:02d}_real.png")
     assert answers[1].label == 7 and answers[1].is_bug  # a class: recorded as the person gave it
     text = "\n".join(printed)
     assert "real images nearest it labelled 1 (the classifier reads: 1, 1, 7): regions/region_01_real.png" in text
-    assert "real images labelled 1 its failures start from, closest to flipping first: regions/region_01_sources.png" in text
     assert ("region #1: 7 (index 7) (the classifier already reads these as 7: nothing to fine-tune here, but the "
             "real images labelled 1 within this region's reach are listed as label issues for review") in text
     printed.clear()

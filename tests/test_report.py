@@ -65,10 +65,7 @@ def test_the_report_shows_every_region_label_and_figure_of_the_run(finished):
     assert "| label doubt |" in run.path("report/report.md").read_text()
     # Self-contained: every image inline, nothing fetched from anywhere.
     assert re.search(r'(src|href)="(?!data:|#)', html) is None and "<script" not in html
-    assert html.count('src="data:image/png;base64,') >= 3 * len(regions["regions"]) + 6  # grids, real, heat maps
-    # Beside each region, the real images its failures start from (a region always has some: its failures do).
-    assert all(region["real_sources"] and run.path(region["sources_grid"]).exists() for region in regions["regions"])
-    assert html.count("its failures start from, closest to flipping first</figcaption>") == len(regions["regions"])
+    assert html.count('src="data:image/png;base64,') >= 2 * len(regions["regions"]) + 6  # grids, real, heat maps
 
 
 def test_user_text_is_escaped_in_html_and_markdown(finished, tmp_path):

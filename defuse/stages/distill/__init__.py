@@ -28,6 +28,7 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     import numpy as np
 
     from defuse.data import ImageDataModule
+    from defuse.models.inference import latent_means
     from defuse.models.loading import load_classifier, load_generator
     from defuse.records import Failures
     from defuse.stages.distill.mixture import (
@@ -45,17 +46,18 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
     data = ImageDataModule(config.data, config.seed)
     audit = data.split(config.identify.validity_split)
     real = RealEvidence.observe(loaded.model, generator, audit)
-    # The searched split (the same as real's when both are the audit split, the default): its latents give each
-    # region's reach among real images, its images the pictures of the real images its failures start from.
-    searched = real if config.identify.split == config.identify.validity_split else RealEvidence.observe(
-        loaded.model, generator, data.split(config.identify.split))
+    # The searched split's latents, for each region's reach among real images (the same as real's when both are
+    # the audit split, the default).
+    sources = (real.z if config.identify.split == config.identify.validity_split else
+               latent_means(generator, data.split(config.identify.split).float_images(),
+                            labels=data.split(config.identify.split).labels).numpy())
     margins = (LabelMargins.observe(generator, data.split("train"), np.load(run.path(TRAINING_MARGINS)))
                if config.distill.label_margins else None)
     regions = distill(failures, loaded.model, generator, judge, loaded.classes or audit.classes,
-                      config.distill, seed=config.seed, real=real, sources=searched.z, margins=margins)
+                      config.distill, seed=config.seed, real=real, sources=sources, margins=margins)
     regions.save(run.path(REGIONS_JSON))
     save_pictures(run, regions, failures, generator, config.distill, config.seed, real=real,
-                  classifier=loaded.model, searched=searched.images)
+                  classifier=loaded.model)
     return regions.metrics
 
 

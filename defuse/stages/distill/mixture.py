@@ -229,7 +229,7 @@ def distill(
             pair_median_radius=c["pair_median_radius"], source_confidence=c["source_confidence"],
             coverage=c["coverage"], bug_score=c["bug_score"], real_neighbours=c["real_neighbours"],
             real_misread=c["real_misread"], real_distance=c["real_distance"], real_error_rate=c["real_error_rate"],
-            real_nearest=c["real_nearest"], real_nearest_read=c["real_nearest_read"], real_sources=c["real_sources"],
+            real_nearest=c["real_nearest"], real_nearest_read=c["real_nearest_read"],
             source_radius=c["source_radius"], label_aum=c["label_aum"], label_doubt=c["label_doubt"],
             mean=c["mean"].tolist(), cov=c["cov"].tolist(),
         )
@@ -348,22 +348,11 @@ def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvid
             "real_error_rate": round(real_rate, 4),
             "real_nearest": [int(i) for i in nearest[:REAL_SHOWN]],
             "real_nearest_read": [int(k) for k in read[:REAL_SHOWN]],
-            "real_sources": _closest_to_flipping(source_index[c["members"]], radius[c["members"]])[:REAL_SHOWN],
             "label_aum": round(around[0], 4) if around is not None else None,
             "label_doubt": round(around[1], 4) if around is not None else None,
             "bug_score": round(error_rate * validity_mean * confidence * evidence, 4),
         })
     return out
-
-
-def _closest_to_flipping(sources: np.ndarray, radius: np.ndarray) -> list[int]:
-    """The distinct ``sources`` of a region's failures, each at the smallest ``radius`` it flipped at, smallest
-    first (ties: lower index first). An image the search flips with the least change sits at the region's boundary:
-    where the region is a labelling error seen from its labels' side, the mislabelled images themselves."""
-    order = np.lexsort((sources, radius))
-    ranked = sources[order]
-    _, first = np.unique(ranked, return_index=True)
-    return [int(i) for i in ranked[np.sort(first)]]
 
 
 def _source_radius(candidate: dict[str, Any], failures: Failures, sources: np.ndarray | None,
@@ -510,11 +499,9 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
 
 
 def save_pictures(run: RunDir, regions: Regions, failures: Failures, generator: nn.Module, config: DistillConfig,
-                  seed: int, real: RealEvidence | None = None, classifier: nn.Module | None = None,
-                  searched: torch.Tensor | None = None) -> None:
+                  seed: int, real: RealEvidence | None = None, classifier: nn.Module | None = None) -> None:
     """Each region's sample grid (regions/region_XX.png), the real images nearest it (regions/region_XX_real.png,
-    when ``real`` holds images), the real images its failures start from (regions/region_XX_sources.png, from
-    ``searched``, the searched split's images) and, with ``config.umap``, the failure map (umap.png).
+    when ``real`` holds images) and, with ``config.umap``, the failure map (umap.png).
 
     Pictures of an earlier distill run are removed first, so no stale grid outlives its region."""
     for stale in run.path(REGIONS_DIR).glob("region_*.png") if run.path(REGIONS_DIR).is_dir() else ():
@@ -526,11 +513,6 @@ def save_pictures(run: RunDir, regions: Regions, failures: Failures, generator: 
             if region.real_nearest:
                 save_grid_png(run.path(f"{REGIONS_DIR}/region_{region.id:02d}_real.png"),
                               real.images[region.real_nearest])
-    if searched is not None:
-        for region in regions.regions:
-            if region.real_sources:
-                save_grid_png(run.path(f"{REGIONS_DIR}/region_{region.id:02d}_sources.png"),
-                              searched[region.real_sources])
     run.path(UMAP_PNG).unlink(missing_ok=True)
     if config.umap and len(failures) >= 10:
         save_umap(run.path(UMAP_PNG), failures, regions, seed, real=real, method=config.map_method)

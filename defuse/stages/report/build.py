@@ -334,7 +334,6 @@ def _region_entry(region: Region, answer: Answer | None, verify: VerifyResult | 
         "not_repaired_reason": why,
         "grid": region.grid,
         "real_grid": region.real_grid,
-        "sources_grid": region.sources_grid,
     }
 
 
@@ -514,7 +513,7 @@ def _repair(repair: RepairSummary | None, classes: list[str]) -> RepairSummary |
 def _pictures(run: RunDir, regions: list[ReportRegion], before: CheckResult | None,
               after: CheckResult | None) -> dict[str, bytes]:
     names = [UMAP_PNG]
-    names += [r[key] for r in regions for key in ("grid", "real_grid", "sources_grid") if r.get(key)]
+    names += [r[key] for r in regions for key in ("grid", "real_grid") if r.get(key)]
     for check in (before, after):
         names += [f"{CHECKS_DIR}/{v['heatmap']}" for v in (check or {}).get("variance", {}).values() if v.get("heatmap")]
     if (before or {}).get("drift", {}).get("presets_strip"):
