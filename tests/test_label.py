@@ -526,7 +526,7 @@ def test_a_region_with_its_previews_and_prompt_fits_the_terminal_so_its_header_s
     """At 80x24 a region's header, previews, paths, suggestion and prompt all fit on one screen."""
     from dataclasses import replace
 
-    regions = Regions([replace(region, real_nearest=[4, 9, 2], real_nearest_read=[1, 1, 7])
+    regions = Regions([replace(region, real_nearest=[4, 9, 2], real_nearest_read=[1, 1, 7], label_doubt=0.59)
                        for region in make_regions().regions], {})
     previews = {region.id: torch.rand(16, 1, 28, 28) for region in regions.regions}
     printed: list[str] = []
@@ -562,3 +562,16 @@ def test_answering_the_models_own_reading_says_the_labels_around_the_region_are_
     interactive_labels(make_regions(), DIGITS, LabelBook(tmp_path / "other.jsonl"), ask=scripted(["7", "q"], []),
                        out=printed.append)
     assert not any("already reads these" in line for line in printed)  # 7 for a "7 -> 1" region: a bug to fix
+
+
+def test_a_region_whose_training_labels_were_hard_to_learn_says_so_at_the_prompt(tmp_path):
+    """The label doubt (training margins around the region) is shown where it is above 0; without margins (None) or
+    with none (0) the line is left out."""
+    from dataclasses import replace
+
+    doubted, easy, unknown = (replace(make_region(i, 7, 1, 7), label_doubt=d) for i, d in ((1, 0.59), (2, 0.0), (3, None)))
+    printed: list[str] = []
+    interactive_labels(Regions([doubted, easy, unknown], {}), DIGITS, LabelBook(tmp_path / "labels.jsonl"),
+                       ask=scripted(["n", "n", "n"], []), out=printed.append)
+    doubt_lines = [text for text in printed if text.startswith("label doubt")]
+    assert doubt_lines == ["label doubt 0.59: training labels of 7 and 1 near it were hard to learn"]

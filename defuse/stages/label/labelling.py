@@ -391,7 +391,7 @@ def _mode_kind(mode: str | Path | None) -> str:
     raise ValueError(f"`mode` must be prompt, auto, later or a labels file path, got {mode!r} instead.")
 
 
-REGION_TEXT_LINES = 10
+REGION_TEXT_LINES = 11
 
 
 def _show_region(region: Region, region_list: list[Region], classes: Sequence[str], out: Callable,
@@ -402,6 +402,10 @@ def _show_region(region: Region, region_list: list[Region], classes: Sequence[st
     out("")
     out(f"Region #{region.id} ({position} of {len(region_list)}): {region.pair} | {region.n_failures} failures | "
         f"error rate {region.error_rate:.2f} | validity {region.validity:.2f}")
+    doubt = getattr(region, "label_doubt", None)  # None: no training margins were recorded
+    if doubt:
+        out(f"label doubt {doubt:.2f}: training labels of {classes[region.source_label]} and "
+            f"{classes[region.predicted_label]} near it were hard to learn")
     if previews is not None and region.id in previews:
         size = shutil.get_terminal_size()
         width = terminal_columns if terminal_columns is not None else size.columns
