@@ -217,3 +217,26 @@ def test_the_stage_order_others_read_without_loading_the_stages_is_the_pipelines
     from defuse.artifacts import STAGE_NAMES
 
     assert tuple(stage.name for stage in STAGES) == STAGE_NAMES
+
+
+def test_a_stage_runs_with_one_blas_thread_and_the_callers_threads_come_back(tmp_path):
+    """Small NumPy/SciPy solves between torch's batches wait on spinning threads when both pools take every core:
+    a stage runs with BLAS on one thread, and the caller's setting is restored after it (and after a failure)."""
+    from threadpoolctl import threadpool_info
+
+    from defuse.stages import Stage
+
+    def blas_threads() -> set[int]:
+        return {pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"}
+
+    seen: list[set[int]] = []
+
+    def body(config, run):
+        seen.append(blas_threads())
+        raise RuntimeError("stops here")
+
+    before = blas_threads()
+    config = load_config(None)
+    with pytest.raises(RuntimeError, match="stops here"):
+        run_stage(Stage("probe", body, (), ()), config, RunDir(tmp_path))
+    assert seen == [{1}] and blas_threads() == before
