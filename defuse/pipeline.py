@@ -146,7 +146,8 @@ def single_threaded_blas() -> Iterator[None]:
     distill's mixtures, validity judges, ellipsoid tests). Both BLAS and torch's OpenMP start a thread per core and
     spin while idle, so on a small machine each small solve waits for cores the other pool holds: a 16x16
     triangular solve measured 0.03 ms alone and 4-8 ms right after torch work in the same process (2 cores).
-    Nothing these stages hand to NumPy is large enough to gain from a second BLAS thread."""
+    Nothing these stages hand to NumPy is large enough to gain from a second BLAS thread. On an idle machine a run
+    takes as long either way (bench_run, 2026-12-07); the gain is on a shared one (tests, a notebook, a second run)."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
