@@ -90,7 +90,7 @@ def issues_for_review(regions: Regions, bug_labels: dict[int, int], generator: n
     learnt first, then position. A person who stops early has then seen the likeliest errors: on the planted
     benchmark's listed training issues (every split but test poisoned, seeds 0-2) the lowest-AUM rows held
     poisoned labels at precision 0.63-0.78 against 0.30-0.42 for the list as a whole
-    (benchmarks/records/probe_training_margins_seeds012.json).
+    (benchmarks/records/probe_training_margins.json).
 
     The rules relabel only what the judges are sure of, and where every split carries the bug the judges, fitted on
     its labels, declare no pair a labelling bug: its contradicted and doubted images then keep the mistaken label
