@@ -176,6 +176,35 @@ def test_a_search_point_stops_reading_images_once_refused_and_is_exact_where_all
     assert sum(read) == EARLY_CHUNK  # the first misread image already ruled out an accuracy of 1
 
 
+def test_the_evaluator_holds_the_least_sure_images_first_so_refused_points_stop_sooner(finished):
+    """Ordered by the model's margin, each image with the noise draw it has in the caller's order: the same
+    accuracies under noise, and a refused point meets its misread images sooner than in the caller's order."""
+    from defuse.drift.acquisition import SensorNoise
+    from defuse.drift.forensics import EARLY_CHUNK, DriftEvaluator
+    from defuse.seeding import int_seed
+
+    model, x, y = _trained(finished, n=3 * EARLY_CHUNK + 10)
+    held = DriftEvaluator.build(model, x, y, seed=0)
+    draw = SensorNoise.draw(x.shape, torch.Generator().manual_seed(int_seed(0, "drift.noise")))
+    as_given = DriftEvaluator(held.model, x.float(), y, draw)
+    margins = held._margins()
+    assert bool((margins[1:] >= margins[:-1]).all())  # least sure first
+    assert torch.equal(held.labels.sort().values, y.sort().values)
+    clean = held.accuracy({})
+    for setting in ({"read_noise": 0.3, "shot_noise": 0.05}, {"exposure_ev": -3.0}):
+        assert held.accuracy(setting) == as_given.accuracy(setting)  # each image kept its own noise draw
+    # Refused points that misread a few images (a handful too many), where the order decides when the search knows.
+    candidates = [{name: value} for name, values in (("exposure_ev", (-1.0, -1.5, -2.0, -2.5)),
+                                                     ("blur_sigma", (0.8, 1.0, 1.2, 1.5)),
+                                                     ("read_noise", (0.1, 0.15, 0.2, 0.3))) for value in values]
+    refused = [setting for setting in candidates if 0.01 < clean - as_given.accuracy(setting) <= 0.1]
+    assert len(refused) >= 2
+    for evaluator in (held, as_given):
+        evaluator.images_read = 0
+        assert all(evaluator.accuracy_unless_below(setting, clean - 0.01) < clean - 0.01 for setting in refused)
+    assert held.images_read < as_given.images_read
+
+
 def _trained(finished, n=120):
     from defuse.data import ImageDataModule
     from defuse.models import load_classifier

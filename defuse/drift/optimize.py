@@ -43,7 +43,7 @@ def worst_case_drift(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             part = slice(i, i + CHUNK)
             x = acquire(evaluator.images[part], setting,
                         SensorNoise(evaluator.noise.shot[part], evaluator.noise.read[part]))
-            total = total + F.cross_entropy(model(x), labels[part], reduction="sum")
+            total = total + F.cross_entropy(model(x), evaluator.labels[part], reduction="sum")
         total = total / len(images)
         (grad,) = torch.autograd.grad(total, values)
         return float(total.detach()), grad.double()
