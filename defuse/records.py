@@ -143,6 +143,12 @@ class Region:
     # as label_doubt in [0, 1]. None where no margins were recorded (a classifier the user brought).
     label_aum: float | None = None
     label_doubt: float | None = None
+    # What a person is shown of those labels: the training images labelled as its source class, of the
+    # DOUBTED_POOL nearest its centre, whose labels were hardest to learn (lowest area under the margin), hardest
+    # first (train split positions), and the class the classifier reads each as. Where every split carries a
+    # labelling bug, these are its mislabelled images (docs/benchmarks.md). Empty without recorded margins.
+    doubted_nearest: list[int] = field(default_factory=list)
+    doubted_nearest_read: list[int] = field(default_factory=list)
     mean: list[float] = field(default_factory=list, repr=False)
     cov: list[list[float]] = field(default_factory=list, repr=False)
 
@@ -164,6 +170,11 @@ class Region:
     def real_grid(self) -> str | None:
         """Its picture of the nearest real images, where it has any."""
         return f"{REGIONS_DIR}/region_{self.id:02d}_real.png" if self.real_nearest else None
+
+    @property
+    def doubted_grid(self) -> str | None:
+        """Its picture of the hardest-learnt training images near it, where it has any."""
+        return f"{REGIONS_DIR}/region_{self.id:02d}_doubted.png" if self.doubted_nearest else None
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
@@ -209,7 +220,7 @@ class Regions:
             "classes": list(classes),
             "stats": self.stats,
             "regions": [{**r.summary(), "params": f"{REGIONS_DIR}/region_{r.id:02d}.npz", "grid": r.grid,
-                         "real_grid": r.real_grid} for r in self.regions],
+                         "real_grid": r.real_grid, "doubted_grid": r.doubted_grid} for r in self.regions],
         })
         return written
 
@@ -717,6 +728,7 @@ class ReportRegion(TypedDict):
     real_misread: int
     real_distance: float | None
     real_nearest_read: list[str]
+    doubted_nearest_read: list[str]
     label_aum: float | None
     label_doubt: float | None
     accuracy_before: float | None
@@ -730,6 +742,7 @@ class ReportRegion(TypedDict):
     not_repaired_reason: str | None
     grid: str | None
     real_grid: str | None
+    doubted_grid: str | None
 
 
 class ReportSummary(TypedDict):

@@ -30,8 +30,10 @@ Measured, reading only the run directories' artifacts, and grading only on the t
 * the rank of the first region with the planted pair, its precision (the share of the fresh samples a person is
   shown of it, its misreadings first, that the reference reads as the source class while the poisoned model reads
   the planted class; ``planted_precision_gaussian``: the same share on plain draws of its Gaussian; reversed, the
-  share of the real images shown beside it that are mislabelled images of the bug; ``planted_precision_direct``,
-  ``planted_precision_reversed``: each orientation's first region), its bug score;
+  share of the real images shown beside it that are mislabelled images of the bug: its hardest-learnt training
+  images (``doubted_nearest``), or, in a run without them, its nearest audit images
+  (``planted_precision_reversed_nearest_audit``: that share even where the first are shown);
+  ``planted_precision_direct``, ``planted_precision_reversed``: each orientation's first region), its bug score;
 * valid failures per 1,000 classifier queries, against random sampling from the prior and against the
   reference search (Beta(50, 50) shift of the mean, 10 samples per source) at equal budget, from the audit split;
 * repair: accuracy on the planted subgroup of the test split before/after, clean accuracy outside it, the largest
@@ -617,7 +619,9 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
                  "planted_precision_direct": None, "planted_precision_reversed": None, "planted_bug_score": None,
                  "planted_top3": [], "planted_best_precision_top3": None}
     auto = auto_labels(regions, regions.classes, min_real_misread=config.label.auto_min_real_misread)
-    audit = ImageDataModule(config.data, config.seed).split(config.identify.validity_split).float_images()
+    data = ImageDataModule(config.data, config.seed)
+    audit = data.split(config.identify.validity_split).float_images()
+    train = data.split("train").float_images()
     for region in regions.regions:
         pair = (region.source_label, region.predicted_label)
         orientation = "direct" if pair == (source, planted) else "reversed" if pair == (planted, source) else None
@@ -625,13 +629,13 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
             continue
         if region.id <= TOP_SHOWN and out[f"planted_rank_{orientation}"] is not None:  # a later one of the top 3
             out["planted_top3"].append({"rank": region.id, "orientation": orientation, "precision": _precision(
-                region, orientation, model, reference, generator, audit, config, source, planted)})
+                region, orientation, model, reference, generator, audit, config, source, planted, train=train)})
             continue
         if out[f"planted_rank_{orientation}"] is not None:
             continue
         out[f"planted_rank_{orientation}"] = region.id
         precision = {"planted_precision": _precision(region, orientation, model, reference, generator, audit, config,
-                                                     source, planted),
+                                                     source, planted, train=train),
                      "planted_precision_gaussian": _precision(region, orientation, None, reference, generator, audit,
                                                               config, source, planted, judged_by=model)
                      if orientation == "direct" else None}
@@ -641,6 +645,9 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
         # Each orientation's first region has its precision (a reversed first region may sit among genuine images
         # of the planted class while the direct one, a rank below, is the bug itself); the headline is the first.
         out[f"planted_precision_{orientation}"] = precision["planted_precision"]
+        if orientation == "reversed":  # the nearest audit images' share: what the row showed before doubted_nearest
+            out["planted_precision_reversed_nearest_audit"] = _precision(region, orientation, model, reference,
+                                                                         generator, audit, config, source, planted)
         if out["planted_rank"] is not None:
             continue
         out.update({"planted_rank": region.id, "planted_orientation": orientation, **precision,
@@ -653,19 +660,23 @@ def planted_region_figures(run: RunDir, config: RunConfig, case: str, reference,
 
 
 def _precision(region, orientation: str, shown_by, reference, generator, audit: torch.Tensor, config: RunConfig,
-               source: int, planted: int, judged_by=None) -> float | None:
+               source: int, planted: int, judged_by=None, train: torch.Tensor | None = None) -> float | None:
     """A region of the planted pair's precision (:func:`planted_region_figures`): direct, the share of its shown
     samples (``shown_by`` orders its misreadings first; None: plain draws) that the reference reads as the source
     class while the model (``shown_by``, else ``judged_by``) reads the planted class; reversed, the share of the real
-    images shown beside it that the reference reads as the source class."""
+    images shown beside it that the reference reads as the source class: with ``train`` (the train split's images)
+    and a region that has them, the hardest-learnt training images the person is shown (``doubted_nearest``), else
+    its nearest audit images labelled as the planted class."""
     if orientation == "direct":
         model = shown_by if shown_by is not None else judged_by
         decoded = region_misreadings(region, PRECISION_SAMPLES, config.distill.tau,
                                      numpy_rng(config.seed, "bench.precision"), generator, shown_by)
         hit = (predict_labels(reference, decoded) == source) & (predict_labels(model, decoded) == planted)
         return round(float(hit.float().mean()), 4)
-    beside = torch.as_tensor(region.real_nearest, dtype=torch.long)
-    return round(float((predict_labels(reference, audit[beside]) == source).float().mean()), 4) if len(beside) else None
+    doubted = train is not None and bool(getattr(region, "doubted_nearest", None))
+    images = train if doubted else audit
+    beside = torch.as_tensor(region.doubted_nearest if doubted else region.real_nearest, dtype=torch.long)
+    return round(float((predict_labels(reference, images[beside]) == source).float().mean()), 4) if len(beside) else None
 
 
 @torch.no_grad()
@@ -1058,7 +1069,8 @@ def summarise(per_seed: dict[int, dict]) -> dict:
 
 
 REGRADED = ("planted_rank", "planted_orientation", "planted_precision", "planted_precision_direct",
-            "planted_precision_reversed", "planted_bug_score", "planted_top3", "planted_best_precision_top3")
+            "planted_precision_reversed", "planted_precision_reversed_nearest_audit", "planted_bug_score",
+            "planted_top3", "planted_best_precision_top3")
 
 
 def regrade(keep: Path, seeds: list[int], cases: list[str], pairs_first: bool = False,
@@ -1088,7 +1100,7 @@ def regrade(keep: Path, seeds: list[int], cases: list[str], pairs_first: bool = 
             if redistill:
                 run_stage(stage_named("distill"), config, run, force=True)
             figures = planted_region_figures(run, config, case, reference, pairs_first)
-            out["cases"].setdefault(str(seed), {})[case] = {k: figures[k] for k in REGRADED}
+            out["cases"].setdefault(str(seed), {})[case] = {k: figures.get(k) for k in REGRADED}
     return out
 
 

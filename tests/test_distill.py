@@ -126,6 +126,10 @@ def test_training_labels_fought_over_near_a_region_raise_its_doubt_and_score_and
     doubted = {r.predicted_label: r for r in _distill(make_failures(clusters), config, margins=margins).regions}
     fought, learnt = doubted[1], doubted[2]
     assert fought.label_aum == pytest.approx(1.0)
+    # The row a person sees: training images of the region's source class (0) only, the hardest-learnt first.
+    assert len(fought.doubted_nearest) == 8 and all(labels[i] == 0 for i in fought.doubted_nearest)
+    assert aum[fought.doubted_nearest].tolist() == sorted(aum[fought.doubted_nearest].tolist())
+    assert fought.doubted_nearest_read == []  # no training images held (no pictures): nothing read
     assert fought.label_doubt == pytest.approx(1 - 1.0 / 8.0, abs=1e-4)  # against the median AUM of classes 0 and 1
     assert learnt.label_aum == pytest.approx(8.0) and learnt.label_doubt == 0.0
     # Same fresh samples (same seed): the score moves by the evidence factor alone, a noisy-or of the two kinds.
@@ -134,6 +138,26 @@ def test_training_labels_fought_over_near_a_region_raise_its_doubt_and_score_and
         assert r.bug_score == pytest.approx(r.error_rate * r.validity * r.confidence * evidence, abs=1e-4)
     assert fought.bug_score > 4 * without[1].bug_score
     assert learnt.bug_score == pytest.approx(without[2].bug_score, abs=1e-4)
+
+
+def test_the_training_images_shown_beside_a_region_are_the_hardest_learnt_of_its_source_class_near_it():
+    """Where every split carries one labelling error, the training images around its region that the model learnt
+    late are the mislabelled ones, while the nearest are as often genuine: the row shows the lowest-AUM of the pool
+    nearest the centre, of the region's source class only, hardest first."""
+    rng = np.random.default_rng(3)
+    centre = np.array([2.5, -1.0])
+    nearest = centre + rng.normal(0, 0.02, size=(10, 2))  # genuine images, learnt easily
+    around = centre + rng.normal(0, 0.4, size=(10, 2))  # a little farther: mislabelled ones, learnt late
+    beyond = centre + 40 + rng.normal(0, 0.1, size=(5, 2))  # learnt latest of all, but far outside the pool
+    other = centre + rng.normal(0, 0.01, size=(5, 2))  # another class's images at the centre: never shown
+    z = np.concatenate([nearest, around, beyond, other])
+    labels = np.array([0] * 25 + [1] * 5)
+    aum = np.concatenate([np.full(10, 8.0), rng.permutation(np.linspace(-2.0, 1.0, 10)), np.full(5, -20.0),
+                          np.full(5, -9.0)])
+    margins = LabelMargins(z, labels, aum)
+    shown = margins.hardest_near(centre, 0, quadrant_validity(), shown=4, pool=20)
+    assert shown.tolist() == (10 + np.argsort(aum[10:20])[:4]).tolist()
+    assert (aum[shown] == np.sort(aum[10:20])[:4]).all()  # hardest first
 
 
 def test_training_margins_without_epochs_or_for_another_split_are_not_used(caplog):

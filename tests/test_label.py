@@ -526,7 +526,8 @@ def test_a_region_with_its_previews_and_prompt_fits_the_terminal_so_its_header_s
     """At 80x24 a region's header, previews, paths, suggestion and prompt all fit on one screen."""
     from dataclasses import replace
 
-    regions = Regions([replace(region, real_nearest=[4, 9, 2], real_nearest_read=[1, 1, 7], label_doubt=0.59)
+    regions = Regions([replace(region, real_nearest=[4, 9, 2], real_nearest_read=[1, 1, 7], label_doubt=0.59,
+                               doubted_nearest=[3, 8, 5], doubted_nearest_read=[7, 7, 1])
                        for region in make_regions().regions], {})
     previews = {region.id: torch.rand(16, 1, 28, 28) for region in regions.regions}
     printed: list[str] = []
@@ -534,7 +535,10 @@ def test_a_region_with_its_previews_and_prompt_fits_the_terminal_so_its_header_s
     interactive_labels(regions, DIGITS, LabelBook(tmp_path / "labels.jsonl"), ask=scripted(["n", "q"], prompts),
                        out=printed.append, previews=previews, terminal_columns=columns, terminal_lines=lines,
                        grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}.png",
-                       real_grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}_real.png")
+                       real_grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}_real.png",
+                       doubted_grid_path=lambda region: f"runs/my-long-project-name/regions/region_{region:02d}_doubted.png")
+    assert any(text.startswith("training images labelled 7 near it, hardest to learn first (read: 7, 7, 1): runs/")
+               for text in printed)
     second = max(i for i, text in enumerate(printed) if text.startswith("Region #"))
     screen = [*printed[second - 2:], prompts[-1]]  # the first region's answer, then all the second region shows
     visible = [re.sub(r"\x1b\[[0-9;]*m", "", line) for text in screen for line in text.split("\n")]

@@ -46,6 +46,30 @@ def test_every_stage_writes_what_it_declares_and_the_manifest_hashes_it(finished
         assert set(declared) <= set(record["outputs"]), stage.name
 
 
+def test_each_region_shows_the_hardest_learnt_training_images_of_its_source_class_near_it(finished):
+    """distill records, reads and draws the training images beside each region (Region.doubted_nearest) from the
+    train split and fit-classifier's margins; the report carries them."""
+    from defuse.data import ImageDataModule
+    from defuse.models import load_classifier
+    from defuse.models.inference import predict_labels
+    from defuse.records import Regions
+
+    run, config = finished
+    regions = Regions.load(run.path("regions.json")).regions
+    train = ImageDataModule(config.data, config.seed).split("train")
+    aum = np.load(run.path("training_margins.npy")).mean(axis=0)
+    model = load_classifier(run.path("classifier.ckpt")).model
+    assert regions and all(region.doubted_nearest for region in regions)
+    for region in regions:
+        shown = torch.as_tensor(region.doubted_nearest)
+        assert (train.labels[shown] == region.source_label).all()
+        assert aum[region.doubted_nearest].tolist() == sorted(aum[region.doubted_nearest].tolist())
+        assert region.doubted_nearest_read == predict_labels(model, train.subset(shown).float_images()).tolist()
+        assert run.path(region.doubted_grid).read_bytes()[:4] == b"\x89PNG"
+    report = json.loads(run.path("report/report.json").read_text())
+    assert report["regions"][0]["doubted_grid"] == regions[0].doubted_grid
+
+
 @pytest.mark.parametrize("first, second", [(True, False), (False, True)])
 def test_progress_bars_on_or_off_never_rerun_a_stage(finished, first, second):
     run, config = finished

@@ -57,7 +57,7 @@ def distill_stage(config: RunConfig, run: RunDir) -> dict[str, Any]:
                       config.distill, seed=config.seed, real=real, sources=sources, margins=margins)
     regions.save(run.path(REGIONS_JSON))
     save_pictures(run, regions, failures, generator, config.distill, config.seed, real=real,
-                  classifier=loaded.model)
+                  classifier=loaded.model, margins=margins)
     return regions.metrics
 
 

@@ -80,6 +80,10 @@ if TYPE_CHECKING:
     from defuse.data import ImageSet
 
 REAL_SHOWN = 8  # nearest real images per region recorded in regions.json and drawn for the report
+# The training images of a region's source class nearest its centre among which the hardest-learnt REAL_SHOWN are
+# shown (``doubted_nearest``): five times as many as are shown, so the row can pass over the genuine images that
+# crowd a labelling bug's neighbourhood and still stay near the region.
+DOUBTED_POOL = 40
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,7 @@ class LabelMargins:
     z: np.ndarray
     labels: np.ndarray
     aum: np.ndarray
+    images: ImageSet | None = field(default=None, repr=False)  # the train split, for the pictures of the shown ones
 
     @classmethod
     def observe(cls, generator: nn.Module, images: ImageSet, margins: np.ndarray) -> LabelMargins | None:
@@ -123,7 +128,16 @@ class LabelMargins:
                         "ranking without them. Re-run `defuse fit-classifier --force`.", margins.shape[1], len(images))
             return None
         z = latent_means(generator, images.float_images(), labels=images.labels).numpy()
-        return cls(z, images.labels.numpy(), margins.mean(axis=0).astype(np.float64))
+        return cls(z, images.labels.numpy(), margins.mean(axis=0).astype(np.float64), images)
+
+    def hardest_near(self, centre: np.ndarray, label: int, validity: ValidityModel, shown: int = REAL_SHOWN,
+                     pool: int = DOUBTED_POOL) -> np.ndarray:
+        """Train split positions of the ``shown`` training images labelled ``label`` whose labels were hardest to
+        learn (lowest area under the margin) among the ``pool`` of them nearest ``centre``, hardest first. Where
+        every split carries one labelling error, the images around its region that the model learnt late are its
+        mislabelled ones, while the nearest are as often genuine (docs/benchmarks.md)."""
+        nearest = nearest_of_class(self.z, self.labels, label, centre, validity, pool)
+        return nearest[np.argsort(self.aum[nearest], kind="stable")[:shown]]
 
     def around(self, centre: np.ndarray, classes: tuple[int, int], validity: ValidityModel,
                k: int) -> tuple[float, float] | None:
@@ -219,6 +233,8 @@ def distill(
     if config.order == "pairs_first":
         scored = pairs_first(scored)
     scored = scored[: config.max_regions]
+    if margins is not None and margins.images is not None:
+        _read_doubted(scored, margins, classifier)
     regions = [
         Region(
             id=rank, source_label=c["source"], predicted_label=c["predicted"],
@@ -231,6 +247,7 @@ def distill(
             real_misread=c["real_misread"], real_distance=c["real_distance"], real_error_rate=c["real_error_rate"],
             real_nearest=c["real_nearest"], real_nearest_read=c["real_nearest_read"],
             source_radius=c["source_radius"], label_aum=c["label_aum"], label_doubt=c["label_doubt"],
+            doubted_nearest=c["doubted_nearest"], doubted_nearest_read=c.get("doubted_nearest_read", []),
             mean=c["mean"].tolist(), cov=c["cov"].tolist(),
         )
         for rank, c in enumerate(scored, start=1)
@@ -329,6 +346,8 @@ def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvid
         around = (margins.around(c["mean"], (c["source"], c["predicted"]), validity, config.real_neighbours)
                   if margins is not None else None)
         doubt = around[1] if around is not None else 0.0
+        doubted = (margins.hardest_near(c["mean"], c["source"], validity) if margins is not None
+                   else np.zeros(0, dtype=int))
         evidence = 1.0 - (1.0 - real_rate) * (1.0 - doubt)
         out.append({
             **c,
@@ -350,9 +369,22 @@ def _score(candidates, failures, evaluate, validity, config, rng, real: RealEvid
             "real_nearest_read": [int(k) for k in read[:REAL_SHOWN]],
             "label_aum": round(around[0], 4) if around is not None else None,
             "label_doubt": round(around[1], 4) if around is not None else None,
+            "doubted_nearest": [int(i) for i in doubted],
             "bug_score": round(error_rate * validity_mean * confidence * evidence, 4),
         })
     return out
+
+
+def _read_doubted(candidates: list[dict[str, Any]], margins: LabelMargins, classifier: nn.Module) -> None:
+    """Each candidate's ``doubted_nearest_read``: the class the classifier reads each of its shown training images
+    as, all of them in one batch."""
+    shown = sorted({i for c in candidates for i in c["doubted_nearest"]})
+    if not shown:
+        return
+    images = margins.images.subset(torch.as_tensor(shown)).float_images()
+    read = dict(zip(shown, predict_labels(classifier, images).tolist()))
+    for c in candidates:
+        c["doubted_nearest_read"] = [int(read[i]) for i in c["doubted_nearest"]]
 
 
 def _source_radius(candidate: dict[str, Any], failures: Failures, sources: np.ndarray | None,
@@ -499,9 +531,11 @@ def save_umap(path, failures: Failures, regions: Regions, seed: int, max_points:
 
 
 def save_pictures(run: RunDir, regions: Regions, failures: Failures, generator: nn.Module, config: DistillConfig,
-                  seed: int, real: RealEvidence | None = None, classifier: nn.Module | None = None) -> None:
+                  seed: int, real: RealEvidence | None = None, classifier: nn.Module | None = None,
+                  margins: LabelMargins | None = None) -> None:
     """Each region's sample grid (regions/region_XX.png), the real images nearest it (regions/region_XX_real.png,
-    when ``real`` holds images) and, with ``config.umap``, the failure map (umap.png).
+    when ``real`` holds images), the hardest-learnt training images near it (regions/region_XX_doubted.png, when
+    ``margins`` holds the train split) and, with ``config.umap``, the failure map (umap.png).
 
     Pictures of an earlier distill run are removed first, so no stale grid outlives its region."""
     for stale in run.path(REGIONS_DIR).glob("region_*.png") if run.path(REGIONS_DIR).is_dir() else ():
@@ -513,6 +547,11 @@ def save_pictures(run: RunDir, regions: Regions, failures: Failures, generator: 
             if region.real_nearest:
                 save_grid_png(run.path(f"{REGIONS_DIR}/region_{region.id:02d}_real.png"),
                               real.images[region.real_nearest])
+    if margins is not None and margins.images is not None:
+        for region in regions.regions:
+            if region.doubted_nearest:
+                save_grid_png(run.path(region.doubted_grid),
+                              margins.images.subset(torch.as_tensor(region.doubted_nearest)).float_images())
     run.path(UMAP_PNG).unlink(missing_ok=True)
     if config.umap and len(failures) >= 10:
         save_umap(run.path(UMAP_PNG), failures, regions, seed, real=real, method=config.map_method)

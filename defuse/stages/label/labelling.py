@@ -79,6 +79,7 @@ def interactive_labels(
     suggestions: Mapping[int, Answer] | None = None,
     real_grid_path: Callable[[int], str | Path | None] | None = None,
     terminal_lines: int | None = None,
+    doubted_grid_path: Callable[[int], str | Path | None] | None = None,
 ) -> dict[int, Answer]:
     """Ask a person for one label per region, in rank order, resuming where the book stops.
 
@@ -103,6 +104,8 @@ def interactive_labels(
         real_grid_path: region id -> the PNG of the real images nearest it that carry its source label, or None:
             where every split carries a labelling bug, these are the mislabelled images (look-alikes of the
             region's samples labelled as the source class), and answering the model's own reading lists them.
+        doubted_grid_path: region id -> the PNG of the training images of its source class near it whose labels
+            were hardest to learn (``Region.doubted_nearest``), or None: the labels' side of the region.
 
     Returns:
         The book's answers, by region id.
@@ -120,7 +123,7 @@ def interactive_labels(
     while current is not None:
         if show:
             _show_region(current, region_list, classes, out, previews, grid_path, terminal_columns,
-                         suggestions.get(current.id), real_grid_path, terminal_lines)
+                         suggestions.get(current.id), real_grid_path, terminal_lines, doubted_grid_path)
         show = True
         command, label = _read_answer(current, classes, ask, out, suggestions.get(current.id))
         if command == "quit":
@@ -316,7 +319,9 @@ def label_stage(
                                grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}.png")),
                                terminal_columns=terminal_columns,
                                suggestions=auto_labels(region_list, classes, min_real_misread=min_real_misread),
-                               real_grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}_real.png")))
+                               real_grid_path=lambda region: _existing(run.path(f"regions/region_{region:02d}_real.png")),
+                               doubted_grid_path=lambda region: _existing(
+                                   run.path(f"regions/region_{region:02d}_doubted.png")))
     elif kind == "later":
         pass
     elif kind == "auto":
@@ -391,13 +396,14 @@ def _mode_kind(mode: str | Path | None) -> str:
     raise ValueError(f"`mode` must be prompt, auto, later or a labels file path, got {mode!r} instead.")
 
 
-REGION_TEXT_LINES = 11
+REGION_TEXT_LINES = 12
 
 
 def _show_region(region: Region, region_list: list[Region], classes: Sequence[str], out: Callable,
                  previews: Mapping[int, Any] | None, grid_path: Callable | None,
                  terminal_columns: int | None = None, suggestion: Answer | None = None,
-                 real_grid_path: Callable | None = None, terminal_lines: int | None = None) -> None:
+                 real_grid_path: Callable | None = None, terminal_lines: int | None = None,
+                 doubted_grid_path: Callable | None = None) -> None:
     position = region_list.index(region) + 1
     out("")
     out(f"Region #{region.id} ({position} of {len(region_list)}): {region.pair} | {region.n_failures} failures | "
@@ -424,6 +430,12 @@ def _show_region(region: Region, region_list: list[Region], classes: Sequence[st
     if real is not None:
         read = ", ".join(classes[k] for k in nearest_read)
         out(f"real images nearest it labelled {classes[region.source_label]} (the classifier reads: {read}): {real}")
+    doubted_read = getattr(region, "doubted_nearest_read", None)
+    doubted = doubted_grid_path(region.id) if doubted_grid_path is not None and doubted_read else None
+    if doubted is not None:
+        read = ", ".join(classes[k] for k in doubted_read)
+        out(f"training images labelled {classes[region.source_label]} near it, hardest to learn first (read: {read}): "
+            f"{doubted}")
     if suggestion is not None:
         out(f"suggested: {_describe(suggestion.label, classes)} ({suggestion.reason})")
     else:

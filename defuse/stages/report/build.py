@@ -321,6 +321,7 @@ def _region_entry(region: Region, answer: Answer | None, verify: VerifyResult | 
         "real_misread": region.real_misread,
         "real_distance": region.real_distance,
         "real_nearest_read": [name(k) for k in region.real_nearest_read],
+        "doubted_nearest_read": [name(k) for k in region.doubted_nearest_read],
         "label_aum": region.label_aum,
         "label_doubt": region.label_doubt,
         "accuracy_before": measured.get("accuracy_before"),
@@ -334,6 +335,7 @@ def _region_entry(region: Region, answer: Answer | None, verify: VerifyResult | 
         "not_repaired_reason": why,
         "grid": region.grid,
         "real_grid": region.real_grid,
+        "doubted_grid": region.doubted_grid,
     }
 
 
@@ -513,7 +515,7 @@ def _repair(repair: RepairSummary | None, classes: list[str]) -> RepairSummary |
 def _pictures(run: RunDir, regions: list[ReportRegion], before: CheckResult | None,
               after: CheckResult | None) -> dict[str, bytes]:
     names = [UMAP_PNG]
-    names += [r[key] for r in regions for key in ("grid", "real_grid") if r.get(key)]
+    names += [r[key] for r in regions for key in ("grid", "real_grid", "doubted_grid") if r.get(key)]
     for check in (before, after):
         names += [f"{CHECKS_DIR}/{v['heatmap']}" for v in (check or {}).get("variance", {}).values() if v.get("heatmap")]
     if (before or {}).get("drift", {}).get("presets_strip"):
