@@ -600,7 +600,6 @@ class RepairSummary(TypedDict, total=False):
     chosen_on: str
     candidates: list[CandidateRecord]
     moved_for_review: int
-    scoped_classes: list[Any]  # class indices in the summary, names in the report
     label_issues: int
     label_issues_of_labelling_bugs: int
     reviewed_labels: int

@@ -5,8 +5,7 @@ asks, after the fact, whether a different choice could have done better on test,
 short (then the fine-tune, not the choice, is what to change). Nothing is chosen on what it prints.
 
 Each candidate is rebuilt as the stage returns a winner: its checkpoint's weights (:func:`defuse.stages.
-correct.finetune.candidate_weights`), scoped to the person's classes (:class:`defuse.models.classifiers.ScopedRepair`) when the run
-was. The held-out figures are the stage's own, read from the run's manifest.
+correct.finetune.candidate_weights`). The held-out figures are the stage's own, read from the run's manifest.
 
 Run: ``python scripts/bench_candidates.py --keep DIR --seed N --case NAME [--out FILE]`` on a run kept by
 ``scripts/bench_planted.py --keep DIR``. Prints JSON.
@@ -26,7 +25,6 @@ from _bench import emit
 
 from defuse.data import ImageDataModule
 from defuse.models import load_classifier
-from defuse.models.classifiers import ScopedRepair
 from defuse.models.inference import predict_labels
 from defuse.stages.correct.finetune import candidate_weights
 
@@ -49,15 +47,13 @@ def candidate_figures(keep: Path, seed: int, case: str) -> dict:
     images, labels = test.float_images(), test.labels
     original = load_classifier(run / "classifier.ckpt").model
     before = predict_labels(original, images)
-    scoped = metrics.get("scoped_classes")
     rows = []
     for candidate in metrics["candidates"]:
         family = "lambda" if candidate["layers"] == "all" else "head_lambda"
         path = run / "correct" / f"{family}_{candidate['lambda']:g}" / f"epoch{candidate['epoch']}.ckpt"
         fine_tuned = copy.deepcopy(original)
         fine_tuned.load_state_dict(candidate_weights(torch.load(path, map_location="cpu", weights_only=True)))
-        model = ScopedRepair(copy.deepcopy(original), fine_tuned, scoped) if scoped else fine_tuned
-        after = predict_labels(model.eval(), images)
+        after = predict_labels(fine_tuned.eval(), images)
         outside = float((after[~group] == labels[~group]).float().mean() - (before[~group] == labels[~group])
                         .float().mean())
         rows.append({**{k: candidate[k] for k in ("layers", "lambda", "epoch", "admissible", "bug_accuracy",

@@ -1135,7 +1135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rechoose", action="store_true", help="with --replay-correct (and --review): no new "
                         "review; each kept run's review file as its person left it, then label, correct and verify "
                         "once: an experiment on how candidates are chosen (--set correct.layers=[all], "
-                        "correct.scoped=false, correct.lambdas=[0], ...) re-grades the kept checkpoints in about a "
+                        "correct.lambdas=[0], ...) re-grades the kept checkpoints in about a "
                         "minute a case")
     parser.add_argument("--regrade", action="store_true",
                         help="with --keep DIR of an earlier run: re-grade only the discovery of its kept runs (the "

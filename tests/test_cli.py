@@ -360,9 +360,8 @@ def test_a_classifier_you_bring_is_searched_repaired_and_saved_as_what_it_is(tmp
     repaired = load_classifier(run_dir / "repaired.ckpt").model
     x = torch.rand(8, 1, 28, 28)
     assert stages["correct"]["metrics"]["chosen"]["layers"] == "all"  # TorchScript has no head to train alone
-    assert not torch.equal(repaired.repaired(x), original(x))  # a scoped repair: the original and the fine-tuned
-    assert torch.equal(repaired.original(x), original(x))
-    kept = dict(repaired.repaired.named_buffers())["1.running_mean"]
+    assert not torch.equal(repaired(x), original(x))  # the fine-tuned weights, rebuilt on the user's module
+    kept = dict(repaired.named_buffers())["1.running_mean"]
     assert torch.equal(kept, original[1].running_mean)  # batch-norm statistics as the user trained them
 
 

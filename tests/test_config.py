@@ -45,6 +45,9 @@ def test_a_retired_key_says_why_it_went_and_to_delete_it(tmp_path):
             as raised:
         load_config(path)
     assert str(raised.value).endswith("Delete it.")
+    path.write_text(yaml.safe_dump({"correct": {"scoped": False}}))
+    with pytest.raises(ValueError, match=re.escape("Config key 'correct.scoped' in") + ".*the fine-tuned model as it is"):
+        load_config(path)
 
 
 def test_wrong_type_names_key_value_and_file(tmp_path):

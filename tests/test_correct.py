@@ -137,28 +137,19 @@ def test_a_repair_that_gives_up_part_of_a_class_is_refused(tmp_path, digits, tra
     assert low < -0.005 and low <= bound["candidates"][0]["guard_change"] <= high and bound["chosen"] is None
 
 
-def test_a_scoped_repair_moves_answers_only_to_the_persons_class_and_is_judged_as_it_answers(tmp_path, digits,
-                                                                                            trained):
-    from defuse.models.classifiers import ScopedRepair
+def test_the_repaired_model_answers_as_the_chosen_candidate_was_judged(tmp_path, digits, trained):
     from defuse.models.inference import predict_labels
 
     regions = _regions_of_ones_called_seven(digits, 60)
     real = RealImages.gather(digits)
     # A mild fine-tune (a strong one reads every image as 7): it moves many answers to 7 and a few elsewhere.
     loose = CorrectConfig(lambdas=[0.5], epochs=1, lr=1e-3, max_clean_drop=1.0, max_class_drop=1.0, layers=["all"])
-    whole, whole_summary = correct(trained, digits, real, regions, regions, loose, tmp_path / "a")
-    scoped, scoped_summary = correct(trained, digits, real, regions, regions, loose, tmp_path / "b",
-                                     scoped_classes={7})
-    assert isinstance(scoped, ScopedRepair) and not isinstance(whole, ScopedRepair)
-    x = real.guard.float_images()
-    before, fine_tuned, after = (predict_labels(m, x) for m in (trained, whole, scoped))
-    moved = before != after
-    assert moved.any() and ((before != fine_tuned) & (fine_tuned != 7)).any()  # the fine-tune moved others too
-    assert (after[moved] == 7).all() and torch.equal(moved, (before != fine_tuned) & (fine_tuned == 7))
-    # The candidate table judges each as it answers: the scoped guard change is what the scoped model does.
-    change = float((after == real.guard.labels).float().mean() - (before == real.guard.labels).float().mean())
-    assert scoped_summary["candidates"][0]["guard_change"] == pytest.approx(change, abs=1e-4)
-    assert scoped_summary["candidates"][0]["guard_change"] != whole_summary["candidates"][0]["guard_change"]
+    repaired, summary = correct(trained, digits, real, regions, regions, loose, tmp_path / "a")
+    x, labels = real.guard.float_images(), real.guard.labels
+    before, after = (predict_labels(m, x) for m in (trained, repaired))
+    assert (before != after).any() and ((before != after) & (after != 7)).any()  # every answer it moved stands
+    change = float((after == labels).float().mean() - (before == labels).float().mean())
+    assert summary["chosen"] is not None and summary["guard"]["guard_change"] == pytest.approx(change, abs=1e-4)
 
 
 def test_label_issues_leave_every_loss_and_check_unless_the_person_consents_to_relabel(digits):
@@ -676,7 +667,7 @@ def test_settings_that_only_choose_among_candidates_keep_the_fine_tunes_checkpoi
                            CorrectConfig(**changed), 0.25, 0, None, "trained-on")
 
     shipped = key()
-    for choice in ({"scoped": False}, {"layers": ["all"]}, {"lambdas": [0.0]}, {"max_clean_drop": 0.01},
+    for choice in ({"layers": ["all"]}, {"lambdas": [0.0]}, {"max_clean_drop": 0.01},
                    {"max_class_drop": 0.05}, {"reviewed_labels": "answers.csv"}):
         assert key(**choice) == shipped, choice
     for training in ({"lr": 1e-3}, {"epochs": 3}, {"head_lr": 1e-3}, {"relabelled_repeats": 3}, {"keep": 0.5}):

@@ -107,7 +107,6 @@ def test_a_factory_given_as_a_file_builds_and_one_off_the_path_says_how_to_reach
 
 
 def test_a_repair_of_a_factory_classifier_is_saved_as_its_factory_and_the_fine_tuned_weights(tmp_path):
-    from defuse.models.classifiers import ScopedRepair
     from defuse.models.inference import copy_model
     from defuse.models.loading import save_classifier_pointer
 
@@ -115,36 +114,23 @@ def test_a_repair_of_a_factory_classifier_is_saved_as_its_factory_and_the_fine_t
     source = {"factory": "test_loading:tiny_factory", "weights": str(tmp_path / "w.safetensors")}
     save_classifier_pointer(tmp_path / "classifier.ckpt", "factory", source, ("a", "b", "c"))
     brought = load_classifier(tmp_path / "classifier.ckpt")
-    fine_tuned = copy_model(brought.model)
+    fine_tuned = copy_model(brought.model).eval()
     with torch.no_grad():
-        fine_tuned[1].bias[2] += 5.0  # reads everything as 2, one of the classes a person gave
-    scoped = ScopedRepair(brought.model, fine_tuned, [0, 2]).eval()
-    save_classifier(tmp_path / "repaired.ckpt", scoped, {**brought.hparams, "scoped_classes": [0, 2]})
+        fine_tuned[1].bias[2] += 5.0  # reads everything as 2
+    save_classifier(tmp_path / "repaired.ckpt", fine_tuned, brought.hparams)
     payload = safe_load(tmp_path / "repaired.ckpt")
     assert payload["kind"] == "factory" and payload["source"] == source and "brought" not in payload["hparams"]
     repaired = load_classifier(tmp_path / "repaired.ckpt")
     x = torch.rand(64, 1, 28, 28)
-    assert isinstance(repaired.model, ScopedRepair) and torch.equal(repaired.model(x), scoped(x))
+    assert torch.equal(repaired.model(x), fine_tuned(x))
     assert not torch.equal(repaired.model(x), brought.model(x))  # the fine-tuned weights, not the file's
 
 
-def test_a_scoped_repair_moves_answers_only_to_the_persons_classes_and_round_trips(tmp_path):
-    from defuse.models.classifiers import ScopedRepair
-
-    torch.manual_seed(0)
-    original, fine_tuned = tiny_factory(), tiny_factory()  # two unrelated linear models: many answers differ
-    scoped = ScopedRepair(original, fine_tuned, [2])  # a person gave class 2 to a region
-    x = torch.rand(512, 1, 28, 28) - 0.5
-    before, after, answer = (m(x).argmax(dim=1) for m in (original, fine_tuned, scoped))
-    moved = (after == 2) & (before != 2)
-    assert moved.any() and ((before != after) & ~moved).any()  # the fine-tune also moved answers nobody asked about
-    assert torch.equal(answer, torch.where(moved, after, before))
-
-    original, fine_tuned = (build_classifier("small_cnn", 1, 3, [0.2], [0.3]).eval() for _ in range(2))
-    scoped = ScopedRepair(original, fine_tuned, [2]).eval()
+def test_a_scoped_repair_from_before_its_removal_is_refused_with_how_to_redo_it(tmp_path):
+    model = build_classifier("small_cnn", 1, 3, [0.2], [0.3])
     hparams = {"arch": "small_cnn", "in_channels": 1, "num_classes": 3, "mean": [0.2], "std": [0.3],
                "classes": ["a", "b", "c"], "scoped_classes": [2]}
-    save_classifier(tmp_path / "r.ckpt", scoped, hparams)
-    loaded = load_classifier(tmp_path / "r.ckpt").model
-    assert isinstance(loaded, ScopedRepair) and loaded.classes.tolist() == [2]
-    assert torch.equal(loaded(x.clamp(0, 1)), scoped(x.clamp(0, 1)))
+    save_classifier(tmp_path / "repaired.ckpt", model, hparams)  # what the scope wrapper's repairs carried
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "repaired.ckpt")) + " is a scoped repair.*"
+                       + re.escape("defuse run --force correct")):
+        load_classifier(tmp_path / "repaired.ckpt")

@@ -101,22 +101,6 @@ def test_the_report_counts_a_persons_label_review_or_points_to_defuse_review(fin
     assert json.loads(run.path("report/report.json").read_text())["repair"]["reviewed_relabelled"] == 3
 
 
-def test_the_report_names_the_classes_a_scoped_repair_may_move_answers_to(finished, tmp_path):
-    run = _copy(finished[0], tmp_path)
-    manifest = run.manifest()
-    manifest["stages"]["correct"]["metrics"].update(
-        chosen={"layers": "all", "lambda": 0.0, "epoch": 2}, chosen_on="real held-out bug images",
-        guard={"guard_change": 0.001, "guard_change_ci95": [-0.001, 0.003], "largest_class_drop": 0.0},
-        scoped_classes=[1, 7])
-    run.write_manifest(manifest)
-    report = build_report(run)
-    report.save(run.path("report"))
-    classes = report.data["metadata"]["classes"]
-    assert report.data["repair"]["scoped_classes"] == [classes[1], classes[7]]
-    assert f"it changes answers only to {classes[1]}, {classes[7]} (the classes the person gave)" in \
-        run.path("report/index.html").read_text()
-
-
 def test_a_labelled_region_whose_samples_stay_misread_is_named_not_repaired(finished, tmp_path):
     run = _copy(finished[0], tmp_path)
     manifest = run.manifest()

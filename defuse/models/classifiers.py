@@ -94,41 +94,6 @@ def classifier_head(model: nn.Module) -> nn.Module:
                      "`correct.layers` to [all].")
 
 
-class ScopedRepair(nn.Module):
-    """A repaired classifier that moves answers only to the classes a person gave its bugs.
-
-    Where ``repaired`` answers one of ``classes`` (the labels a person gave the labelled regions: the 2 of "short
-    2s read as 7"), its logits; everywhere else the original's, so no answer moves to a class nobody asked for.
-    Why: a fine-tune also moves answers nobody asked about (9 -> 4, 5 -> 3, 1 -> 7 on the planted benchmark, a few
-    images a class), which cost clean accuracy no test predicts and, on a few thousand held-out images, drown the
-    guard's paired bootstrap interval (see defuse.stages.correct). Moves *to* a person's class from any other stay: a
-    subgroup image the original read as a third class (a narrow 0 read as 8) is the person's bug too.
-
-    Args:
-        original: the classifier under test, [0,1] images -> logits.
-        repaired: its fine-tuned copy.
-        classes: the class indices a person gave the labelled regions.
-    """
-
-    def __init__(self, original: nn.Module, repaired: nn.Module, classes: Sequence[int]) -> None:
-        super().__init__()
-        self.original, self.repaired = original, repaired
-        # Not persistent: the checkpoint's hparams carry the classes, and the state dict only weights.
-        self.register_buffer("classes", torch.tensor(sorted({int(k) for k in classes}), dtype=torch.long),
-                             persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        before, after = self.original(x), self.repaired(x)
-        moved = scoped_changes(before.argmax(dim=1), after.argmax(dim=1), self.classes)
-        return torch.where(moved[:, None], after, before)
-
-
-def scoped_changes(before: torch.Tensor, after: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Which answers a :class:`ScopedRepair` takes from the repaired model: those it moved (``before`` and ``after``,
-    (N,) class indices, differ) to one of ``classes``."""
-    return torch.isin(after, classes.to(after.device)) & (after != before)
-
-
 class ClassifierModule(pl.LightningModule):
     """Trains a classifier with cross-entropy, AdamW and a one-cycle schedule.
 

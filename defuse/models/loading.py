@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from defuse.models.classifiers import ScopedRepair, build_classifier
+from defuse.models.classifiers import build_classifier
 from defuse.models.generators import ConvVAE
 from defuse.rundir import atomic_torch_save, sha256_file
 
@@ -59,7 +59,7 @@ class LoadedClassifier:
 def save_classifier(path: str | Path, model: nn.Module, hparams: dict[str, Any]) -> None:
     """Save a classifier's weights with what rebuilds it: the hparams of a defuse-built one (``build_classifier``),
     or, for one a user brought (``hparams["brought"]``, set by :func:`load_classifier`), where its module comes
-    from (the TorchScript file or the factory), whose weights these replace (a fine-tuned or scoped repair)."""
+    from (the TorchScript file or the factory), whose weights these replace (a fine-tuned repair)."""
     brought = hparams.get("brought")
     if brought:
         source = dict(brought["source"])
@@ -90,13 +90,13 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
     hparams = payload.get("hparams", {})
     classes = tuple(hparams.get("classes") or [str(i) for i in range(hparams.get("num_classes", 0))])
     kind = payload.get("kind", "builtin")
+    if hparams.get("scoped_classes"):
+        raise ValueError(f"{path} is a scoped repair, written by a defuse before 2026-12-07 (the original and the "
+                         "fine-tuned weights together); this version repairs without the scope and cannot read it. "
+                         "Re-run the repair: `defuse run --force correct` with its run directory.")
     if kind == "builtin":
-        def build() -> nn.Module:
-            return build_classifier(hparams["arch"], hparams["in_channels"], hparams["num_classes"], hparams["mean"],
-                                    hparams["std"], hparams.get("width", 32))
-
-        # A scoped repair (the correct stage's repaired.ckpt) holds the original and the fine-tuned weights.
-        model = ScopedRepair(build(), build(), hparams["scoped_classes"]) if hparams.get("scoped_classes") else build()
+        model = build_classifier(hparams["arch"], hparams["in_channels"], hparams["num_classes"], hparams["mean"],
+                                 hparams["std"], hparams.get("width", 32))
         model.load_state_dict(payload["state_dict"])
     elif kind in ("torchscript", "factory"):
         source = payload["source"]
@@ -106,7 +106,7 @@ def load_classifier(path: str | Path) -> LoadedClassifier:
                 return load_torchscript(source["torchscript"])
             return load_factory(source["factory"], source.get("weights") or None)
 
-        model = ScopedRepair(build(), build(), hparams["scoped_classes"]) if hparams.get("scoped_classes") else build()
+        model = build()
         if "state_dict" in payload:  # a repair of the user's model: its fine-tuned weights
             model.load_state_dict(payload["state_dict"])
         # Where the module comes from travels with it, so a repair of it is saved the same way (save_classifier).

@@ -28,7 +28,6 @@ from defuse.label_issues.find import (
     find_label_issues,
 )
 from defuse.label_issues.review import _moved_rows, image_witness, repaired_pairs
-from defuse.models.classifiers import ScopedRepair
 from defuse.models.inference import copy_model
 from defuse.models.loading import LoadedClassifier, save_classifier
 from defuse.records import Regions
@@ -161,9 +160,7 @@ def repair(
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "KEY").write_text(key + "\n")
     model, summary = correct(classifier.model, data, real, train_regions, val_regions, config, workdir,
-                             trainer=trainer, seed=seed,
-                             scoped_classes={person for person, _ in pairs} if config.scoped else None,
-                             pairs=pairs)
+                             trainer=trainer, seed=seed, pairs=pairs)
     moved = summary.pop("moved_for_review")
     if moved:
         issues = pd.concat([issues, _moved_rows(moved, regions, bug_labels, data)], ignore_index=True) \
@@ -176,21 +173,18 @@ def repair(
                     "re-grade the same candidates; on training images, they retrain.", len(moved),
                     len(moved) - held_out, held_out, MOVED)
     summary["moved_for_review"] = len(moved)
-    hparams = dict(classifier.hparams)
-    if isinstance(model, ScopedRepair):  # what rebuilds it: load_classifier makes the same ScopedRepair
-        hparams["scoped_classes"] = model.classes.tolist()
-    return replace(original, model=model, hparams=hparams, summary={"labelled_regions": len(bug_labels), **counts,
+    return replace(original, model=model, hparams=dict(classifier.hparams), summary={"labelled_regions": len(bug_labels), **counts,
                                                    "region_samples_trained": int(len(train_regions.labels)),
                                                    "region_samples_validated": int(len(val_regions.labels)),
                                                    **summary})
 
 
 # Correct settings that leave the fine-tune's checkpoints as they are: how candidates are judged and chosen
-# (`scoped`, the guard's bounds), the person's answers on held-out images (`reviewed_labels`; answers on training
+# (the guard's bounds), the person's answers on held-out images (`reviewed_labels`; answers on training
 # images are in what it trains on), and which (layers, lambda) families are candidates: each trains in its own
 # folder (lambda_<l>, head_lambda_<l>) from the same seed, so a family dropped from `layers` or `lambdas` and
 # brought back, or one added, leaves the others' epochs standing. A changed choice re-grades the same checkpoints.
-CHOICE_ONLY = ("scoped", "reviewed_labels", "layers", "lambdas", "max_clean_drop", "max_class_drop")
+CHOICE_ONLY = ("reviewed_labels", "layers", "lambdas", "max_clean_drop", "max_class_drop")
 
 
 def _without_pairs_shown_by_real_images(samples: RegionSamples, regions: Regions, bug_labels: dict[int, int],

@@ -152,7 +152,7 @@ def build_report(run: RunDir, config: ReportConfig | None = None) -> Report:
         "drift": _drift(check_before, check_after),
         "drift_summary": {**_drift_summary(check_before, check_after), **_worst_cases(run)},
         "per_class_accuracy": _per_class(verify, stages),
-        "repair": _repair(repair, classes),
+        "repair": _repair(repair),
         "regressions": find_regressions(verify, check_after, config),
         "bounds": {"max_clean_drop": config.max_clean_drop, "max_class_drop": config.max_class_drop,
                    "ei_drop": EI_REGRESSION},
@@ -498,15 +498,12 @@ def _per_class(verify: VerifyResult | None, stages: Metrics) -> dict[str, ClassC
     return {name: {"before": acc, "after": None, "change": None, "n": None} for name, acc in before.items()}
 
 
-def _repair(repair: RepairSummary | None, classes: list[str]) -> RepairSummary | None:
+def _repair(repair: RepairSummary | None) -> RepairSummary | None:
     if repair is None:
         return None
-    if repair.get("scoped_classes"):  # class names, as the person gave them
-        repair = {**repair, "scoped_classes": [classes[k] if 0 <= k < len(classes) else str(k)
-                                               for k in repair["scoped_classes"]]}
     keys = ("labelled_regions", "chosen", "reason", "chosen_on", "label_issues", "label_issues_of_labelling_bugs",
             "reviewed_labels", "reviewed_relabelled", "relabelled", "relabelled_training_images", "guard_images", "guard",
-            "scoped_classes", "real_bug_images",
+            "real_bug_images",
             "real_bug_accuracy_before", "real_bug_accuracy_after", "val_region_accuracy_before",
             "val_region_accuracy_after")
     return {k: repair[k] for k in keys if k in repair}
