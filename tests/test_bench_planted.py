@@ -249,3 +249,15 @@ def test_the_screened_random_baseline_ends_when_the_judge_is_sure_of_nothing():
     expected = 1000 * float((read != judge.scores(z).argmax(axis=1)).mean())
     assert expected > 0
     assert bp.random_prior_yield(classifier, generator, judge, 50, threshold=0.0, seed=0) == pytest.approx(expected)
+
+
+def test_rank_miss_probe_refuses_a_malformed_or_missing_run_with_the_fix(tmp_path, capsys):
+    import probe_rank_misses
+
+    with pytest.raises(SystemExit):
+        probe_rank_misses.main(["--keep", str(tmp_path), "--runs", "squat"])
+    assert "SEED:CASE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        probe_rank_misses.main(["--keep", str(tmp_path), "--runs", "3:squat"])
+    err = capsys.readouterr().err
+    assert str(tmp_path / "seed3" / "squat") in err and "--seeds 3 --cases squat --no-repair" in err
