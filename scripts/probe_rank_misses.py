@@ -11,7 +11,8 @@ for every region shown down to the planted pair's first one: its pair and bug sc
 share of its hardest-learnt row whose labels the benchmark poisoned (against ``DIR/seedS/clean.npz``), how many of
 that row the clean reference (the simulated person's eyes, ``DIR/seedS/reference``) reads as the planted source
 class, and the simulated person's answer (:func:`bench_planted.simulated_person`, the rule the repair benchmark
-uses): where it is the planted source class, the region's samples show the bug too, through another pair. Reads only the kept runs; trains nothing.
+uses): where it is the planted source class, the region's samples show the bug too, through another pair. Trains
+nothing; writes only the run's ``person.yaml``, as the benchmark's repair would (the same answers).
 
 Run: ``python scripts/probe_rank_misses.py --keep DIR --runs 3:squat 4:narrow [--out FILE]`` with the same
 ``DEFUSE_MNIST_RAW`` as the benchmark.
@@ -69,8 +70,10 @@ def probe_run(keep: Path, seed: int, case: str) -> dict:
         })
         if region["pair"] in pair_names:
             break
-    above = shown[:-1]
-    return {"seed": seed, "case": case, "planted": f"{source} labelled {planted}", "planted_rank": shown[-1]["rank"],
+    found = bool(shown) and shown[-1]["planted_pair"] is not None
+    above = shown[:-1] if found else shown  # no region of the pair: every region is above it
+    return {"seed": seed, "case": case, "planted": f"{source} labelled {planted}",
+            "planted_rank": shown[-1]["rank"] if found else None,
             # Regions above the pair that show the bug anyway: by their hardest-learnt row (mostly the bug's
             # mislabelled images) or by their samples (the simulated person answers the planted source class).
             "above_with_bug_row": sum(2 * r["hardest_row_poisoned"] > r["hardest_row"] > 0 for r in above),
